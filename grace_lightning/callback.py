@@ -1,0 +1,510 @@
+"""The callback that rebuilds the coreset while training runs."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from grace_lightning.distributed import gather_rows
+from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed
+from grace_lightning.schedule import Action, Phase, RefreshSchedule
+from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
+from grace_lightning.strategies import Selection, SelectionInput, Strategy, build_strategy
+from grace_lightning.strategies.base import uniform_sample
+from grace_lightning.telemetry import ScoringProgressBar, log_metrics
+
+__all__ = ["CoresetCallback"]
+
+_SIGNAL_KEYS = ("loss", "grad_norm", "embedding", "length")
+
+
+def _positive_int_or_none(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"CoresetCallback: `{name}` must be a positive int or None, got {value!r}.")
+    return value
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"CoresetCallback: `{name}` must be an int >= 0, got {value!r}.")
+    return value
+
+
+def _loaders(iterables: Any) -> list:
+    """Flatten what ``trainer.train_dataloader`` returns (a loader, or lists/dicts of them)."""
+    if isinstance(iterables, dict):
+        return [dl for value in iterables.values() for dl in _loaders(value)]
+    if isinstance(iterables, (list, tuple)):
+        return [dl for value in iterables for dl in _loaders(value)]
+    return [iterables]
+
+
+class _ModuleModes:
+    """Every submodule's train/eval flag, so a scoring pass can restore exactly what the user had."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._modes = [(m, m.training) for m in module.modules()]
+
+    def restore(self) -> None:
+        for m, training in self._modes:
+            m.training = training
+
+
+class CoresetCallback(Callback):
+    r"""Rebuilds the training subset held by a :class:`~grace_lightning.CoresetSampler` while training runs.
+
+    The callback owns the schedule (warm-up on the whole pool, refresh every n epochs or k steps, anneal
+    to the whole pool at the end), the scoring pass (forward-only, over the pool slice the strategy asks
+    for, sharded over ranks, gathered), the selection (computed once on rank 0, broadcast to every rank),
+    checkpoint state and telemetry. Strategy math lives in :mod:`grace_lightning.strategies`.
+
+    Every epoch has the same number of batches, fixed by the sampler's budget, so the progress bar,
+    ``trainer.estimated_stepping_batches`` and step LR schedulers are exact in every phase.
+
+    Signals (per-example loss, closed-form last-layer gradient norm, embedding) are measured for free on
+    the batches the model trains on, and by the scoring pass; see :class:`~grace_lightning.signals.SignalExtractor`
+    for what works with no change to the module, and ``coreset_signals`` for everything else.
+
+    Telemetry is logged through the Trainer's loggers at every refresh under ``{log_prefix}``:
+    ``selection_seconds`` (this refresh: scoring + selection, max over ranks), ``selection_share``
+    (all selection seconds so far over the fit's wall clock), ``subset_size``, ``overlap`` (share of the
+    new subset that was in the previous one), ``scored`` (examples measured by the scoring pass),
+    ``invalid_signals`` (non-finite measurements excluded so far) and ``padding``. The same records are
+    kept in :attr:`history`.
+
+    Args:
+        sampler: the :class:`CoresetSampler` given to the training DataLoader.
+        strategy: a registered name (``"random"``, ``"full"``, ...) or a :class:`Strategy` instance.
+        refresh_every_n_epochs: re-select at the end of every n-th epoch (None: never by epochs).
+        refresh_every_n_steps: re-select every k training batches (None: never by steps). Mutually
+            exclusive with ``refresh_every_n_epochs``; with neither, the first selection is kept.
+        warmup_epochs: train this many epochs on the whole pool (streamed at the budget's epoch length)
+            before the first selection.
+        anneal_epochs: train the last this many epochs on the whole pool (needs ``Trainer(max_epochs)``).
+        seed: seed of the selection generator. Same seed, same data, same model: same selections.
+        scoring_batch_size: batch size of the scoring pass (default: the training batch size).
+        scoring_num_workers: workers of the scoring pass's own DataLoader.
+        capture_training_signals: measure signals on training batches for free (only when the strategy
+            reads signals).
+        strategy_kwargs: keyword arguments for a strategy given by name.
+        log_prefix: prefix of the logged metric names.
+
+    Raises:
+        TypeError: if ``sampler`` is not a :class:`CoresetSampler`.
+        ValueError: for an unknown strategy, non-positive intervals, both intervals at once, or negative
+            warm-up/anneal lengths; in ``setup``, for Trainer settings that fight the budget
+            (``limit_train_batches``, ``overfit_batches``) or an anneal without ``max_epochs``; at the start
+            of training, if the sampler is not in the training DataLoader.
+
+    Example::
+
+        import lightning as L
+        from torch.utils.data import DataLoader
+        from grace_lightning import CoresetCallback, CoresetSampler
+
+        sampler = CoresetSampler(train_set, fraction=0.3, seed=0)
+        loader = DataLoader(train_set, batch_size=128, sampler=sampler)
+        trainer = L.Trainer(max_epochs=20, callbacks=[CoresetCallback(sampler, strategy="random")])
+        trainer.fit(model, loader)
+    """
+
+    def __init__(
+        self,
+        sampler: CoresetSampler,
+        strategy: Union[str, Strategy] = "random",
+        *,
+        refresh_every_n_epochs: Optional[int] = 1,
+        refresh_every_n_steps: Optional[int] = None,
+        warmup_epochs: int = 0,
+        anneal_epochs: int = 0,
+        seed: int = 0,
+        scoring_batch_size: Optional[int] = None,
+        scoring_num_workers: int = 0,
+        capture_training_signals: bool = True,
+        strategy_kwargs: Optional[dict] = None,
+        log_prefix: str = "coreset/",
+    ) -> None:
+        if not isinstance(sampler, CoresetSampler):
+            raise TypeError(
+                f"CoresetCallback: `sampler` must be the CoresetSampler given to the training DataLoader, "
+                f"got {type(sampler).__name__}."
+            )
+        every_n_epochs = _positive_int_or_none("refresh_every_n_epochs", refresh_every_n_epochs)
+        every_n_steps = _positive_int_or_none("refresh_every_n_steps", refresh_every_n_steps)
+        if every_n_epochs is not None and every_n_steps is not None:
+            raise ValueError(
+                "CoresetCallback: set only one of `refresh_every_n_epochs` and `refresh_every_n_steps` "
+                "(pass refresh_every_n_epochs=None to refresh by steps)."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"CoresetCallback: `seed` must be an int, got {seed!r}.")
+        self.sampler = sampler
+        self.strategy = build_strategy(strategy, **(strategy_kwargs or {}))
+        self.schedule = RefreshSchedule(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            warmup_epochs=_non_negative_int("warmup_epochs", warmup_epochs),
+            anneal_epochs=_non_negative_int("anneal_epochs", anneal_epochs),
+        )
+        self.seed = seed
+        self.scoring_batch_size = _positive_int_or_none("scoring_batch_size", scoring_batch_size)
+        self.scoring_num_workers = _non_negative_int("scoring_num_workers", scoring_num_workers)
+        self.capture_training_signals = bool(capture_training_signals)
+        self.log_prefix = log_prefix
+        self.store = SignalStore(sampler.pool_size) if self.strategy.needs else None
+        self.history: list[dict[str, float]] = []
+        self._extractor: Optional[SignalExtractor] = None
+        self._pending: list[tuple[Tensor, int, ExampleSignals]] = []
+        self._restored = False
+        self._refreshes = 0
+        self._selection_seconds = 0.0
+        self._fit_started_at = 0.0
+        self._batch_indices: Optional[Tensor] = None
+        self._batch_weights: Optional[Tensor] = None
+        self._trainer: Optional[Trainer] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(strategy=self.strategy.name)
+
+    # ------------------------------------------------------------------ setup and validation
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.limit_train_batches not in (1.0, None) or isinstance(trainer.limit_train_batches, int):
+            raise ValueError(
+                f"CoresetCallback: Trainer(limit_train_batches={trainer.limit_train_batches!r}) fights the coreset "
+                "budget, which fixes the batches per epoch. Leave limit_train_batches=1.0 and set the budget with "
+                "CoresetSampler(fraction=...) or CoresetSampler(size=...)."
+            )
+        if trainer.overfit_batches:
+            raise ValueError(
+                f"CoresetCallback: Trainer(overfit_batches={trainer.overfit_batches!r}) replaces the training "
+                "sampler; remove the CoresetCallback when overfitting a few batches."
+            )
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        if self.schedule.anneal_epochs and max_epochs is None:
+            raise ValueError(
+                "CoresetCallback: `anneal_epochs` needs Trainer(max_epochs=...) to know when the last epochs are."
+            )
+        if max_epochs is not None and self.schedule.warmup_epochs + self.schedule.anneal_epochs > max_epochs:
+            raise ValueError(
+                f"CoresetCallback: warmup_epochs={self.schedule.warmup_epochs} + anneal_epochs="
+                f"{self.schedule.anneal_epochs} exceed Trainer(max_epochs={max_epochs}); shorten them."
+            )
+        self.schedule = RefreshSchedule(**{**self.schedule.__dict__, "max_epochs": max_epochs})
+        self._trainer = trainer
+        self.sampler.bind(trainer.global_rank, trainer.world_size, self._loader_position)
+
+    def _train_loader(self, trainer: Trainer) -> DataLoader:
+        for dl in _loaders(trainer.train_dataloader):
+            if getattr(dl, "sampler", None) is self.sampler:
+                return dl
+            if getattr(getattr(dl, "batch_sampler", None), "sampler", None) is self.sampler:
+                return dl
+        raise ValueError(
+            "CoresetCallback: the CoresetSampler given to the callback is not the sampler of the training "
+            "DataLoader. Build the loader with it: DataLoader(train_set, batch_size=..., sampler=sampler)."
+        )
+
+    def _loader_position(self) -> LoaderPosition:
+        trainer = self._trainer
+        dl = self._train_loader(trainer)
+        batch_size = dl.batch_size if dl.batch_size is not None else getattr(dl.batch_sampler, "batch_size", None)
+        if batch_size is None:
+            raise ValueError(
+                "CoresetCallback: the training DataLoader has no batch size; use "
+                "DataLoader(train_set, batch_size=..., sampler=sampler) rather than a custom batch_sampler."
+            )
+        drop_last = bool(dl.drop_last if dl.batch_size is not None else getattr(dl.batch_sampler, "drop_last", False))
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return LoaderPosition(int(done), int(batch_size), drop_last)
+
+    def _prefetch_lag(self, trainer: Trainer) -> int:
+        """Batches a DataLoader has already drawn from the sampler beyond the one being trained."""
+        dl = self._train_loader(trainer)
+        if dl.num_workers == 0:
+            return 0
+        return dl.num_workers * (dl.prefetch_factor or 2)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        self._flush_pending_signals()
+        return {
+            "sampler": self.sampler.state_dict(),
+            "store": None if self.store is None else self.store.state_dict(),
+            "refreshes": self._refreshes,
+            "selection_seconds": self._selection_seconds,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state_dict["sampler"])
+        if self.store is not None and state_dict["store"] is not None:
+            self.store.load_state_dict(state_dict["store"])
+        self._refreshes = int(state_dict["refreshes"])
+        self._selection_seconds = float(state_dict["selection_seconds"])
+        self._restored = True
+
+    # ------------------------------------------------------------------ the schedule
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_started_at = time.perf_counter()
+        if self._restored:
+            return  # the checkpoint's selections are already in the sampler
+        # Before the first iterator exists (pitfall: with workers, later changes miss the first batches).
+        if self.schedule.initial_action() is Action.FULL_POOL:
+            self.sampler.set_selection(None, start_batch=0)
+            return
+        self._refresh(trainer, pl_module, start_batch=0, now_batch=0, score=False)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dl = self._train_loader(trainer)  # raises with the fix when the sampler is not in the loader
+        position = self._loader_position()
+        expected = self.sampler.batches_per_epoch(position.batch_size, position.drop_last)
+        if trainer.num_training_batches != expected:
+            raise ValueError(
+                f"CoresetCallback: Lightning plans {trainer.num_training_batches} batches per epoch but the coreset "
+                f"budget gives {expected} (len(sampler)={len(self.sampler)}, batch_size={position.batch_size}). "
+                "Leave Trainer(limit_train_batches=1.0) and do not wrap the training DataLoader."
+            )
+        del dl
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        position = self._loader_position()
+        indices, weights = self.sampler.batch_indices(position.batches_done, position.batch_size, position.drop_last)
+        try:
+            seen = extract_batch_size(batch)
+        except Exception:  # an exotic batch whose size Lightning cannot infer: nothing to cross-check
+            seen = indices.numel()
+        if seen != indices.numel():
+            raise RuntimeError(
+                f"CoresetCallback: the batch has {seen} examples but the sampler yielded {indices.numel()} for it; "
+                "the training DataLoader must draw indices from the CoresetSampler unchanged."
+            )
+        self._batch_indices = indices
+        self._batch_weights = weights
+        if self._capturing():
+            if self._extractor is None:
+                self._extractor = SignalExtractor.for_module(pl_module, batch)
+                self._extractor.attach()
+            self._extractor.arm()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        position = self._loader_position()
+        if self._capturing() and self._extractor is not None:
+            self._extractor.disarm()
+            signals = self._extractor.training_batch_signals(batch)
+            if signals is not None and len(signals) == self._batch_indices.numel():
+                self._pending.append((self._batch_indices, position.batches_done, signals.detach_cpu()))
+        self._batch_indices = self._batch_weights = None
+        action = self.schedule.decide(position.batches_done, trainer.current_epoch, bool(trainer.is_last_batch))
+        if action is None:
+            return
+        # At an epoch end the next iterator does not exist yet; mid-epoch, workers have drawn `lag` batches ahead.
+        start = position.batches_done if trainer.is_last_batch else position.batches_done + self._prefetch_lag(trainer)
+        if action is Action.FULL_POOL:
+            self.sampler.set_selection(None, start_batch=start, now_batch=position.batches_done)
+        else:
+            self._refresh(trainer, pl_module, start_batch=start, now_batch=position.batches_done, score=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._extractor is not None:
+            self._extractor.detach()
+            self._extractor = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+    def _capturing(self) -> bool:
+        return self.store is not None and self.capture_training_signals
+
+    # ------------------------------------------------------------------ weights for the user's loss
+    @property
+    def batch_weights(self) -> Optional[Tensor]:
+        """Per-example weights of the batch being trained (CPU float32), or None outside a training batch."""
+        return self._batch_weights
+
+    @property
+    def batch_indices(self) -> Optional[Tensor]:
+        """Dataset indices of the batch being trained (int64), or None outside a training batch."""
+        return self._batch_indices
+
+    # ------------------------------------------------------------------ one refresh
+    def _refresh(
+        self, trainer: Trainer, pl_module: LightningModule, start_batch: int, now_batch: int, score: bool
+    ) -> None:
+        began = time.perf_counter()
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, start_batch))
+        epoch, progress = self._epoch_and_progress(trainer, start_batch)
+        inputs = SelectionInput(
+            pool_size=self.sampler.pool_size,
+            budget=self.sampler.budget,
+            store=self.store,
+            generator=generator,
+            epoch=epoch,
+            step=start_batch,
+            progress=progress,
+        )
+        scored = 0
+        if self.store is not None:
+            self._flush_pending_signals()
+            if score:
+                to_score = self.strategy.to_score(inputs)
+                if to_score is not None:
+                    scored = self._score(trainer, pl_module, trainer.strategy.broadcast(to_score, src=0), now_batch)
+        selection: Optional[Selection] = None
+        if trainer.is_global_zero:
+            if self.store is not None and not bool(self.store.measured.any()):
+                # An untrained model's signals carry no information: start from a uniform subset.
+                selection = Selection(uniform_sample(inputs.pool_size, inputs.budget, generator))
+            else:
+                selection = self.strategy.select(inputs)
+            self._check_selection(selection)
+        # Faiss and threaded code may differ across ranks: select once, broadcast the answer.
+        selection = trainer.strategy.broadcast(selection, src=0)
+        previous = self.sampler.selection if self._refreshes else None
+        self.sampler.set_selection(selection.indices, selection.weights, start_batch=start_batch, now_batch=now_batch)
+        self._refreshes += 1
+        seconds = self._max_over_ranks(trainer, pl_module, time.perf_counter() - began)
+        self._selection_seconds += seconds
+        self._record(trainer, seconds, scored, previous, start_batch)
+
+    def _epoch_and_progress(self, trainer: Trainer, start_batch: int) -> tuple[int, Optional[float]]:
+        if trainer.train_dataloader is None:
+            return 0, 0.0 if self.schedule.max_epochs else None
+        position = self._loader_position()
+        per_epoch = self.sampler.batches_per_epoch(position.batch_size, position.drop_last)
+        epoch = start_batch // per_epoch
+        if self.schedule.max_epochs is None:
+            return epoch, None
+        return epoch, min(1.0, start_batch / (per_epoch * self.schedule.max_epochs))
+
+    def _check_selection(self, selection: Selection) -> None:
+        if not isinstance(selection, Selection):
+            raise TypeError(
+                f"Strategy {self.strategy!r} returned {type(selection).__name__}; `select` must return a Selection."
+            )
+        if selection.indices is not None:
+            if selection.indices.dtype != torch.int64:
+                raise TypeError(f"Strategy {self.strategy!r} returned {selection.indices.dtype} indices; use int64.")
+            if selection.indices.numel() == 0:
+                raise ValueError(f"Strategy {self.strategy!r} selected no example.")
+
+    @staticmethod
+    def _max_over_ranks(trainer: Trainer, pl_module: LightningModule, seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64, device=pl_module.device)
+        return float(trainer.strategy.all_gather(t).max())
+
+    def _record(
+        self, trainer: Trainer, seconds: float, scored: int, previous: Optional[Tensor], start_batch: int
+    ) -> None:
+        current = self.sampler.selection
+        overlap = float("nan")
+        if previous is not None:
+            overlap = float(torch.isin(current, previous).float().mean())
+        wall = max(time.perf_counter() - self._fit_started_at, 1e-9)
+        record = {
+            "refresh": float(self._refreshes),
+            "start_batch": float(start_batch),
+            "selection_seconds": seconds,
+            "selection_seconds_total": self._selection_seconds,
+            "selection_share": self._selection_seconds / wall,
+            "subset_size": float(current.numel()),
+            "overlap": overlap,
+            "scored": float(scored),
+            "invalid_signals": float(self.store.invalid_count if self.store is not None else 0),
+            "padding": float(self.sampler.padding),
+        }
+        self.history.append(record)
+        metrics = {f"{self.log_prefix}{k}": v for k, v in record.items() if not math.isnan(v)}
+        log_metrics(trainer, metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ signals
+    def _score(self, trainer: Trainer, pl_module: LightningModule, to_score: Tensor, now_batch: int) -> int:
+        """Forward-only pass over this rank's shard of ``to_score``; gather; write every rank's store."""
+        shard = to_score[trainer.global_rank :: trainer.world_size]
+        train_dl = self._train_loader(trainer)
+        loader = DataLoader(
+            Subset(self.sampler.dataset, shard.tolist()),
+            batch_size=self.scoring_batch_size or train_dl.batch_size or 1,
+            shuffle=False,
+            num_workers=self.scoring_num_workers,
+            collate_fn=train_dl.collate_fn,
+        )
+        extractor = self._extractor
+        collected: list[ExampleSignals] = []
+        modes = _ModuleModes(pl_module)
+        bar = ScoringProgressBar(trainer, total=len(loader))
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                for batch in loader:
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    if extractor is None:
+                        extractor = self._extractor = SignalExtractor.for_module(pl_module, batch)
+                        if self._capturing():
+                            extractor.attach()
+                    collected.append(extractor.score_batch(batch).detach_cpu())
+                    bar.update(1)
+        finally:
+            bar.close()
+            modes.restore()
+        rows = self._signal_rows(shard, collected)
+        gathered = gather_rows(trainer.strategy, rows, pl_module.device)
+        self.store.update(gathered["index"], self._signals_from_rows(gathered), step=now_batch)
+        return int(gathered["index"].numel())
+
+    @staticmethod
+    def _signal_rows(indices: Tensor, signals: list[ExampleSignals]) -> dict[str, Optional[Tensor]]:
+        rows: dict[str, Optional[Tensor]] = {"index": indices.long()}
+        for key in _SIGNAL_KEYS:
+            parts = [getattr(s, key) for s in signals]
+            rows[key] = torch.cat(parts) if parts and parts[0] is not None else None
+        if rows["loss"] is None:  # an empty shard: zero rows, shapes agreed in the gather
+            rows.update(loss=torch.zeros(0), grad_norm=torch.zeros(0), length=torch.zeros(0, dtype=torch.int64))
+        return rows
+
+    @staticmethod
+    def _signals_from_rows(rows: dict[str, Optional[Tensor]]) -> ExampleSignals:
+        return ExampleSignals(
+            loss=rows["loss"], grad_norm=rows["grad_norm"], embedding=rows["embedding"], length=rows["length"].long()
+        )
+
+    def _flush_pending_signals(self) -> None:
+        """Gather the signals every rank captured on its training batches into every rank's store.
+
+        Rows are applied in (step, rank) order, so the store does not depend on when the flush happens:
+        at a refresh or when a checkpoint is written (``state_dict`` runs on every rank).
+        """
+        if self.store is None or self._trainer is None:
+            return
+        trainer = self._trainer
+        device = trainer.lightning_module.device
+        pending, self._pending = self._pending, []
+        rows = self._signal_rows(
+            torch.cat([p[0] for p in pending]) if pending else torch.zeros(0, dtype=torch.int64),
+            [p[2] for p in pending],
+        )
+        rows["step"] = (
+            torch.cat([torch.full((p[0].numel(),), p[1], dtype=torch.int64) for p in pending])
+            if pending
+            else torch.zeros(0, dtype=torch.int64)
+        )
+        if trainer.world_size > 1:
+            rows = gather_rows(trainer.strategy, rows, device)
+        if rows["index"].numel() == 0:
+            return
+        order = torch.sort(rows["step"], stable=True).indices
+        signals = self._signals_from_rows({k: None if v is None else v[order] for k, v in rows.items()})
+        self.store.update(rows["index"][order], signals, step=rows["step"][order])

@@ -1,0 +1,367 @@
+"""The sampler that holds the current coreset and turns it into a rank-sharded, resumable index stream."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple, Optional, Sized
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DistributedSampler, IterableDataset
+
+__all__ = ["CoresetSampler", "LoaderPosition"]
+
+
+class LoaderPosition(NamedTuple):
+    """Where the training loop stands, as the sampler needs it to resume.
+
+    ``batches_done`` counts training batches whose step has run (over all epochs); ``batch_size`` and
+    ``drop_last`` are the training DataLoader's.
+    """
+
+    batches_done: int
+    batch_size: int
+    drop_last: bool
+
+
+_SERIALS = itertools.count()
+
+
+@dataclass
+class _Version:
+    """One selection, in force from global batch position ``start`` on. ``start`` is also its id."""
+
+    start: int
+    indices: Optional[Tensor]  # int64; None means the whole pool
+    weights: Optional[Tensor]  # float32 aligned with ``indices``; None means all ones
+    # Identity for the permutation cache only: a replaced version may reuse `start`.
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+
+
+def _mix_seed(*parts: int) -> int:
+    # SeedSequence mixes the parts without collisions (a plain linear mix would collide).
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0])
+
+
+class CoresetSampler(DistributedSampler):
+    r"""Yields the current coreset, sharded over ranks, with a constant number of batches per epoch.
+
+    The sampler owns the subset (int64 dataset indices) and per-example weights, and nothing else:
+    which examples form the subset is decided by :class:`~grace_lightning.CoresetCallback`.
+
+    * **Constant epoch length.** Every epoch yields ``len(sampler)`` = ``ceil(budget / world_size)``
+      indices per rank, whatever the subset's size, so Lightning's progress bar,
+      ``trainer.estimated_stepping_batches`` and step-based LR schedulers see the true number of batches.
+      A subset smaller than the budget wraps around (the padding is reported); a larger one, such as the
+      whole pool during warm-up, is streamed: each epoch takes the next ``budget`` examples of a shuffled
+      pass over it, so every example is visited once per pass.
+    * **Rank shards.** Stream position ``s`` goes to rank ``s % world_size``: shards are disjoint, equal in
+      length, and their union is the subset.
+    * **Order** is a pure function of ``(seed, selection version, pass)``, drawn from a private generator.
+      The global torch/numpy/python RNGs are never touched.
+    * **Resume.** Once bound by the callback, the sampler reads how many batches Lightning has trained
+      when an iterator is created and starts right after them, so a run resumed mid-epoch yields exactly
+      the batches not yet trained. It does not rely on ``set_epoch`` (Lightning calls it too late when
+      ``num_workers > 0``, Lightning issue #21938).
+
+    It subclasses :class:`torch.utils.data.DistributedSampler` so that Lightning leaves it alone under DDP
+    with the default ``Trainer(use_distributed_sampler=True)``: no Trainer flag is needed.
+
+    Args:
+        data_source: the training dataset (map-style, sized). The pool is ``range(len(data_source))``.
+        fraction: share of the pool trained per epoch, in ``(0, 1]``. Exactly one of ``fraction`` and
+            ``size`` must be given.
+        size: number of examples trained per epoch, in ``[1, len(data_source)]``.
+        seed: seed of the sampler's private generator (order only; selection has its own seed).
+
+    Raises:
+        ValueError: if the budget is missing, given twice or out of range, or ``seed`` is not an int.
+        TypeError: if ``data_source`` is an ``IterableDataset`` or has no length.
+
+    Example::
+
+        from torch.utils.data import DataLoader
+        from grace_lightning import CoresetCallback, CoresetSampler
+
+        sampler = CoresetSampler(train_set, fraction=0.3, seed=0)
+        loader = DataLoader(train_set, batch_size=128, sampler=sampler)
+        trainer = L.Trainer(max_epochs=10, callbacks=[CoresetCallback(sampler, strategy="random")])
+        trainer.fit(model, loader)
+    """
+
+    def __init__(
+        self,
+        data_source: Sized,
+        fraction: Optional[float] = None,
+        size: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(data_source, IterableDataset):
+            raise TypeError(
+                "CoresetSampler: `data_source` is an IterableDataset; a coreset needs a map-style dataset with "
+                "`__len__` and `__getitem__`. Wrap the data in a map-style `torch.utils.data.Dataset`."
+            )
+        if not hasattr(data_source, "__len__"):
+            raise TypeError(
+                f"CoresetSampler: `data_source` ({type(data_source).__name__}) has no `__len__`; "
+                "pass a map-style dataset."
+            )
+        pool_size = len(data_source)
+        if pool_size < 1:
+            raise ValueError("CoresetSampler: `data_source` is empty; the pool needs at least one example.")
+        if (fraction is None) == (size is None):
+            raise ValueError(
+                "CoresetSampler: give exactly one of `fraction` (share of the pool per epoch, e.g. 0.3) "
+                f"or `size` (examples per epoch); got fraction={fraction!r}, size={size!r}."
+            )
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+                raise ValueError(f"CoresetSampler: `fraction` must be a number in (0, 1], got {fraction!r}.")
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(
+                    f"CoresetSampler: `fraction` must be in (0, 1], got {fraction}. Use fraction=1.0 for full data."
+                )
+            budget = max(1, int(math.floor(fraction * pool_size + 0.5)))
+        else:
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+                raise ValueError(f"CoresetSampler: `size` must be an int, got {size!r}.")
+            if not 1 <= size <= pool_size:
+                raise ValueError(
+                    f"CoresetSampler: `size` must be in [1, len(data_source)={pool_size}], got {size}. "
+                    "Lower `size`, or use fraction=1.0 for the whole pool."
+                )
+            budget = int(size)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"CoresetSampler: `seed` must be an int, got {seed!r}.")
+
+        # A single-replica DistributedSampler: the callback re-binds rank and world size in `setup`.
+        super().__init__(data_source, num_replicas=1, rank=0, shuffle=False, seed=int(seed), drop_last=False)
+        self.pool_size = pool_size
+        self.budget = budget
+        self.fraction = fraction
+        self._versions: list[_Version] = [_Version(0, None, None)]
+        self._position_fn: Optional[Callable[[], LoaderPosition]] = None
+        self._perm_cache: dict[tuple[int, int], Tensor] = {}
+        self._resize()
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, rank: int, world_size: int, position_fn: Optional[Callable[[], LoaderPosition]] = None) -> None:
+        """Set this process's rank and the world size, and how to read the training loop's position.
+
+        Called by :class:`~grace_lightning.CoresetCallback` in ``setup``; call it yourself only when using
+        the sampler without the callback.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"CoresetSampler.bind: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+        self.rank, self.num_replicas = int(rank), int(world_size)
+        self._position_fn = position_fn
+        self._resize()
+
+    def _resize(self) -> None:
+        self.num_samples = math.ceil(self.budget / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __getstate__(self) -> dict:
+        # The position function closes over the trainer; it is re-bound in each process's `setup`.
+        state = self.__dict__.copy()
+        state["_position_fn"] = None
+        state["_perm_cache"] = {}
+        return state
+
+    # ------------------------------------------------------------------ the subset
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def padding(self) -> int:
+        """Indices per epoch (all ranks) beyond the budget, repeated so that every rank has equal length."""
+        return self.total_size - self.budget
+
+    @property
+    def selection(self) -> Tensor:
+        """The newest selection's dataset indices (int64)."""
+        indices = self._versions[-1].indices
+        return torch.arange(self.pool_size) if indices is None else indices
+
+    @property
+    def weights(self) -> Tensor:
+        """Per-example weights aligned with :attr:`selection` (all ones when the strategy gave none)."""
+        version = self._versions[-1]
+        if version.weights is None:
+            return torch.ones(len(self.selection), dtype=torch.float32)
+        return version.weights
+
+    @property
+    def version_starts(self) -> list[int]:
+        """Global batch positions from which each retained selection is in force."""
+        return [v.start for v in self._versions]
+
+    def set_selection(
+        self,
+        indices: Optional[Tensor],
+        weights: Optional[Tensor] = None,
+        start_batch: int = 0,
+        now_batch: Optional[int] = None,
+    ) -> None:
+        """Make ``indices`` (``None`` = the whole pool) the subset from global batch position ``start_batch`` on.
+
+        Selections in force at or after ``start_batch`` are replaced. Versions that can no longer be reached
+        from ``now_batch`` (the batches already trained) are dropped to bound memory.
+        """
+        if indices is not None:
+            indices = torch.as_tensor(indices)
+            if indices.dtype != torch.int64:
+                if indices.is_floating_point():
+                    raise TypeError("CoresetSampler.set_selection: `indices` must be integers (int64), got floats.")
+                indices = indices.long()
+            indices = indices.reshape(-1).cpu()
+            if indices.numel() == 0:
+                raise ValueError("CoresetSampler.set_selection: the selection is empty; a strategy must pick at least one example.")
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= self.pool_size:
+                raise ValueError(
+                    f"CoresetSampler.set_selection: indices must lie in [0, {self.pool_size}), got [{lo}, {hi}]."
+                )
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32).reshape(-1).cpu()
+            expected = self.pool_size if indices is None else indices.numel()
+            if weights.numel() != expected:
+                raise ValueError(
+                    f"CoresetSampler.set_selection: {weights.numel()} weights for {expected} selected examples."
+                )
+            if not torch.isfinite(weights).all() or bool((weights < 0).any()):
+                raise ValueError("CoresetSampler.set_selection: weights must be finite and non-negative.")
+        if start_batch < 0:
+            raise ValueError(f"CoresetSampler.set_selection: `start_batch` must be >= 0, got {start_batch}.")
+        versions = [v for v in self._versions if v.start < start_batch]
+        versions.append(_Version(int(start_batch), indices, weights))
+        if now_batch is not None:
+            starts = [v.start for v in versions]
+            first_live = max(bisect.bisect_right(starts, now_batch) - 1, 0)
+            versions = versions[first_live:]
+        self._versions = versions
+        live = {v.serial for v in versions}
+        self._perm_cache = {k: p for k, p in self._perm_cache.items() if k[0] in live}
+
+    # ------------------------------------------------------------------ index arithmetic
+    def batches_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
+        """Batches per epoch on every rank for a DataLoader with this ``batch_size`` and ``drop_last``."""
+        return self.num_samples // batch_size if drop_last else math.ceil(self.num_samples / batch_size)
+
+    def _version_at(self, batch_position: int) -> _Version:
+        starts = [v.start for v in self._versions]
+        i = bisect.bisect_right(starts, batch_position) - 1
+        if i < 0:
+            raise RuntimeError(
+                f"CoresetSampler: batch position {batch_position} precedes every retained selection "
+                f"(starts {starts}); the sampler state does not match the training loop's progress."
+            )
+        return self._versions[i]
+
+    def _sample_position(self, batch_position: int, batch_size: int, drop_last: bool) -> int:
+        """Per-rank sample position (over all epochs) where a global batch position begins."""
+        nb = self.batches_per_epoch(batch_size, drop_last)
+        epoch, offset = divmod(batch_position, nb)
+        return epoch * self.num_samples + offset * batch_size
+
+    def _permutation(self, version: _Version, pass_index: int) -> Tensor:
+        key = (version.serial, pass_index)
+        perm = self._perm_cache.get(key)
+        if perm is None:
+            n = self.pool_size if version.indices is None else version.indices.numel()
+            gen = torch.Generator().manual_seed(_mix_seed(self.seed, version.start, pass_index))
+            perm = torch.randperm(n, generator=gen)
+            if len(self._perm_cache) >= 8:  # a batch touches at most a couple of passes
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+            self._perm_cache[key] = perm
+        return perm
+
+    def _positions_to_indices(self, version: _Version, stream: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        n = self.pool_size if version.indices is None else version.indices.numel()
+        passes, within = stream // n, stream % n
+        picked = torch.empty_like(stream)
+        for p in torch.unique(passes).tolist():
+            mask = passes == p
+            picked[mask] = self._permutation(version, p)[within[mask]]
+        indices = picked if version.indices is None else version.indices[picked]
+        weights = None if version.weights is None else version.weights[picked]
+        return indices, weights
+
+    def batch_indices(
+        self, batch_position: int, batch_size: int, drop_last: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Dataset indices and weights this rank yields for a global batch position (a pure function).
+
+        Used to attach weights and signals to the batch being trained without changing the batch format.
+        """
+        nb = self.batches_per_epoch(batch_size, drop_last)
+        offset = batch_position % nb
+        count = min(batch_size, self.num_samples - offset * batch_size)
+        start = self._sample_position(batch_position, batch_size, drop_last)
+        return self._rank_slice(batch_position, start, count, batch_size, drop_last)
+
+    def _rank_slice(
+        self, batch_position: int, sample_start: int, count: int, batch_size: int, drop_last: bool
+    ) -> tuple[Tensor, Tensor]:
+        version = self._version_at(batch_position)
+        version_start = self._sample_position(version.start, batch_size, drop_last)
+        per_rank = torch.arange(sample_start, sample_start + count, dtype=torch.int64) - version_start
+        stream = per_rank * self.num_replicas + self.rank
+        indices, weights = self._positions_to_indices(version, stream)
+        if weights is None:
+            weights = torch.ones(count, dtype=torch.float32)
+        return indices, weights
+
+    # ------------------------------------------------------------------ iteration
+    def _start_position(self) -> LoaderPosition:
+        if self._position_fn is None:
+            # Unbound (plain PyTorch use): whole epochs, advanced by `set_epoch`.
+            return LoaderPosition(self.epoch * self.batches_per_epoch(1), 1, False)
+        return self._position_fn()
+
+    def __iter__(self) -> Iterator[int]:
+        batches_done, batch_size, drop_last = self._start_position()
+        nb = self.batches_per_epoch(batch_size, drop_last)
+        if nb == 0:
+            raise ValueError(
+                f"CoresetSampler: {self.num_samples} examples per rank make no full batch of {batch_size} with "
+                "drop_last=True; raise the budget (`fraction`/`size`) or lower the batch size."
+            )
+        epoch, offset = divmod(batches_done, nb)
+        # Generate batch by batch, so that a selection set mid-epoch is picked up at its start position.
+        for b in range(offset, math.ceil(self.num_samples / batch_size)):
+            count = min(batch_size, self.num_samples - b * batch_size)
+            # A trailing chunk that drop_last discards borrows the last kept batch's position.
+            position = epoch * nb + min(b, nb - 1)
+            indices, _ = self._rank_slice(position, epoch * self.num_samples + b * batch_size, count, batch_size, drop_last)
+            yield from indices.tolist()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """The retained selections, as tensors and plain values only (loads under ``weights_only=True``)."""
+        return {
+            "pool_size": self.pool_size,
+            "budget": self.budget,
+            "seed": self.seed,
+            "versions": [
+                {"start": v.start, "indices": v.indices, "weights": v.weights} for v in self._versions
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore selections saved by :meth:`state_dict`; refuses state from a different pool or budget."""
+        for key, mine in (("pool_size", self.pool_size), ("budget", self.budget), ("seed", self.seed)):
+            if int(state[key]) != mine:
+                raise ValueError(
+                    f"CoresetSampler: the checkpoint was made with {key}={int(state[key])}, this sampler has "
+                    f"{key}={mine}. Resume with the same dataset, budget (`fraction`/`size`) and `seed`."
+                )
+        self._versions = [
+            _Version(int(v["start"]), None if v["indices"] is None else v["indices"].long(), v["weights"])
+            for v in state["versions"]
+        ]
+        self._perm_cache = {}

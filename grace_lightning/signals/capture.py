@@ -1,0 +1,384 @@
+"""Getting per-example signals out of a user's ``LightningModule`` without changing the module.
+
+``SignalExtractor.for_module(pl_module, example_batch)`` picks one of three modes, first match wins:
+
+1. ``"custom"``: the LightningModule defines ``coreset_signals(self, batch) -> ExampleSignals``.
+2. ``"causal_lm"``: the module contains a ``transformers.PreTrainedModel`` whose ``get_output_embeddings()``
+   is an ``nn.Linear`` and the batch is a ``Mapping`` with ``input_ids``. Labels are ``batch["labels"]``
+   (Hugging Face convention: unshifted, ``-100`` = ignored) or, without them, ``input_ids`` with
+   ``attention_mask == 0`` positions set to ``-100``.
+3. ``"classification"``: the batch is a tuple/list ``(inputs, targets, ...)`` with integer ``targets`` of
+   shape ``(B,)`` and the module has an ``nn.Linear``. The head is the module's ``head``, ``fc``,
+   ``classifier`` or ``lm_head`` attribute if that is an ``nn.Linear``, else the last ``nn.Linear`` in
+   ``named_modules()`` order. The head's output is assumed to be the logits of a cross-entropy loss.
+
+Otherwise ``SignalCaptureError`` explains how to write ``coreset_signals``.
+
+The ``coreset_signals`` contract
+--------------------------------
+``def coreset_signals(self, batch) -> grace_lightning.ExampleSignals``:
+
+- ``batch`` is exactly what ``training_step`` receives (same structure, already on the model's device);
+- it must be forward-only and per-example: return one row per example in the batch (``loss`` and
+  ``grad_norm`` of shape ``(B,)``, optionally ``embedding`` ``(B, d)`` and ``length`` ``(B,)``);
+- scoring passes call it under ``torch.no_grad()`` with the module in eval mode, so it must not call
+  ``backward``, step optimizers, log, or rely on dropout/BatchNorm batch statistics;
+- rows that cannot be scored should be NaN (callers exclude and count non-finite rows).
+
+``grace_lightning.signals.classification_signals`` and ``causal_lm_signals`` compute the standard signals
+from logits and head inputs. A module with ``coreset_signals`` gets no free capture on training batches:
+every signal then comes from scoring passes, because only the module knows how to read its batch.
+
+Free capture on training batches
+--------------------------------
+``attach()`` puts a persistent forward hook on the head. While ``armed`` it keeps the head's most recent
+input and output, detached (no graph is kept alive, nothing in the training computation changes);
+``training_batch_signals(batch)`` turns them into signals and releases them. Call it (or ``clear()``) every
+step: until then the captured logits stay in memory. Training-time signals reflect train mode (dropout
+active), so they differ slightly from scoring-pass signals for models with dropout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .closed_form import IGNORE_INDEX, causal_lm_signals, classification_signals
+from .types import ExampleSignals
+
+__all__ = ["SignalCaptureError", "SignalExtractor", "Mode"]
+
+Mode = Literal["custom", "causal_lm", "classification"]
+
+# Attribute names that, when they hold an nn.Linear, name the classification head outright.
+_HEAD_ATTRS = ("head", "fc", "classifier", "lm_head")
+
+_CUSTOM_HINT = (
+    "Implement `coreset_signals(self, batch) -> grace_lightning.ExampleSignals` on your LightningModule "
+    "(forward-only and per-example; scoring passes call it under torch.no_grad() in eval mode with the batch "
+    "exactly as training_step receives it), for example:\n\n"
+    "    def coreset_signals(self, batch):\n"
+    '        h = self.body(batch["x"]); logits = self.head(h)\n'
+    '        return grace_lightning.signals.classification_signals(logits, h, batch["y"], has_bias=True)\n'
+)
+
+
+class SignalCaptureError(ValueError):
+    """Per-example signals cannot be captured from this module/batch; the message says how to fix it."""
+
+
+class _HeadRecorder:
+    """Forward-hook body that keeps the head's most recent input and output, detached."""
+
+    def __init__(self) -> None:
+        self.head_input: Optional[Tensor] = None
+        self.head_output: Optional[Tensor] = None
+        self.calls = 0
+
+    def record(self, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or not isinstance(output, Tensor):
+            return
+        # detach(): keep values only, so autograd can free the graph as usual after backward.
+        self.head_input = x.detach()
+        self.head_output = output.detach()
+        self.calls += 1
+
+    def clear(self) -> None:
+        self.head_input = None
+        self.head_output = None
+        self.calls = 0
+
+
+class SignalExtractor:
+    """Reads per-example signals from a LightningModule in one of three modes (see the module docstring).
+
+    Example:
+        >>> extractor = SignalExtractor.for_module(pl_module, next(iter(train_loader)))  # doctest: +SKIP
+        >>> with torch.no_grad():                                                        # doctest: +SKIP
+        ...     signals = extractor.score_batch(batch)
+        >>> extractor.attach(); extractor.arm()                   # free capture in training  # doctest: +SKIP
+        >>> signals = extractor.training_batch_signals(batch)     # in on_train_batch_end    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pl_module: nn.Module,
+        mode: Mode,
+        head: Optional[nn.Linear] = None,
+        hf_model: Optional[nn.Module] = None,
+    ) -> None:
+        if mode != "custom" and head is None:
+            raise ValueError(f"SignalExtractor: mode {mode!r} needs a head.")
+        if mode == "causal_lm" and hf_model is None:
+            raise ValueError("SignalExtractor: mode 'causal_lm' needs the Hugging Face model.")
+        self.pl_module = pl_module
+        self.mode: Mode = mode
+        self.head = head
+        self.hf_model = hf_model
+        self._armed = False
+        self._scoring = False  # the persistent hook ignores scoring forwards
+        self._training_capture = _HeadRecorder()
+        self._handle: Optional[RemovableHandle] = None
+
+    # ------------------------------------------------------------------ detection
+
+    @classmethod
+    def for_module(cls, pl_module: nn.Module, example_batch: Any) -> "SignalExtractor":
+        """Pick the capture mode for ``pl_module`` given one training batch (see the module docstring).
+
+        Raises:
+            SignalCaptureError: no mode applies; the message names the batch type and shows how to write
+                ``coreset_signals``.
+        """
+        if callable(getattr(pl_module, "coreset_signals", None)):
+            return cls(pl_module, "custom")
+        reasons: list[str] = []
+        found_lm = _find_causal_lm(pl_module, example_batch, reasons)
+        if found_lm is not None:
+            hf_model, lm_head = found_lm
+            return cls(pl_module, "causal_lm", head=lm_head, hf_model=hf_model)
+        head = _find_classification_head(pl_module, example_batch, reasons)
+        if head is not None:
+            return cls(pl_module, "classification", head=head)
+        raise SignalCaptureError(
+            f"grace_lightning cannot infer per-example signals for {type(pl_module).__name__} from a batch of "
+            f"type {_describe_batch(example_batch)}.\n"
+            + "".join(f"  - {r}\n" for r in reasons)
+            + _CUSTOM_HINT
+        )
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the head has a bias (its gradient is part of ``grad_norm``)."""
+        return self.head is not None and self.head.bias is not None
+
+    # ------------------------------------------------------------------ scoring pass
+
+    def score_batch(self, batch: Any) -> ExampleSignals:
+        """Forward-only signals for one batch, float32 on the model's device.
+
+        The caller has set eval mode, moved ``batch`` to the device and (normally) entered ``no_grad``;
+        this adds its own ``no_grad`` anyway so that no graph is ever built.
+
+        Raises:
+            SignalCaptureError: the head did not run, or its input/output do not match the batch.
+        """
+        with torch.no_grad():
+            if self.mode == "custom":
+                return self._score_custom(batch)
+            recorder = _HeadRecorder()
+            assert self.head is not None
+            handle = self.head.register_forward_hook(
+                lambda _m, args, kwargs, out: recorder.record(args, kwargs, out), with_kwargs=True
+            )
+            self._scoring = True
+            try:
+                self._run_forward(batch)
+            finally:
+                handle.remove()
+                self._scoring = False
+            if recorder.calls == 0:
+                raise SignalCaptureError(
+                    f"The head {type(self.head).__name__} did not run during the {self.mode} scoring forward. "
+                    + _CUSTOM_HINT
+                )
+            assert recorder.head_input is not None and recorder.head_output is not None
+            return self._signals(batch, recorder.head_input, recorder.head_output)
+
+    def _score_custom(self, batch: Any) -> ExampleSignals:
+        out = self.pl_module.coreset_signals(batch)  # type: ignore[operator]
+        if not isinstance(out, ExampleSignals):
+            raise SignalCaptureError(
+                f"`coreset_signals` must return grace_lightning.ExampleSignals, got {type(out).__name__}."
+            )
+        return _as_float32(out)
+
+    def _run_forward(self, batch: Any) -> None:
+        if self.mode == "classification":
+            self.pl_module(batch[0])  # logits come from the hook, whatever forward returns
+            return
+        assert self.hf_model is not None
+        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+        if batch.get("attention_mask") is not None:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        if _accepts_kwarg(self.hf_model, "use_cache"):
+            kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
+        self.hf_model(**kwargs)
+
+    def _signals(self, batch: Any, head_input: Tensor, head_output: Tensor) -> ExampleSignals:
+        """Closed-form signals from the head's input/output; SignalCaptureError if shapes don't match."""
+        if self.mode == "classification":
+            targets = batch[1].to(head_output.device)
+            b = targets.shape[0]
+            if head_output.ndim != 2 or head_input.ndim != 2 or head_output.shape[0] != b or head_input.shape[0] != b:
+                raise _shape_error(self.mode, head_input, head_output, f"targets of shape {tuple(targets.shape)}")
+            return classification_signals(head_output, head_input, targets, self.has_bias)
+        labels = _lm_labels(batch).to(head_output.device)
+        if head_output.ndim != 3 or head_output.shape[:2] != labels.shape or head_input.shape[:2] != labels.shape:
+            raise _shape_error(self.mode, head_input, head_output, f"labels of shape {tuple(labels.shape)}")
+        return causal_lm_signals(head_output, head_input, labels, self.has_bias)
+
+    # ------------------------------------------------------------------ free capture in training
+
+    @property
+    def armed(self) -> bool:
+        """Whether the persistent hook (after ``attach()``) is recording head forwards."""
+        return self._armed
+
+    def attach(self) -> None:
+        """Register the persistent capture hook on the head (no-op in custom mode or if already attached)."""
+        if self.mode == "custom" or self._handle is not None:
+            return
+        assert self.head is not None
+        self._handle = self.head.register_forward_hook(self._on_head_forward, with_kwargs=True)
+
+    def arm(self) -> None:
+        """Start recording head forwards (e.g. in ``on_train_batch_start``)."""
+        self._armed = True
+
+    def disarm(self) -> None:
+        """Stop recording head forwards; what was already captured is kept until consumed or cleared."""
+        self._armed = False
+
+    def clear(self) -> None:
+        """Drop the captured tensors."""
+        self._training_capture.clear()
+
+    def detach(self) -> None:
+        """Remove the persistent hook, disarm and drop captured tensors."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._armed = False
+        self.clear()
+
+    def training_batch_signals(self, batch: Any) -> Optional[ExampleSignals]:
+        """Signals for the batch the model just trained on, from the captured head input/output.
+
+        Returns ``None`` in custom mode, if nothing was captured, or if the captured shapes do not match
+        ``batch`` (e.g. the head ran on something else). The captured tensors are released either way.
+        """
+        capture = self._training_capture
+        head_input, head_output = capture.head_input, capture.head_output
+        self.clear()
+        if self.mode == "custom" or head_input is None or head_output is None:
+            return None
+        try:
+            with torch.no_grad():
+                return self._signals(batch, head_input, head_output)
+        except (SignalCaptureError, KeyError, IndexError, TypeError, AttributeError):
+            return None
+
+    def _on_head_forward(self, _module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._armed and not self._scoring:
+            self._training_capture.record(args, kwargs, output)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _find_causal_lm(
+    pl_module: nn.Module, batch: Any, reasons: list[str]
+) -> Optional[tuple[nn.Module, nn.Linear]]:
+    """The outermost HF PreTrainedModel with a Linear output embedding, if the batch is an LM batch."""
+    if not (isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor)):
+        reasons.append("causal_lm: the batch is not a Mapping with an `input_ids` tensor.")
+        return None
+    # transformers is optional and slow to import: a module holding a PreTrainedModel has imported it already.
+    if "transformers" not in sys.modules:
+        reasons.append("causal_lm: transformers is not imported, so the module holds no PreTrainedModel.")
+        return None
+    import transformers
+
+    for module in pl_module.modules():  # pre-order: the outermost model comes first
+        if isinstance(module, transformers.PreTrainedModel):
+            out_emb = module.get_output_embeddings()
+            if isinstance(out_emb, nn.Linear):
+                return module, out_emb
+    reasons.append(
+        "causal_lm: no transformers.PreTrainedModel submodule whose get_output_embeddings() is an nn.Linear."
+    )
+    return None
+
+
+def _find_classification_head(pl_module: nn.Module, batch: Any, reasons: list[str]) -> Optional[nn.Linear]:
+    """The head to hook if ``batch`` looks like ``(inputs, integer targets of shape (B,), ...)``."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        reasons.append("classification: the batch is not a tuple/list of (inputs, targets).")
+        return None
+    targets = batch[1]
+    if not (
+        isinstance(targets, Tensor)
+        and targets.ndim == 1
+        and not targets.is_floating_point()
+        and not targets.is_complex()
+        and targets.dtype != torch.bool
+    ):
+        reasons.append("classification: the second batch item is not an integer tensor of shape (B,).")
+        return None
+    for name in _HEAD_ATTRS:
+        candidate = getattr(pl_module, name, None)
+        if isinstance(candidate, nn.Linear):
+            return candidate
+    linears = [m for _, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        reasons.append("classification: the module has no nn.Linear head.")
+        return None
+    return linears[-1]
+
+
+def _lm_labels(batch: Mapping) -> Tensor:
+    """``batch["labels"]``, else ``input_ids`` with padding (``attention_mask == 0``) set to -100."""
+    labels = batch.get("labels")
+    if labels is not None:
+        return labels
+    labels = batch["input_ids"].clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels[mask == 0] = IGNORE_INDEX
+    return labels
+
+
+def _accepts_kwarg(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _as_float32(s: ExampleSignals) -> ExampleSignals:
+    return ExampleSignals(
+        loss=s.loss.detach().float(),
+        grad_norm=s.grad_norm.detach().float(),
+        embedding=None if s.embedding is None else s.embedding.detach().float(),
+        length=None if s.length is None else s.length.detach().long(),
+    )
+
+
+def _shape_error(mode: str, head_input: Tensor, head_output: Tensor, what: str) -> SignalCaptureError:
+    return SignalCaptureError(
+        f"{mode} capture: the head's input {tuple(head_input.shape)} and output {tuple(head_output.shape)} do "
+        f"not match the batch's {what} (the head ran on something other than this batch's examples). "
+        + _CUSTOM_HINT
+    )
+
+
+def _describe_batch(batch: Any, depth: int = 0) -> str:
+    """A short human description of a batch, for error messages."""
+    if isinstance(batch, Tensor):
+        return f"Tensor(shape={tuple(batch.shape)}, dtype={str(batch.dtype).replace('torch.', '')})"
+    if isinstance(batch, Mapping):
+        return f"{type(batch).__name__} with keys {list(batch.keys())[:8]}"
+    if isinstance(batch, (tuple, list)) and depth == 0:
+        items = ", ".join(_describe_batch(b, depth + 1) for b in batch[:4])
+        more = ", ..." if len(batch) > 4 else ""
+        return f"{type(batch).__name__} of ({items}{more})"
+    return type(batch).__name__

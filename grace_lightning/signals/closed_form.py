@@ -1,0 +1,192 @@
+"""Per-example loss and last-layer gradient norms in closed form: pure tensor functions, no backward pass.
+
+For cross-entropy on logits ``z = W h (+ b)`` the gradient of the loss with respect to the logits is
+``e = softmax(z) - onehot(y)``, so the gradient with respect to the head's weight is the outer product
+``e hᵀ`` and with respect to its bias is ``e``. Its Frobenius norm is therefore ``‖e‖ · sqrt(‖h‖² [+ 1])``
+(research/lightning.md §5.2). For a causal LM the per-sequence gradient is ``Σ_t e_t h_tᵀ`` and its exact
+norm comes from two ``T × T`` Gram matrices, never from the ``V × d`` gradient itself (§5.3).
+
+Everything is computed in float32, whatever the input dtype, because bf16/fp16 softmax residuals
+``p - onehot(y)`` lose most of their digits for confident predictions.
+
+Examples that carry no supervision (a sequence whose labels are all ``ignore_index``, a classification
+target equal to ``ignore_index``) get ``loss = grad_norm = NaN`` and ``length = 0`` (sequences also get a
+NaN embedding): callers must exclude non-finite rows and count them rather than treat them as
+zero-importance examples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .types import ExampleSignals
+
+__all__ = ["classification_signals", "causal_lm_signals"]
+
+IGNORE_INDEX = -100
+
+
+def classification_signals(
+    logits: Tensor,
+    head_input: Tensor,
+    targets: Tensor,
+    has_bias: bool,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> ExampleSignals:
+    """Per-example cross-entropy loss and exact head-gradient norm for a classifier.
+
+    Args:
+        logits: ``(B, C)`` head output.
+        head_input: ``(B, d)`` head input (penultimate features).
+        targets: ``(B,)`` integer class indices. Entries equal to ``ignore_index`` (or otherwise outside
+            ``[0, C)``) give NaN loss and grad_norm and ``length = 0`` for that row.
+        has_bias: whether the head has a bias; adds the bias gradient ``e`` to the norm.
+
+    Returns:
+        float32 ``ExampleSignals`` on the inputs' device with ``embedding = head_input`` and ``length = 1``
+        (0 for ignored targets).
+
+    Example:
+        >>> h = torch.randn(4, 8); head = torch.nn.Linear(8, 3)
+        >>> s = classification_signals(head(h), h, torch.tensor([0, 1, 2, 0]), has_bias=True)
+        >>> s.grad_norm.shape
+        torch.Size([4])
+    """
+    _check_classification_shapes(logits, head_input, targets)
+    z = logits.detach().float()
+    h = head_input.detach().float()
+    y = targets.detach().long()
+    valid = (y >= 0) & (y < z.shape[1])
+    y_safe = torch.where(valid, y, torch.zeros_like(y))  # one_hot/gather need in-range indices
+
+    log_p = torch.log_softmax(z, dim=-1)
+    loss = -log_p.gather(1, y_safe[:, None]).squeeze(1)
+    e = log_p.exp() - F.one_hot(y_safe, z.shape[1]).to(z.dtype)
+    h_sq = h.pow(2).sum(-1) + (1.0 if has_bias else 0.0)
+    grad_norm = e.norm(dim=-1) * h_sq.sqrt()
+
+    nan = torch.full_like(loss, float("nan"))
+    return ExampleSignals(
+        loss=torch.where(valid, loss, nan),
+        grad_norm=torch.where(valid, grad_norm, nan),
+        embedding=h,
+        length=valid.long(),
+    )
+
+
+def causal_lm_signals(
+    logits: Tensor,
+    hidden: Tensor,
+    labels: Tensor,
+    has_bias: bool,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    block_size: int = 1024,
+) -> ExampleSignals:
+    """Per-sequence loss and exact LM-head gradient norm, Hugging Face label convention.
+
+    Logits at position ``t`` predict ``labels[t + 1]`` (the shift happens here, as in HF models). With
+    ``T_eff`` supervised tokens (labels ``!= ignore_index`` after the shift) and
+    ``e_t = (p_t - onehot(y_t)) / T_eff`` on supervised positions, the gradient of the mean token loss
+    with respect to the head weight is ``G = Σ_t e_t h_tᵀ`` and
+
+        ``‖G‖²_F (+ ‖Σ_t e_t‖² for the bias) = Σ_{t,s} (e_t·e_s)(h_t·h_s [+ 1])``,
+
+    evaluated from Gram matrices one sequence at a time, in row blocks of ``block_size`` positions, so
+    memory stays at ``T_eff × V`` floats plus ``block_size × T_eff`` and the ``V × d`` gradient is never
+    formed.
+
+    A sequence with no supervised token gets ``loss = grad_norm = NaN`` and a NaN embedding, with
+    ``length = 0``; the caller excludes non-finite rows and counts them.
+
+    Args:
+        logits: ``(B, T, V)`` LM-head output.
+        hidden: ``(B, T, d)`` LM-head input (final hidden states).
+        labels: ``(B, T)`` integer token ids, ``ignore_index`` where unsupervised (unshifted).
+        has_bias: whether the LM head has a bias.
+
+    Returns:
+        float32 ``ExampleSignals``: ``embedding`` is the mean of ``h_t`` over the positions whose logits
+        predict a supervised label, ``length`` is ``T_eff``.
+
+    Example:
+        >>> h = torch.randn(2, 5, 8); head = torch.nn.Linear(8, 11, bias=False)
+        >>> labels = torch.randint(0, 11, (2, 5)); labels[1, 3:] = -100
+        >>> causal_lm_signals(head(h), h, labels, has_bias=False).length.tolist()
+        [4, 2]
+    """
+    _check_causal_lm_shapes(logits, hidden, labels)
+    # Shift: position t's logits and hidden state are scored against the label at t + 1.
+    z_all = logits.detach()[:, :-1]
+    h_all = hidden.detach()[:, :-1]
+    y_all = labels.detach()[:, 1:].long()
+    mask = y_all != ignore_index
+
+    rows = [
+        _sequence_signals(z_all[b][mask[b]], h_all[b][mask[b]], y_all[b][mask[b]], has_bias, block_size)
+        for b in range(logits.shape[0])
+    ]
+    device = logits.device
+    return ExampleSignals(
+        loss=torch.stack([r[0] for r in rows]) if rows else torch.empty(0, device=device),
+        grad_norm=torch.stack([r[1] for r in rows]) if rows else torch.empty(0, device=device),
+        embedding=torch.stack([r[2] for r in rows]) if rows else torch.empty(0, hidden.shape[-1], device=device),
+        length=mask.sum(1).long(),
+    )
+
+
+def _sequence_signals(
+    z: Tensor, h: Tensor, y: Tensor, has_bias: bool, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, grad_norm, embedding) for one sequence, given only its supervised positions."""
+    n = z.shape[0]
+    if n == 0:
+        nan = torch.tensor(float("nan"), dtype=torch.float32, device=z.device)
+        return nan, nan, torch.full((h.shape[-1],), float("nan"), dtype=torch.float32, device=h.device)
+    z = z.float()
+    h = h.float()
+    log_p = torch.log_softmax(z, dim=-1)
+    loss = -log_p.gather(1, y[:, None]).squeeze(1).mean()
+
+    e = log_p.exp_()  # reuse the buffer: log_p is not needed after the loss
+    e[torch.arange(n, device=e.device), y] -= 1.0
+    e /= n
+    sq = z.new_zeros(())
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        ee = e[start:stop] @ e.T
+        hh = h[start:stop] @ h.T
+        if has_bias:
+            hh += 1.0
+        sq += (ee * hh).sum()
+    # The quadratic form is PSD; clamp only guards rounding to a tiny negative value.
+    return loss, sq.clamp_min(0.0).sqrt(), h.mean(0)
+
+
+def _check_classification_shapes(logits: Tensor, head_input: Tensor, targets: Tensor) -> None:
+    if logits.ndim != 2 or head_input.ndim != 2 or targets.ndim != 1:
+        raise ValueError(
+            "classification_signals expects logits (B, C), head_input (B, d), targets (B,); got "
+            f"{tuple(logits.shape)}, {tuple(head_input.shape)}, {tuple(targets.shape)}."
+        )
+    if not (logits.shape[0] == head_input.shape[0] == targets.shape[0]):
+        raise ValueError(
+            "classification_signals: batch sizes differ: "
+            f"{logits.shape[0]}, {head_input.shape[0]}, {targets.shape[0]}."
+        )
+
+
+def _check_causal_lm_shapes(logits: Tensor, hidden: Tensor, labels: Tensor) -> None:
+    if logits.ndim != 3 or hidden.ndim != 3 or labels.ndim != 2:
+        raise ValueError(
+            "causal_lm_signals expects logits (B, T, V), hidden (B, T, d), labels (B, T); got "
+            f"{tuple(logits.shape)}, {tuple(hidden.shape)}, {tuple(labels.shape)}."
+        )
+    if not (logits.shape[:2] == hidden.shape[:2] == labels.shape):
+        raise ValueError(
+            "causal_lm_signals: (B, T) differ: "
+            f"{tuple(logits.shape[:2])}, {tuple(hidden.shape[:2])}, {tuple(labels.shape)}."
+        )

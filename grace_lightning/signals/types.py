@@ -1,0 +1,54 @@
+"""The per-example signals a model gives: the common currency between capture, store and strategies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ExampleSignals:
+    """Per-example signals for one batch (or any set) of examples, all on the CPU or all on one device.
+
+    Attributes:
+        loss: ``(B,)`` float32 per-example training loss (mean over supervised tokens for sequences).
+        grad_norm: ``(B,)`` float32 Frobenius norm of the per-example gradient of the loss with respect
+            to the head's weight (and bias, if it has one), in closed form: no backward pass.
+        embedding: ``(B, d)`` float32 head input (penultimate features; mean over supervised tokens for
+            sequences), not normalised. ``None`` when the capture cannot provide it.
+        length: ``(B,)`` int64 supervised tokens per example (1 for fixed-size inputs).
+    """
+
+    loss: Tensor
+    grad_norm: Tensor
+    embedding: Optional[Tensor] = None
+    length: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        n = self.loss.shape[0]
+        if self.loss.ndim != 1 or self.grad_norm.shape != (n,):
+            raise ValueError(
+                f"ExampleSignals: `loss` and `grad_norm` must both have shape (B,), got {tuple(self.loss.shape)} "
+                f"and {tuple(self.grad_norm.shape)}."
+            )
+        if self.embedding is not None and (self.embedding.ndim != 2 or self.embedding.shape[0] != n):
+            raise ValueError(f"ExampleSignals: `embedding` must have shape (B, d) with B={n}, got {tuple(self.embedding.shape)}.")
+        if self.length is None:
+            self.length = torch.ones(n, dtype=torch.long, device=self.loss.device)
+        elif self.length.shape != (n,):
+            raise ValueError(f"ExampleSignals: `length` must have shape (B,) with B={n}, got {tuple(self.length.shape)}.")
+
+    def __len__(self) -> int:
+        return int(self.loss.shape[0])
+
+    def detach_cpu(self) -> "ExampleSignals":
+        """A float32 CPU copy, detached from any graph."""
+        return ExampleSignals(
+            loss=self.loss.detach().float().cpu(),
+            grad_norm=self.grad_norm.detach().float().cpu(),
+            embedding=None if self.embedding is None else self.embedding.detach().float().cpu(),
+            length=self.length.detach().long().cpu(),
+        )

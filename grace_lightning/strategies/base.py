@@ -1,0 +1,120 @@
+"""What every strategy receives and returns, and the registry that maps names to strategies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional, Union
+
+import torch
+from torch import Tensor
+
+from grace_lightning.signals.store import SignalStore
+
+__all__ = ["Selection", "SelectionInput", "Strategy", "register_strategy", "build_strategy", "available_strategies"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A strategy's answer: which pool examples to train on, and with what weight.
+
+    Attributes:
+        indices: ``(M,)`` int64 dataset indices. ``None`` means the whole pool.
+        weights: ``(M,)`` float32 non-negative per-example weights, or ``None`` for all ones. Weights are
+            scaled so that a plain mean over a batch of ``loss * weight`` estimates what the strategy means
+            to optimise (e.g. InfoBatch's ``1/(1-r)`` keeps the full-data gradient unbiased).
+    """
+
+    indices: Optional[Tensor]
+    weights: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class SelectionInput:
+    """Everything a strategy may look at. Built by the callback; strategies must not mutate it.
+
+    Attributes:
+        pool_size: number of examples in the pool (``len(dataset)``).
+        budget: examples trained per epoch (the sampler's budget).
+        store: per-example signals measured so far (finite values only; see :class:`SignalStore`), or
+            ``None`` for a strategy that reads no signals.
+        generator: a private, seeded generator; the only source of randomness a strategy may use.
+        epoch: the epoch the selection will first be used in.
+        step: the global batch position the selection will first be used at.
+        progress: share of training done, in ``[0, 1]`` (``None`` when the run has no fixed length).
+    """
+
+    pool_size: int
+    budget: int
+    store: Optional[SignalStore]
+    generator: torch.Generator
+    epoch: int = 0
+    step: int = 0
+    progress: Optional[float] = None
+
+
+class Strategy:
+    """Base class of selection strategies: a pure function from :class:`SelectionInput` to :class:`Selection`.
+
+    Subclasses set ``name``, list the signals they read in ``needs`` (``"loss"``, ``"grad_norm"``,
+    ``"embedding"``) and implement :meth:`select`. A strategy never touches the trainer, the sampler or any
+    global state; the callback validates and applies what it returns.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
+        """Pool indices (int64) the scoring pass should measure before :meth:`select`; None for none.
+
+        The default measures the whole pool when the strategy reads signals. Strategies that rescore only
+        a budgeted slice (GRACE's anchors) override this.
+        """
+        return torch.arange(inputs.pool_size) if self.needs else None
+
+    def select(self, inputs: SelectionInput) -> Selection:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator that makes a strategy constructible by name (``CoresetCallback(strategy=name)``)."""
+
+    def add(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a strategy named {name!r} is already registered ({_REGISTRY[name].__name__}).")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def available_strategies() -> list[str]:
+    """Names accepted by :func:`build_strategy`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_strategy(strategy: Union[str, Strategy], **kwargs) -> Strategy:
+    """Return ``strategy`` itself, or construct the registered strategy of that name with ``kwargs``."""
+    if isinstance(strategy, Strategy):
+        if kwargs:
+            raise ValueError("`strategy_kwargs` only apply when `strategy` is given by name.")
+        return strategy
+    if not isinstance(strategy, str) or strategy not in _REGISTRY:
+        raise ValueError(
+            f"Unknown `strategy` {strategy!r}; choose one of {available_strategies()} or pass a Strategy instance."
+        )
+    try:
+        return _REGISTRY[strategy](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"`strategy_kwargs` do not fit strategy {strategy!r}: {err}") from err
+
+
+def uniform_sample(pool_size: int, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` distinct pool indices drawn uniformly (sorted, int64): the shared cold-start draw."""
+    return torch.randperm(pool_size, generator=generator)[:count].sort().values
