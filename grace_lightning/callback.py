@@ -318,6 +318,9 @@ class CoresetCallback(Callback):
         else:
             self._refresh(trainer, pl_module, start_batch=start, now_batch=position.batches_done, score=True)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush_pending_signals()  # leave a complete store for whoever inspects it after fit
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._extractor is not None:
             self._extractor.detach()

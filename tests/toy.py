@@ -1,0 +1,52 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from grace_lightning import batch_weights
+
+
+class IndexedBlobs(Dataset):
+    """A seeded classification problem whose items are ``(x, y, index)``: the index lets tests see what was trained."""
+
+    def __init__(self, n: int = 256, dim: int = 8, classes: int = 4, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        centers = torch.randn(classes, dim, generator=g) * 2
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.x = centers[self.y] + torch.randn(n, dim, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], torch.tensor(i, dtype=torch.int64)
+
+
+class TinyClassifier(L.LightningModule):
+    """An MLP with a linear head, trained with the coreset weights; no dropout, so runs are bit-reproducible."""
+
+    def __init__(self, dim: int = 8, classes: int = 4, lr: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Linear(dim, 16), nn.ReLU())
+            self.head = nn.Linear(16, classes)
+        self.lr = lr
+        self.seen: list[list[int]] = []
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.seen.append(idx.tolist())
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        return (losses * batch_weights(self)).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
