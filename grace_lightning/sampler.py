@@ -238,7 +238,10 @@ class CoresetSampler(DistributedSampler):
         if start_batch < 0:
             raise ValueError(f"CoresetSampler.set_selection: `start_batch` must be >= 0, got {start_batch}.")
         versions = [v for v in self._versions if v.start < start_batch]
-        versions.append(_Version(int(start_batch), indices, weights))
+        if not (versions and self._same_selection(versions[-1], indices, weights)):
+            # An unchanged selection keeps its version, so its shuffled pass goes on instead of restarting
+            # (the whole pool is then streamed across epochs rather than re-sampled each refresh).
+            versions.append(_Version(int(start_batch), indices, weights))
         if now_batch is not None:
             starts = [v.start for v in versions]
             first_live = max(bisect.bisect_right(starts, now_batch) - 1, 0)
@@ -246,6 +249,13 @@ class CoresetSampler(DistributedSampler):
         self._versions = versions
         live = {v.serial for v in versions}
         self._perm_cache = {k: p for k, p in self._perm_cache.items() if k[0] in live}
+
+    @staticmethod
+    def _same_selection(version: _Version, indices: Optional[Tensor], weights: Optional[Tensor]) -> bool:
+        def same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+            return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+        return same(version.indices, indices) and same(version.weights, weights)
 
     # ------------------------------------------------------------------ index arithmetic
     def batches_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:

@@ -79,6 +79,7 @@ def fit(
     batch_size: int = 8,
     ckpt_path: Optional[Path] = None,
     save_checkpoints: bool = False,
+    ddp: str = "ddp_fork",
     **callback_kwargs,
 ) -> None:
     """One fit; per-rank records land in ``out_dir``. Checkpoints (every step and every epoch end) too, if asked."""
@@ -102,7 +103,7 @@ def fit(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_fork" if devices > 1 else "auto",
+        strategy=ddp if devices > 1 else "auto",
         max_epochs=max_epochs,
         logger=False,
         enable_checkpointing=save_checkpoints,
