@@ -181,16 +181,17 @@ class CoresetCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # overfit_batches first: Lightning copies it into limit_train_batches, whose message would mislead.
+        if trainer.overfit_batches:
+            raise ValueError(
+                f"CoresetCallback: Trainer(overfit_batches={trainer.overfit_batches!r}) replaces the training "
+                "sampler; remove the CoresetCallback when overfitting a few batches."
+            )
         if trainer.limit_train_batches not in (1.0, None) or isinstance(trainer.limit_train_batches, int):
             raise ValueError(
                 f"CoresetCallback: Trainer(limit_train_batches={trainer.limit_train_batches!r}) fights the coreset "
                 "budget, which fixes the batches per epoch. Leave limit_train_batches=1.0 and set the budget with "
                 "CoresetSampler(fraction=...) or CoresetSampler(size=...)."
-            )
-        if trainer.overfit_batches:
-            raise ValueError(
-                f"CoresetCallback: Trainer(overfit_batches={trainer.overfit_batches!r}) replaces the training "
-                "sampler; remove the CoresetCallback when overfitting a few batches."
             )
         max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
         if self.schedule.anneal_epochs and max_epochs is None:
@@ -322,6 +323,10 @@ class CoresetCallback(Callback):
         self._flush_pending_signals()  # leave a complete store for whoever inspects it after fit
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.train_dataloader is not None and trainer.num_training_batches == 0:
+            # Lightning skips a 0-batch epoch with a mere warning; say why there was nothing to train.
+            position = self._loader_position()
+            self.sampler.check_batch_size(position.batch_size, position.drop_last)
         if self._extractor is not None:
             self._extractor.detach()
             self._extractor = None

@@ -262,6 +262,14 @@ class CoresetSampler(DistributedSampler):
         """Batches per epoch on every rank for a DataLoader with this ``batch_size`` and ``drop_last``."""
         return self.num_samples // batch_size if drop_last else math.ceil(self.num_samples / batch_size)
 
+    def check_batch_size(self, batch_size: int, drop_last: bool) -> None:
+        """Raise when the budget cannot fill a single batch (``drop_last=True`` would train nothing)."""
+        if self.batches_per_epoch(batch_size, drop_last) == 0:
+            raise ValueError(
+                f"CoresetSampler: {self.num_samples} examples per rank make no full batch of {batch_size} with "
+                "drop_last=True; raise the budget (`fraction`/`size`) or lower the batch size."
+            )
+
     def _version_at(self, batch_position: int) -> _Version:
         starts = [v.start for v in self._versions]
         i = bisect.bisect_right(starts, batch_position) - 1
@@ -335,12 +343,8 @@ class CoresetSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         batches_done, batch_size, drop_last = self._start_position()
+        self.check_batch_size(batch_size, drop_last)
         nb = self.batches_per_epoch(batch_size, drop_last)
-        if nb == 0:
-            raise ValueError(
-                f"CoresetSampler: {self.num_samples} examples per rank make no full batch of {batch_size} with "
-                "drop_last=True; raise the budget (`fraction`/`size`) or lower the batch size."
-            )
         epoch, offset = divmod(batches_done, nb)
         # Generate batch by batch, so that a selection set mid-epoch is picked up at its start position.
         for b in range(offset, math.ceil(self.num_samples / batch_size)):

@@ -1,0 +1,195 @@
+"""The callback end to end: telemetry, signal capture for classification, causal LMs and custom modules, scoring hygiene."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from grace_lightning import CoresetCallback, CoresetSampler, ExampleSignals, SignalCaptureError
+from grace_lightning.signals import classification_signals
+from tests.harness import TopLoss
+from tests.toy import IndexedBlobs, TinyClassifier
+
+
+def _trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_telemetry_reaches_the_users_logger(tmp_path):
+    data = IndexedBlobs(n=128)
+    sampler = CoresetSampler(data, fraction=0.5)
+    callback = CoresetCallback(sampler, strategy=TopLoss())
+    trainer = _trainer(max_epochs=3, logger=CSVLogger(tmp_path, name="run"), callbacks=[callback])
+    trainer.fit(TinyClassifier(), DataLoader(data, batch_size=16, sampler=sampler))
+    rows = list(csv.DictReader(open(trainer.logger.log_dir + "/metrics.csv")))
+    logged = [r for r in rows if r.get("coreset/selection_seconds")]
+    assert len(logged) == len(callback.history) == 3  # initial selection + after epochs 0 and 1
+    for key in ("selection_seconds", "selection_share", "subset_size", "overlap", "scored", "invalid_signals"):
+        assert f"coreset/{key}" in rows[0]
+    assert [float(r["coreset/subset_size"]) for r in logged] == [64.0] * 3
+    assert float(logged[-1]["coreset/scored"]) == 64  # TopLoss rescored the stalest half of the pool
+    assert 0.0 <= float(logged[-1]["coreset/overlap"]) <= 1.0
+    assert callback.history[-1]["selection_seconds_total"] >= callback.history[-1]["selection_seconds"] > 0
+
+
+class _TokenSequences(Dataset):
+    def __init__(self, n=48, length=12, vocab=32):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, vocab, (n, length), generator=g)
+        self.pad = torch.randint(0, length // 2, (n,), generator=g)  # trailing padding per sequence
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        mask = torch.ones_like(self.ids[i])
+        if self.pad[i]:
+            mask[-int(self.pad[i]) :] = 0
+        labels = self.ids[i].masked_fill(mask == 0, -100)
+        return {"input_ids": self.ids[i], "attention_mask": mask, "labels": labels}
+
+
+class _TinyGPT(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.lm = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+    def training_step(self, batch, batch_idx):
+        return self.lm(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_causal_lm_signals_flow_with_no_change_to_the_module():
+    pytest.importorskip("transformers")
+    data = _TokenSequences()
+    sampler = CoresetSampler(data, fraction=0.5)
+    callback = CoresetCallback(sampler, strategy=TopLoss())
+    _trainer(max_epochs=2, callbacks=[callback]).fit(_TinyGPT(), DataLoader(data, batch_size=8, sampler=sampler))
+    store = callback.store
+    assert bool(store.measured.all())
+    supervised = torch.tensor([12 - int(p) - 1 for p in data.pad])  # shifted labels: one fewer target
+    assert torch.equal(store.length.long(), supervised)
+    assert store.embedding is not None and store.embedding.shape == (48, 16)
+    assert bool((store.grad_norm > 0).all())
+
+
+class _DictBatchModule(TinyClassifier):
+    """Dict batches the automatic capture cannot read; `coreset_signals` says how."""
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps = getattr(self, "training_steps", 0) + 1
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def coreset_signals(self, batch):
+        h = self.body(batch["x"])
+        return classification_signals(self.head(h), h, batch["y"], has_bias=True)
+
+
+class _DictBlobs(IndexedBlobs):
+    def __getitem__(self, i):
+        x, y, _ = super().__getitem__(i)
+        return {"x": x, "y": y}
+
+
+def test_custom_coreset_signals_are_used_when_defined():
+    data = _DictBlobs(n=64)
+    sampler = CoresetSampler(data, fraction=0.5)
+    callback = CoresetCallback(sampler, strategy=TopLoss())
+    _trainer(callbacks=[callback]).fit(_DictBatchModule(), DataLoader(data, batch_size=8, sampler=sampler))
+    assert int(callback.store.measured.sum()) == 32  # only the scoring pass measures: no free capture
+
+
+def test_uncapturable_module_fails_before_training_with_the_method_to_write():
+    class NoHint(_DictBatchModule):
+        coreset_signals = None  # hide the method
+
+    data = _DictBlobs(n=64)
+    sampler = CoresetSampler(data, fraction=0.5)
+    model = NoHint()
+    with pytest.raises(SignalCaptureError, match="coreset_signals"):
+        _trainer(callbacks=[CoresetCallback(sampler, strategy=TopLoss())]).fit(
+            model, DataLoader(data, batch_size=8, sampler=sampler)
+        )
+    assert getattr(model, "training_steps", 0) == 0
+
+
+class _WithBatchNorm(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.frozen = nn.Linear(2, 2)  # deliberately kept in eval mode by the user
+
+    def on_train_epoch_start(self):
+        self.frozen.eval()
+
+
+class _ModeProbe(Callback):
+    """Runs after CoresetCallback in each hook: sees the modes and BatchNorm statistics the refresh left."""
+
+    def __init__(self):
+        self.after_refresh = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = pl_module.body[1].running_mean.clone(), pl_module.body[1].num_batches_tracked.clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_last_batch:
+            bn = pl_module.body[1]
+            self.after_refresh.append(
+                (pl_module.training, bn.training, pl_module.frozen.training, bn.num_batches_tracked.item())
+            )
+
+
+def test_scoring_pass_restores_modes_and_leaves_batchnorm_statistics_alone():
+    data = IndexedBlobs(n=64)
+    sampler = CoresetSampler(data, fraction=0.5)
+    probe = _ModeProbe()
+    callback = CoresetCallback(sampler, strategy=TopLoss())
+    _trainer(max_epochs=3, callbacks=[callback, probe]).fit(_WithBatchNorm(), DataLoader(data, batch_size=8, sampler=sampler))
+    # 4 training batches per epoch update BatchNorm; the scoring passes (32 examples each) must not.
+    assert [a[3] for a in probe.after_refresh] == [4, 8, 12]
+    assert all(a[:3] == (True, True, False) for a in probe.after_refresh)
+    assert callback.history[-1]["scored"] == 32
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_scoring_pass_shows_a_nested_progress_bar(capsys, bar):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    data = IndexedBlobs(n=64)
+    sampler = CoresetSampler(data, fraction=0.5)
+    progress = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
+    tasks = []
+    if bar == "rich":  # rich renders live to a terminal; record the task it is asked to add instead
+        original = progress._init_progress
+
+        def spy(trainer):
+            original(trainer)
+            add = progress.progress.add_task
+            progress.progress.add_task = lambda description, **kw: tasks.append(description) or add(description, **kw)
+
+        progress._init_progress = spy
+    trainer = _trainer(enable_progress_bar=True, callbacks=[CoresetCallback(sampler, strategy=TopLoss()), progress])
+    trainer.fit(TinyClassifier(), DataLoader(data, batch_size=8, sampler=sampler))
+    if bar == "tqdm":
+        assert "Coreset scoring" in capsys.readouterr().out
+    else:
+        assert "Coreset scoring" in tasks
