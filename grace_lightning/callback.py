@@ -79,8 +79,9 @@ class CoresetCallback(Callback):
     ``selection_seconds`` (this refresh: scoring + selection, max over ranks), ``selection_share``
     (all selection seconds so far over the fit's wall clock), ``subset_size``, ``overlap`` (share of the
     new subset that was in the previous one), ``scored`` (examples measured by the scoring pass),
-    ``invalid_signals`` (non-finite measurements excluded so far) and ``padding``. The same records are
-    kept in :attr:`history`.
+    ``invalid_signals`` (non-finite measurements excluded so far), ``padding``, ``fidelity``, and the
+    phases: ``scoring_seconds``, ``strategy_seconds`` and whatever the strategy reports (GRACE splits
+    propagation, graph update and selection). The same records are kept in :attr:`history`.
 
     Args:
         sampler: the :class:`CoresetSampler` given to the training DataLoader.
@@ -97,6 +98,13 @@ class CoresetCallback(Callback):
         capture_training_signals: measure signals on training batches for free (only when the strategy
             reads signals).
         strategy_kwargs: keyword arguments for a strategy given by name.
+        max_embedding_dim: the signal store keeps embeddings with at most this many dimensions (a fixed
+            random projection above it; ``None`` keeps them as the model gives them).
+        signal_memmap_dir: keep the signal store in memory-mapped files in this directory (pools that do
+            not fit in RAM); ``None`` keeps it in RAM.
+        max_selection_share: overhead budget, a share of the fit's wall clock in ``(0, 1)``. When selection
+            exceeds it, later refreshes ask the strategy for proportionally less scoring work (``fidelity``).
+            Selections then depend on measured time, so runs are no longer reproducible bit for bit.
         log_prefix: prefix of the logged metric names.
 
     Raises:
@@ -132,6 +140,9 @@ class CoresetCallback(Callback):
         scoring_num_workers: int = 0,
         capture_training_signals: bool = True,
         strategy_kwargs: Optional[dict] = None,
+        max_embedding_dim: Optional[int] = 256,
+        signal_memmap_dir: Optional[str] = None,
+        max_selection_share: Optional[float] = None,
         log_prefix: str = "coreset/",
     ) -> None:
         if not isinstance(sampler, CoresetSampler):
@@ -160,8 +171,20 @@ class CoresetCallback(Callback):
         self.scoring_batch_size = _positive_int_or_none("scoring_batch_size", scoring_batch_size)
         self.scoring_num_workers = _non_negative_int("scoring_num_workers", scoring_num_workers)
         self.capture_training_signals = bool(capture_training_signals)
+        if max_selection_share is not None and not 0.0 < max_selection_share < 1.0:
+            raise ValueError(
+                f"CoresetCallback: `max_selection_share` must be in (0, 1) (e.g. 0.05 for 5% of wall clock) or None, "
+                f"got {max_selection_share!r}."
+            )
+        self.max_selection_share = max_selection_share
         self.log_prefix = log_prefix
-        self.store = SignalStore(sampler.pool_size) if self.strategy.needs else None
+        self.store = (
+            SignalStore(sampler.pool_size, max_embedding_dim=max_embedding_dim, seed=seed, memmap_dir=signal_memmap_dir)
+            if self.strategy.needs
+            else None
+        )
+        self._strategy_state: Any = None
+        self._fidelity = 1.0
         self.history: list[dict[str, float]] = []
         self._extractor: Optional[SignalExtractor] = None
         self._pending: list[tuple[Tensor, int, ExampleSignals]] = []
@@ -206,6 +229,8 @@ class CoresetCallback(Callback):
         self.schedule = RefreshSchedule(**{**self.schedule.__dict__, "max_epochs": max_epochs})
         self._trainer = trainer
         self.sampler.bind(trainer.global_rank, trainer.world_size, self._loader_position)
+        # Selection runs on rank 0 only, so only rank 0 keeps the strategy's memory (a graph can be large).
+        self._strategy_state = self.strategy.create_state(self.sampler.pool_size) if trainer.is_global_zero else None
 
     def _train_loader(self, trainer: Trainer) -> DataLoader:
         for dl in _loaders(trainer.train_dataloader):
@@ -246,6 +271,8 @@ class CoresetCallback(Callback):
             "store": None if self.store is None else self.store.state_dict(),
             "refreshes": self._refreshes,
             "selection_seconds": self._selection_seconds,
+            "fidelity": self._fidelity,
+            "strategy_state": None if self._strategy_state is None else self._strategy_state.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -254,6 +281,9 @@ class CoresetCallback(Callback):
             self.store.load_state_dict(state_dict["store"])
         self._refreshes = int(state_dict["refreshes"])
         self._selection_seconds = float(state_dict["selection_seconds"])
+        self._fidelity = float(state_dict["fidelity"])
+        if self._strategy_state is not None and state_dict["strategy_state"] is not None:
+            self._strategy_state.load_state_dict(state_dict["strategy_state"])
         self._restored = True
 
     # ------------------------------------------------------------------ the schedule
@@ -363,22 +393,30 @@ class CoresetCallback(Callback):
             epoch=epoch,
             step=start_batch,
             progress=progress,
+            now_batch=now_batch,
+            state=self._strategy_state,
+            fidelity=self._fidelity,
         )
-        scored = 0
+        scored, scoring_seconds = 0, 0.0
         if self.store is not None:
             self._flush_pending_signals()
             if score:
-                to_score = self.strategy.to_score(inputs)
+                to_score = self.strategy.to_score(inputs) if trainer.is_global_zero else None
+                to_score = trainer.strategy.broadcast(to_score, src=0)
                 if to_score is not None:
-                    scored = self._score(trainer, pl_module, trainer.strategy.broadcast(to_score, src=0), now_batch)
+                    scoring_began = time.perf_counter()
+                    scored = self._score(trainer, pl_module, to_score, now_batch)
+                    scoring_seconds = time.perf_counter() - scoring_began
         selection: Optional[Selection] = None
         if trainer.is_global_zero:
+            select_began = time.perf_counter()
             if self.store is not None and not bool(self.store.measured.any()):
                 # An untrained model's signals carry no information: start from a uniform subset.
                 selection = Selection(uniform_sample(inputs.pool_size, inputs.budget, generator))
             else:
                 selection = self.strategy.select(inputs)
             self._check_selection(selection)
+            selection.diagnostics.setdefault("strategy_seconds", time.perf_counter() - select_began)
         # Faiss and threaded code may differ across ranks: select once, broadcast the answer.
         selection = trainer.strategy.broadcast(selection, src=0)
         previous = self.sampler.selection if self._refreshes else None
@@ -386,7 +424,16 @@ class CoresetCallback(Callback):
         self._refreshes += 1
         seconds = self._max_over_ranks(trainer, pl_module, time.perf_counter() - began)
         self._selection_seconds += seconds
-        self._record(trainer, seconds, scored, previous, start_batch)
+        self._record(trainer, seconds, scored, previous, start_batch, {"scoring_seconds": scoring_seconds, **selection.diagnostics})
+        self._adapt_fidelity()
+
+    def _adapt_fidelity(self) -> None:
+        """Scale the next refreshes' scoring work so selection stays within ``max_selection_share``."""
+        if self.max_selection_share is None or not self.history:
+            return
+        share = self.history[-1]["selection_share"]
+        if share > 0:
+            self._fidelity = min(1.0, max(0.05, self._fidelity * self.max_selection_share / share))
 
     def _epoch_and_progress(self, trainer: Trainer, start_batch: int) -> tuple[int, Optional[float]]:
         if trainer.train_dataloader is None:
@@ -415,7 +462,13 @@ class CoresetCallback(Callback):
         return float(trainer.strategy.all_gather(t).max())
 
     def _record(
-        self, trainer: Trainer, seconds: float, scored: int, previous: Optional[Tensor], start_batch: int
+        self,
+        trainer: Trainer,
+        seconds: float,
+        scored: int,
+        previous: Optional[Tensor],
+        start_batch: int,
+        phases: dict[str, float],
     ) -> None:
         current = self.sampler.selection
         overlap = float("nan")
@@ -433,6 +486,8 @@ class CoresetCallback(Callback):
             "scored": float(scored),
             "invalid_signals": float(self.store.invalid_count if self.store is not None else 0),
             "padding": float(self.sampler.padding),
+            "fidelity": self._fidelity,
+            **{key: float(value) for key, value in phases.items()},
         }
         self.history.append(record)
         metrics = {f"{self.log_prefix}{k}": v for k, v in record.items() if not math.isnan(v)}

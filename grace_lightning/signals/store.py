@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,30 +19,74 @@ __all__ = ["SignalStore"]
 class SignalStore:
     """Dense per-example arrays over the pool: loss, gradient norm, unit embedding (fp16), length, last step.
 
-    Memory is about ``N * (2*d + 16)`` bytes. Non-finite measurements (NaN/Inf loss, gradient norm or
-    embedding) are never written: the example keeps its previous value and the rejection is counted in
-    :attr:`invalid_count`, so strategies only ever see finite numbers.
+    Memory is about ``N * (2*d + 16)`` bytes (``d`` = stored embedding dimension). Non-finite measurements
+    (NaN/Inf loss, gradient norm or embedding) are never written: the example keeps its previous value and
+    the rejection is counted in :attr:`invalid_count`, so strategies only ever see finite numbers.
+
+    Embeddings wider than ``max_embedding_dim`` are projected by a fixed Gaussian random projection
+    (Johnson-Lindenstrauss: cosines are preserved up to a small distortion), drawn once from ``seed``.
+    A random projection rather than PCA because it needs no data: the first measurement can already be
+    stored, and a resumed run rebuilds the identical matrix from the seed.
+
+    With ``memmap_dir`` the arrays live in files there (``numpy.memmap``), for pools that do not fit in RAM;
+    the operating system pages them in and out.
+
+    Checkpoints: :meth:`state_dict` holds every array as a tensor, so a resumed run continues from exactly
+    the signals the interrupted run had (not a re-measurement, which would see different weights).
 
     Args:
         pool_size: number of examples in the pool.
+        max_embedding_dim: store embeddings with at most this many dimensions (``None``: as given).
+        seed: seed of the projection matrix.
+        memmap_dir: directory for memory-mapped arrays (created if missing); ``None`` keeps them in RAM.
 
     Example::
 
-        store = SignalStore(len(train_set))
+        store = SignalStore(len(train_set), max_embedding_dim=128)
         store.update(batch_indices, signals, step=trainer.global_step)
         fresh = store.measured  # bool mask of examples measured at least once
     """
 
-    def __init__(self, pool_size: int) -> None:
+    def __init__(
+        self,
+        pool_size: int,
+        max_embedding_dim: Optional[int] = 256,
+        seed: int = 0,
+        memmap_dir: Optional[Union[str, os.PathLike]] = None,
+    ) -> None:
         if pool_size < 1:
             raise ValueError(f"SignalStore: `pool_size` must be >= 1, got {pool_size}.")
+        if max_embedding_dim is not None and max_embedding_dim < 1:
+            raise ValueError(f"SignalStore: `max_embedding_dim` must be >= 1 or None, got {max_embedding_dim}.")
         self.pool_size = int(pool_size)
-        self.loss = torch.zeros(pool_size, dtype=torch.float32)
-        self.grad_norm = torch.zeros(pool_size, dtype=torch.float32)
-        self.length = torch.ones(pool_size, dtype=torch.int32)
-        self.last_step = torch.full((pool_size,), -1, dtype=torch.int32)
+        self.max_embedding_dim = max_embedding_dim
+        self.seed = int(seed)
+        self.memmap_dir = None if memmap_dir is None else Path(memmap_dir)
+        if self.memmap_dir is not None:
+            self.memmap_dir.mkdir(parents=True, exist_ok=True)
+        self.loss = self._array("loss", (pool_size,), np.float32, 0)
+        self.grad_norm = self._array("grad_norm", (pool_size,), np.float32, 0)
+        self.length = self._array("length", (pool_size,), np.int32, 1)
+        self.last_step = self._array("last_step", (pool_size,), np.int32, -1)
         self.embedding: Optional[Tensor] = None  # (N, d) float16, unit rows; allocated on first use
+        self.projection: Optional[Tensor] = None  # (D, d) float32, when embeddings arrive wider than d
         self.invalid_count = 0
+
+    def _array(self, name: str, shape: tuple, dtype, fill) -> Tensor:
+        if self.memmap_dir is None:
+            return torch.from_numpy(np.full(shape, fill, dtype=dtype))
+        array = np.lib.format.open_memmap(self.memmap_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+        array[...] = fill
+        return torch.from_numpy(array)
+
+    def _project(self, embedding: Tensor) -> Tensor:
+        width = embedding.shape[1]
+        if self.max_embedding_dim is None or width <= self.max_embedding_dim:
+            return embedding
+        if self.projection is None or self.projection.shape[0] != width:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.projection = torch.randn(width, self.max_embedding_dim, generator=generator) / self.max_embedding_dim**0.5
+        return embedding @ self.projection
 
     @property
     def measured(self) -> Tensor:
@@ -75,9 +122,9 @@ class SignalStore:
         self.length[idx] = s.length[keep].to(torch.int32)
         self.last_step[idx] = steps[keep]
         if s.embedding is not None:
-            emb = F.normalize(s.embedding[keep], dim=1).to(torch.float16)
+            emb = F.normalize(self._project(s.embedding[keep]), dim=1).to(torch.float16)
             if self.embedding is None:
-                self.embedding = torch.zeros(self.pool_size, emb.shape[1], dtype=torch.float16)
+                self.embedding = self._array("embedding", (self.pool_size, emb.shape[1]), np.float16, 0)
             elif self.embedding.shape[1] != emb.shape[1]:
                 raise ValueError(
                     f"SignalStore.update: embedding dimension changed from {self.embedding.shape[1]} to {emb.shape[1]}."
@@ -101,7 +148,13 @@ class SignalStore:
             raise ValueError(
                 f"SignalStore: the checkpoint covers {state['loss'].shape[0]} examples, the pool has {self.pool_size}."
             )
-        self.loss, self.grad_norm = state["loss"].clone(), state["grad_norm"].clone()
-        self.length, self.last_step = state["length"].clone(), state["last_step"].clone()
-        self.embedding = None if state["embedding"] is None else state["embedding"].clone()
+        # Copy into the existing arrays: in memmap mode they are the files.
+        for name in ("loss", "grad_norm", "length", "last_step"):
+            getattr(self, name).copy_(state[name])
+        if state["embedding"] is None:
+            self.embedding = None
+        else:
+            if self.embedding is None or self.embedding.shape != state["embedding"].shape:
+                self.embedding = self._array("embedding", tuple(state["embedding"].shape), np.float16, 0)
+            self.embedding.copy_(state["embedding"])
         self.invalid_count = int(state["invalid_count"])

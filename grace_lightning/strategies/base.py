@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
 
 from grace_lightning.signals.store import SignalStore
 
-__all__ = ["Selection", "SelectionInput", "Strategy", "register_strategy", "build_strategy", "available_strategies"]
+__all__ = ["Selection", "SelectionInput", "Strategy", "StrategyState", "register_strategy", "build_strategy", "available_strategies"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,19 @@ class Selection:
 
     indices: Optional[Tensor]
     weights: Optional[Tensor] = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+class StrategyState(Protocol):
+    """A strategy's memory between refreshes (GRACE's k-NN graph, for instance), checkpointed by the callback.
+
+    ``state_dict`` must return tensors, numbers, strings, lists and dicts only (checkpoints load with
+    ``weights_only=True``).
+    """
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,11 @@ class SelectionInput:
         epoch: the epoch the selection will first be used in.
         step: the global batch position the selection will first be used at.
         progress: share of training done, in ``[0, 1]`` (``None`` when the run has no fixed length).
+        now_batch: the global batch position training has reached (signals measured now carry it).
+        state: the strategy's own memory from :meth:`Strategy.create_state` (``None`` if it keeps none).
+            Only the strategy reads or updates it; selection runs on rank 0, so only rank 0's copy is live.
+        fidelity: in ``(0, 1]``; below 1 when the callback's overhead budget is exceeded, asking the strategy
+            to spend proportionally less on scoring (e.g. fewer anchors).
     """
 
     pool_size: int
@@ -50,6 +68,9 @@ class SelectionInput:
     epoch: int = 0
     step: int = 0
     progress: Optional[float] = None
+    now_batch: int = 0
+    state: Any = None
+    fidelity: float = 1.0
 
 
 class Strategy:
@@ -62,6 +83,10 @@ class Strategy:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+
+    def create_state(self, pool_size: int) -> Optional[StrategyState]:
+        """The memory this strategy keeps between refreshes, or None (the default: a memoryless strategy)."""
+        return None
 
     def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
         """Pool indices (int64) the scoring pass should measure before :meth:`select`; None for none.
