@@ -195,10 +195,13 @@ class CoresetCallback(Callback):
         self._batch_indices: Optional[Tensor] = None
         self._batch_weights: Optional[Tensor] = None
         self._trainer: Optional[Trainer] = None
+        self._loader_cache: Optional[tuple[Any, DataLoader]] = None
+        self._checked_iterator = False
+        self._state_key = self._generate_state_key(strategy=self.strategy.name)
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(strategy=self.strategy.name)
+        return self._state_key  # Lightning reads it in every hook call: build it once
 
     # ------------------------------------------------------------------ setup and validation
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -233,10 +236,15 @@ class CoresetCallback(Callback):
         self._strategy_state = self.strategy.create_state(self.sampler.pool_size) if trainer.is_global_zero else None
 
     def _train_loader(self, trainer: Trainer) -> DataLoader:
-        for dl in _loaders(trainer.train_dataloader):
-            if getattr(dl, "sampler", None) is self.sampler:
-                return dl
-            if getattr(getattr(dl, "batch_sampler", None), "sampler", None) is self.sampler:
+        iterables = trainer.train_dataloader
+        if self._loader_cache is not None and self._loader_cache[0] is iterables:
+            return self._loader_cache[1]
+        self._checked_iterator = False  # a new loader: cross-check its first batch again
+        for dl in _loaders(iterables):
+            if getattr(dl, "sampler", None) is self.sampler or (
+                getattr(getattr(dl, "batch_sampler", None), "sampler", None) is self.sampler
+            ):
+                self._loader_cache = (iterables, dl)
                 return dl
         raise ValueError(
             "CoresetCallback: the CoresetSampler given to the callback is not the sampler of the training "
@@ -312,22 +320,27 @@ class CoresetCallback(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         position = self._loader_position()
         indices, weights = self.sampler.batch_indices(position.batches_done, position.batch_size, position.drop_last)
-        try:
-            seen = extract_batch_size(batch)
-        except Exception:  # an exotic batch whose size Lightning cannot infer: nothing to cross-check
-            seen = indices.numel()
-        if seen != indices.numel():
-            raise RuntimeError(
-                f"CoresetCallback: the batch has {seen} examples but the sampler yielded {indices.numel()} for it; "
-                "the training DataLoader must draw indices from the CoresetSampler unchanged."
-            )
+        if batch_idx == 0 or not self._checked_iterator:  # a wiring error shows on the first batch; keep steps cheap
+            self._check_batch_matches(batch, indices)
         self._batch_indices = indices
-        self._batch_weights = weights
+        self._batch_weights = weights.to(pl_module.device, non_blocking=True)
         if self._capturing():
             if self._extractor is None:
                 self._extractor = SignalExtractor.for_module(pl_module, batch)
                 self._extractor.attach()
             self._extractor.arm()
+
+    def _check_batch_matches(self, batch: Any, indices: Tensor) -> None:
+        self._checked_iterator = True
+        try:
+            seen = extract_batch_size(batch)
+        except Exception:  # an exotic batch whose size Lightning cannot infer: nothing to cross-check
+            return
+        if seen != indices.numel():
+            raise RuntimeError(
+                f"CoresetCallback: the batch has {seen} examples but the sampler yielded {indices.numel()} for it; "
+                "the training DataLoader must draw indices from the CoresetSampler unchanged."
+            )
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -370,7 +383,7 @@ class CoresetCallback(Callback):
     # ------------------------------------------------------------------ weights for the user's loss
     @property
     def batch_weights(self) -> Optional[Tensor]:
-        """Per-example weights of the batch being trained (CPU float32), or None outside a training batch."""
+        """Per-example weights of the batch being trained (float32, on the module's device), or None outside one."""
         return self._batch_weights
 
     @property

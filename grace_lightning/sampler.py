@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import bisect
 import math
+import bisect
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional, Sized
@@ -146,6 +146,8 @@ class CoresetSampler(DistributedSampler):
         self._versions: list[_Version] = [_Version(0, None, None)]
         self._position_fn: Optional[Callable[[], LoaderPosition]] = None
         self._perm_cache: dict[tuple[int, int], Tensor] = {}
+        self._stream_cache: Optional[tuple[tuple, Tensor, Tensor, int]] = None
+        self._generation = 0  # bumped whenever the selections change; invalidates the stream cache
         self._resize()
 
     # ------------------------------------------------------------------ binding
@@ -170,6 +172,7 @@ class CoresetSampler(DistributedSampler):
         state = self.__dict__.copy()
         state["_position_fn"] = None
         state["_perm_cache"] = {}
+        state["_stream_cache"] = None
         return state
 
     # ------------------------------------------------------------------ the subset
@@ -247,6 +250,7 @@ class CoresetSampler(DistributedSampler):
             first_live = max(bisect.bisect_right(starts, now_batch) - 1, 0)
             versions = versions[first_live:]
         self._versions = versions
+        self._generation += 1
         live = {v.serial for v in versions}
         self._perm_cache = {k: p for k, p in self._perm_cache.items() if k[0] in live}
 
@@ -270,15 +274,10 @@ class CoresetSampler(DistributedSampler):
                 "drop_last=True; raise the budget (`fraction`/`size`) or lower the batch size."
             )
 
-    def _version_at(self, batch_position: int) -> _Version:
-        starts = [v.start for v in self._versions]
-        i = bisect.bisect_right(starts, batch_position) - 1
-        if i < 0:
-            raise RuntimeError(
-                f"CoresetSampler: batch position {batch_position} precedes every retained selection "
-                f"(starts {starts}); the sampler state does not match the training loop's progress."
-            )
-        return self._versions[i]
+    def _version_index(self, batch_positions: Tensor) -> Tensor:
+        """Index of the selection in force at each batch position; -1 before every retained one."""
+        starts = torch.tensor([v.start for v in self._versions], dtype=torch.int64)
+        return torch.searchsorted(starts, batch_positions, right=True) - 1
 
     def _sample_position(self, batch_position: int, batch_size: int, drop_last: bool) -> int:
         """Per-rank sample position (over all epochs) where a global batch position begins."""
@@ -293,7 +292,7 @@ class CoresetSampler(DistributedSampler):
             n = self.pool_size if version.indices is None else version.indices.numel()
             gen = torch.Generator().manual_seed(_mix_seed(self.seed, version.start, pass_index))
             perm = torch.randperm(n, generator=gen)
-            if len(self._perm_cache) >= 8:  # a batch touches at most a couple of passes
+            if len(self._perm_cache) >= 8:  # an epoch touches at most a few passes
                 self._perm_cache.pop(next(iter(self._perm_cache)))
             self._perm_cache[key] = perm
         return perm
@@ -309,6 +308,37 @@ class CoresetSampler(DistributedSampler):
         weights = None if version.weights is None else version.weights[picked]
         return indices, weights
 
+    def _epoch_stream(self, epoch: int, batch_size: int, drop_last: bool) -> tuple[Tensor, Tensor, int]:
+        """This rank's whole epoch of indices and weights under the selections known now (cached), and how
+        many leading positions precede every retained selection (already trained; marked -1).
+
+        Computed in one vectorised pass per selection version: per-index work in Python would cost more
+        than the training step of a small model.
+        """
+        key = (epoch, batch_size, drop_last, self._generation, self.rank, self.num_replicas)
+        if self._stream_cache is not None and self._stream_cache[0] == key:
+            return self._stream_cache[1], self._stream_cache[2], self._stream_cache[3]
+        nb = self.batches_per_epoch(batch_size, drop_last)
+        within_epoch = torch.arange(self.num_samples, dtype=torch.int64)
+        # A trailing chunk that drop_last discards borrows the last kept batch's position.
+        batch_positions = epoch * nb + torch.clamp(within_epoch // batch_size, max=nb - 1)
+        which = self._version_index(batch_positions)
+        # Positions before every retained selection were trained already (their versions were pruned).
+        indices = torch.full((self.num_samples,), -1, dtype=torch.int64)
+        weights = torch.ones(self.num_samples, dtype=torch.float32)
+        for v in torch.unique(which[which >= 0]).tolist():
+            version = self._versions[v]
+            rows = (which == v).nonzero().squeeze(1)
+            version_start = self._sample_position(version.start, batch_size, drop_last)
+            stream = (epoch * self.num_samples + within_epoch[rows] - version_start) * self.num_replicas + self.rank
+            picked, picked_weights = self._positions_to_indices(version, stream)
+            indices[rows] = picked
+            if picked_weights is not None:
+                weights[rows] = picked_weights
+        pruned = int((which < 0).sum())  # a prefix: starts are sorted
+        self._stream_cache = (key, indices, weights, pruned)
+        return indices, weights, pruned
+
     def batch_indices(
         self, batch_position: int, batch_size: int, drop_last: bool = False
     ) -> tuple[Tensor, Tensor]:
@@ -316,43 +346,35 @@ class CoresetSampler(DistributedSampler):
 
         Used to attach weights and signals to the batch being trained without changing the batch format.
         """
-        nb = self.batches_per_epoch(batch_size, drop_last)
-        offset = batch_position % nb
-        count = min(batch_size, self.num_samples - offset * batch_size)
-        start = self._sample_position(batch_position, batch_size, drop_last)
-        return self._rank_slice(batch_position, start, count, batch_size, drop_last)
-
-    def _rank_slice(
-        self, batch_position: int, sample_start: int, count: int, batch_size: int, drop_last: bool
-    ) -> tuple[Tensor, Tensor]:
-        version = self._version_at(batch_position)
-        version_start = self._sample_position(version.start, batch_size, drop_last)
-        per_rank = torch.arange(sample_start, sample_start + count, dtype=torch.int64) - version_start
-        stream = per_rank * self.num_replicas + self.rank
-        indices, weights = self._positions_to_indices(version, stream)
-        if weights is None:
-            weights = torch.ones(count, dtype=torch.float32)
-        return indices, weights
+        epoch, offset = divmod(batch_position, self.batches_per_epoch(batch_size, drop_last))
+        indices, weights, pruned = self._epoch_stream(epoch, batch_size, drop_last)
+        window = slice(offset * batch_size, min((offset + 1) * batch_size, self.num_samples))
+        if window.start < pruned:
+            raise RuntimeError(
+                f"CoresetSampler: batch position {batch_position} precedes every retained selection (starts "
+                f"{self.version_starts}); the sampler state does not match the training loop's progress."
+            )
+        return indices[window], weights[window]
 
     # ------------------------------------------------------------------ iteration
     def _start_position(self) -> LoaderPosition:
         if self._position_fn is None:
-            # Unbound (plain PyTorch use): whole epochs, advanced by `set_epoch`.
-            return LoaderPosition(self.epoch * self.batches_per_epoch(1), 1, False)
+            # Unbound (plain PyTorch use): whole epochs, advanced by `set_epoch`, as one batch each.
+            return LoaderPosition(self.epoch, self.num_samples, False)
         return self._position_fn()
 
     def __iter__(self) -> Iterator[int]:
         batches_done, batch_size, drop_last = self._start_position()
         self.check_batch_size(batch_size, drop_last)
-        nb = self.batches_per_epoch(batch_size, drop_last)
-        epoch, offset = divmod(batches_done, nb)
-        # Generate batch by batch, so that a selection set mid-epoch is picked up at its start position.
-        for b in range(offset, math.ceil(self.num_samples / batch_size)):
-            count = min(batch_size, self.num_samples - b * batch_size)
-            # A trailing chunk that drop_last discards borrows the last kept batch's position.
-            position = epoch * nb + min(b, nb - 1)
-            indices, _ = self._rank_slice(position, epoch * self.num_samples + b * batch_size, count, batch_size, drop_last)
-            yield from indices.tolist()
+        epoch, offset = divmod(batches_done, self.batches_per_epoch(batch_size, drop_last))
+        generation, stream = None, []
+        # Yield batch by batch and re-read the stream when a selection was set meanwhile, so that one set
+        # mid-epoch is picked up exactly from its start position.
+        for begin in range(offset * batch_size, self.num_samples, batch_size):
+            if generation != self._generation:
+                generation = self._generation
+                stream = self._epoch_stream(epoch, batch_size, drop_last)[0].tolist()
+            yield from stream[begin : begin + batch_size]
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -379,3 +401,4 @@ class CoresetSampler(DistributedSampler):
             for v in state["versions"]
         ]
         self._perm_cache = {}
+        self._generation += 1

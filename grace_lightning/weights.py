@@ -28,5 +28,5 @@ def batch_weights(module: LightningModule) -> Tensor:
     if trainer is not None:
         for callback in trainer.callbacks:
             if isinstance(callback, CoresetCallback) and callback.batch_weights is not None:
-                return callback.batch_weights.to(module.device)
+                return callback.batch_weights
     return torch.ones((), device=module.device)
