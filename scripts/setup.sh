@@ -1,0 +1,35 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: make ./.venv ready and put it first on PATH.
+#
+# Idempotent: the venv is created only if missing, torch is installed only if it does not import, and the
+# package (editable, with the test and bench extras) is reinstalled only when pyproject.toml changed.
+# torch goes in first, alone and pinned, so that the package's unpinned `torch>=2.4` is already satisfied
+# and pip never picks a different (e.g. CUDA) build on its own.
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+VENV="$REPO_ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV" >&2
+    python3 -m venv "$VENV"
+fi
+
+_pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -qq "$@"; }  # -qq: errors only
+
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch==2.13.0" >&2
+    _pip install "torch==2.13.0"
+fi
+
+_stamp="$VENV/.grace-lightning-installed"
+_want="$( (cat pyproject.toml; "$VENV/bin/python" --version) | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ] \
+    || ! "$VENV/bin/python" -c "import grace_lightning, pytest, matplotlib" >/dev/null 2>&1; then
+    echo "setup: installing grace-lightning (editable) with the test and bench extras" >&2
+    _pip install -e ".[test,bench]"
+    echo "$_want" > "$_stamp"
+fi
+unset _stamp _want
+
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"
