@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from grace_lightning.distributed import gather_rows
+from grace_lightning.graph import set_faiss_threads
 from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed
 from grace_lightning.schedule import Action, Phase, RefreshSchedule
 from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
@@ -85,7 +86,8 @@ class CoresetCallback(Callback):
 
     Args:
         sampler: the :class:`CoresetSampler` given to the training DataLoader.
-        strategy: a registered name (``"random"``, ``"full"``, ...) or a :class:`Strategy` instance.
+        strategy: a registered name (``"grace"``, the default; ``"random"``, ``"full"``, ...) or a
+            :class:`Strategy` instance.
         refresh_every_n_epochs: re-select at the end of every n-th epoch (None: never by epochs).
         refresh_every_n_steps: re-select every k training batches (None: never by steps). Mutually
             exclusive with ``refresh_every_n_epochs``; with neither, the first selection is kept.
@@ -129,7 +131,7 @@ class CoresetCallback(Callback):
     def __init__(
         self,
         sampler: CoresetSampler,
-        strategy: Union[str, Strategy] = "random",
+        strategy: Union[str, Strategy] = "grace",
         *,
         refresh_every_n_epochs: Optional[int] = 1,
         refresh_every_n_steps: Optional[int] = None,
@@ -230,6 +232,9 @@ class CoresetCallback(Callback):
                 f"{self.schedule.anneal_epochs} exceed Trainer(max_epochs={max_epochs}); shorten them."
             )
         self.schedule = RefreshSchedule(**{**self.schedule.__dict__, "max_epochs": max_epochs})
+        if trainer.world_size > 1:
+            # faiss ignores Lightning's per-rank torch threads; without this the ranks oversubscribe the cores.
+            set_faiss_threads(trainer.world_size)
         self._trainer = trainer
         self.sampler.bind(trainer.global_rank, trainer.world_size, self._loader_position)
         # Selection runs on rank 0 only, so only rank 0 keeps the strategy's memory (a graph can be large).

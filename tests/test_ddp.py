@@ -23,7 +23,7 @@ def _epochs(record):
     return per_epoch
 
 
-@pytest.mark.parametrize("strategy", ["random", "full", TopLoss()], ids=["random", "full", "top_loss"])
+@pytest.mark.parametrize("strategy", ["random", "full", "grace", TopLoss()], ids=["random", "full", "grace", "top_loss"])
 def test_two_ranks_share_the_subset_and_split_it_disjointly(tmp_path, strategy):
     fit(tmp_path, "run", devices=2, strategy=strategy, max_epochs=3)
     rank0, rank1 = load_records(tmp_path, "run", 2)

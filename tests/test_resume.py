@@ -65,9 +65,10 @@ def test_resume_is_bit_exact(tmp_path, devices, num_workers, schedule):
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_resume_is_bit_exact_with_a_signal_strategy(tmp_path, devices):
-    """Free training signals, the scoring pass and the cross-rank gather all survive a resume."""
-    kwargs = dict(devices=devices, num_workers=2, schedule="step", strategy=TopLoss())
+@pytest.mark.parametrize("strategy", ["top_loss", "grace"])
+def test_resume_is_bit_exact_with_a_signal_strategy(tmp_path, devices, strategy):
+    """Free training signals, the scoring pass, the cross-rank gather and strategy state all survive a resume."""
+    kwargs = dict(devices=devices, num_workers=2, schedule="step", strategy=TopLoss() if strategy == "top_loss" else strategy)
     fit(tmp_path, "full", save_checkpoints=True, **kwargs)
     for point, ckpt in _checkpoints(tmp_path, devices).items():
         fit(tmp_path, f"resumed_{point}", ckpt_path=ckpt, **kwargs)

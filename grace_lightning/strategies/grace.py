@@ -1,0 +1,268 @@
+"""``grace``: gradient importance on a maintained k-NN graph, with anchors, propagation and repair (the default).
+
+Reconstructed from GRACE (Tang, Li, Chen, arXiv:2604.11810, 2026), whose method section is only partly
+public; what the paper leaves open is a parameter here, with the interpretation documented (see
+``research/papers.md`` §1 of the project notes).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from grace_lightning.graph import KnnGraph, edge_weights, neighbour_mean, propagate, propagate_drift
+from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
+from grace_lightning.submodular import select_facility_location
+
+
+class GraceState:
+    """GRACE's memory between refreshes (rank 0 only): the graph and its view of the pool.
+
+    Attributes:
+        graph: the k-NN graph over :attr:`node_embedding` (``None`` until the first informed refresh).
+        node_embedding: ``(N, d)`` float16 unit vectors the graph was built/repaired on; non-anchors move
+            by propagated drift.
+        importance: ``(N,)`` float32 importance estimates: measured on anchors, propagated elsewhere.
+        seen_step: ``(N,)`` int32 snapshot of the store's ``last_step`` at the previous refresh; an example
+            whose ``last_step`` differs was measured since (scored as an anchor or trained on for free).
+        last_now: batch position of the previous refresh.
+    """
+
+    def __init__(self, pool_size: int) -> None:
+        self.pool_size = pool_size
+        self.graph: Optional[KnnGraph] = None
+        self.node_embedding: Optional[np.ndarray] = None
+        self.importance = np.zeros(pool_size, dtype=np.float32)
+        self.seen_step = np.full(pool_size, -1, dtype=np.int32)
+        self.last_now = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        graph = None
+        if self.graph is not None:
+            graph = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in self.graph.state_dict().items()}
+        return {
+            "graph": graph,
+            "node_embedding": None if self.node_embedding is None else torch.from_numpy(self.node_embedding),
+            "importance": torch.from_numpy(self.importance),
+            "seen_step": torch.from_numpy(self.seen_step),
+            "last_now": self.last_now,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.importance = state["importance"].numpy().copy()
+        self.seen_step = state["seen_step"].numpy().copy()
+        self.last_now = int(state["last_now"])
+        self.node_embedding = None if state["node_embedding"] is None else state["node_embedding"].numpy().copy()
+        self.graph = None
+        if state["graph"] is not None:
+            graph_state = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in state["graph"].items()}
+            # The faiss index is rebuilt from the vectors; the stored edges are kept exactly.
+            self.graph = KnnGraph.from_state_dict(graph_state, self.node_embedding.astype(np.float32))
+
+
+@register_strategy("grace")
+class Grace(Strategy):
+    r"""Importance-weighted facility location on a k-NN graph that is maintained, not rebuilt, between refreshes.
+
+    Each refresh:
+
+    1. **Anchors.** Examples trained on since the last refresh were measured for free. On top of them the
+       scoring pass rescans ``anchor_fraction`` of the pool, the examples with the highest priority
+       ``π_i = staleness_weight · s_i / R + disagreement_weight · |g_i − ḡ_{N(i)}| / mean(g)``, where ``s_i``
+       is the batches since ``i`` was last measured, ``R`` the batches since the last refresh and
+       ``ḡ_{N(i)}`` the edge-weighted mean importance of ``i``'s neighbours (staleness plus disagreement
+       with the neighbourhood, as the paper describes; the linear form and weights are ours).
+    2. **Propagation** to non-anchors with an anchor neighbour, of importance and of embedding drift, by the
+       exact minimiser of ``E(z) = ½(z − z_old)² + ½ Σ_j w_ij (z − z_j)²``:
+       ``z = (z_old + Σ w_ij z_j) / (1 + Σ w_ij)``. ``propagation="paper_eq21"`` uses the paper's printed
+       half/half form ``z = ½ z_old + ½ Σ a_ij z_j`` instead (equal only when ``Σ w_ij = 1``).
+    3. **Repair**: anchors whose embedding moved more than ``drift_threshold`` get their neighbours
+       re-queried and reverse edges patched (the paper repairs "when drift is large enough" without a value).
+    4. **Selection** by lazy greedy on
+       ``F(S) = Σ_v g̃_v max_{s∈S} w_vs + lam · Σ_{s∈S} g̃_s`` (``w_vv = 1``, ``w_vs = max(0, cos)`` on graph
+       edges), with ``g̃`` the importance scaled to ``[0, 1]`` by its 99th percentile. Each pick's weight is
+       how many pool examples it covers (its own neighbourhood's best cover), normalised to mean 1
+       (``weighting="none"`` for unit weights).
+
+    The first informed refresh measures every example not yet measured (one forward pass over the pool)
+    and builds the graph; before that, the callback trains on a uniform subset.
+
+    Args:
+        k: neighbours per node.
+        importance: ``"grad_norm"`` (closed-form last-layer gradient norm) or ``"loss"``.
+        anchor_fraction: share of the pool rescanned per refresh, beyond the free training signals.
+        staleness_weight: ``a`` in the priority.
+        disagreement_weight: ``b`` in the priority.
+        propagation: ``"exact"`` or ``"paper_eq21"``.
+        drift_threshold: embedding drift (L2 distance between unit vectors; 0.05 is a cosine change of
+            about 0.001) above which an anchor's edges are repaired. ``None`` repairs only the anchors above
+            the 90th percentile of this refresh's drifts (cheaper, lower recall when many anchors move).
+        lam: weight of the importance term in the objective.
+        weighting: ``"coverage"`` or ``"none"``.
+        graph_method: ``"auto"`` (exact below ``exact_threshold`` examples, HNSW above), ``"flat"``, ``"hnsw"``.
+        exact_threshold: pool size up to which ``"auto"`` uses exact search.
+
+    Example::
+
+        CoresetCallback(sampler, strategy="grace", strategy_kwargs={"anchor_fraction": 0.05, "k": 10})
+    """
+
+    needs = frozenset({"loss", "grad_norm", "embedding"})
+
+    def __init__(
+        self,
+        k: int = 10,
+        importance: str = "grad_norm",
+        anchor_fraction: float = 0.05,
+        staleness_weight: float = 1.0,
+        disagreement_weight: float = 1.0,
+        propagation: str = "exact",
+        drift_threshold: Optional[float] = 0.05,
+        lam: float = 1.0,
+        weighting: str = "coverage",
+        graph_method: str = "auto",
+        exact_threshold: int = 200_000,
+    ) -> None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"grace: `k` must be a positive int, got {k!r}.")
+        if importance not in ("grad_norm", "loss"):
+            raise ValueError(f"grace: `importance` must be 'grad_norm' or 'loss', got {importance!r}.")
+        if not 0.0 <= anchor_fraction <= 1.0:
+            raise ValueError(f"grace: `anchor_fraction` must be in [0, 1], got {anchor_fraction!r}.")
+        if propagation not in ("exact", "paper_eq21"):
+            raise ValueError(f"grace: `propagation` must be 'exact' or 'paper_eq21', got {propagation!r}.")
+        if weighting not in ("coverage", "none"):
+            raise ValueError(f"grace: `weighting` must be 'coverage' or 'none', got {weighting!r}.")
+        if graph_method not in ("auto", "flat", "hnsw"):
+            raise ValueError(f"grace: `graph_method` must be 'auto', 'flat' or 'hnsw', got {graph_method!r}.")
+        if lam < 0 or staleness_weight < 0 or disagreement_weight < 0:
+            raise ValueError("grace: `lam`, `staleness_weight` and `disagreement_weight` must be >= 0.")
+        self.k = k
+        self.importance = importance
+        self.anchor_fraction = anchor_fraction
+        self.staleness_weight = staleness_weight
+        self.disagreement_weight = disagreement_weight
+        self.propagation = propagation
+        self.drift_threshold = drift_threshold
+        self.lam = lam
+        self.weighting = weighting
+        self.graph_method = graph_method
+        self.exact_threshold = exact_threshold
+
+    def __repr__(self) -> str:
+        return f"Grace(k={self.k}, importance={self.importance!r}, anchor_fraction={self.anchor_fraction})"
+
+    def create_state(self, pool_size: int) -> GraceState:
+        return GraceState(pool_size)
+
+    # ------------------------------------------------------------------ what to measure
+    def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
+        store, state = inputs.store, inputs.state
+        unmeasured = (~store.measured).nonzero().squeeze(1)
+        if state.graph is None or unmeasured.numel() > 0:
+            return unmeasured if unmeasured.numel() else None
+        count = int(round(self.anchor_fraction * inputs.fidelity * inputs.pool_size))
+        if count == 0:
+            return None
+        priority = torch.from_numpy(self._priority(inputs))
+        fresh = store.last_step.numpy() != state.seen_step
+        priority[torch.from_numpy(fresh)] = -np.inf  # measured for free since the last refresh
+        # Random order first, then a stable sort: ties are broken by the seeded generator, not by index.
+        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator)
+        order = shuffled[torch.argsort(priority[shuffled], descending=True, stable=True)]
+        chosen = order[:count]
+        return chosen[torch.isfinite(priority[chosen])].sort().values
+
+    def _priority(self, inputs: SelectionInput) -> np.ndarray:
+        state, store = inputs.state, inputs.store
+        staleness = (inputs.now_batch - store.last_step.numpy()).astype(np.float32)
+        period = max(inputs.now_batch - state.last_now, 1)
+        g = state.importance
+        weights = edge_weights(state.graph.neighbors, state.graph.similarities)
+        disagreement = np.abs(g - neighbour_mean(g, state.graph.neighbors, weights))
+        scale = float(g.mean()) or 1.0
+        return self.staleness_weight * staleness / period + self.disagreement_weight * disagreement / scale
+
+    # ------------------------------------------------------------------ selection
+    def _measured_importance(self, inputs: SelectionInput) -> np.ndarray:
+        values = inputs.store.grad_norm if self.importance == "grad_norm" else inputs.store.loss
+        return values.numpy().astype(np.float32, copy=True)
+
+    def select(self, inputs: SelectionInput) -> Selection:
+        store, state = inputs.store, inputs.state
+        if store.embedding is None:
+            raise ValueError(
+                "grace: no embeddings were measured; the module's signal capture must return `embedding` "
+                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
+            )
+        diagnostics: dict[str, float] = {}
+        measured_embedding = store.embedding.numpy()
+        began = time.perf_counter()
+        if state.graph is None:
+            state.node_embedding = measured_embedding.copy()
+            state.importance = self._measured_importance(inputs)
+            diagnostics["propagation_seconds"] = 0.0
+            graph_began = time.perf_counter()
+            state.graph = KnnGraph.build(
+                state.node_embedding.astype(np.float32),
+                k=self.k,
+                method=self.graph_method,
+                exact_threshold=self.exact_threshold,
+            )
+            diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
+        else:
+            anchors = store.last_step.numpy() != state.seen_step
+            diagnostics["anchors"] = float(anchors.sum())
+            weights = edge_weights(state.graph.neighbors, state.graph.similarities)
+            measured = self._measured_importance(inputs)
+            importance = state.importance.copy()
+            importance[anchors] = measured[anchors]
+            state.importance = propagate(importance, state.graph.neighbors, weights, anchors, mode=self.propagation)
+            nodes = state.node_embedding.astype(np.float32)
+            drift = np.zeros_like(nodes)
+            drift[anchors] = measured_embedding[anchors].astype(np.float32) - nodes[anchors]
+            nodes = propagate_drift(nodes, drift, state.graph.neighbors, weights, anchors, mode=self.propagation)
+            nodes[anchors] = measured_embedding[anchors].astype(np.float32)
+            diagnostics["propagation_seconds"] = time.perf_counter() - began
+            moved = self._moved(anchors, drift)
+            diagnostics["moved"] = float(moved.size)
+            graph_began = time.perf_counter()
+            state.node_embedding = nodes.astype(np.float16)
+            state.graph.update(nodes, moved)
+            diagnostics["graph_seconds"] = time.perf_counter() - graph_began
+        state.seen_step = store.last_step.numpy().copy()
+        state.last_now = inputs.now_batch
+
+        select_began = time.perf_counter()
+        result = select_facility_location(
+            state.graph.neighbors,
+            edge_weights(state.graph.neighbors, state.graph.similarities),
+            self._scaled(state.importance),
+            inputs.budget,
+            lam=self.lam,
+        )
+        diagnostics["selection_seconds"] = time.perf_counter() - select_began
+        diagnostics["uncovered"] = float(result.uncovered)
+        indices = torch.from_numpy(result.selected.astype(np.int64))
+        weights = torch.from_numpy(result.weights.astype(np.float32)) if self.weighting == "coverage" else None
+        return Selection(indices, weights, diagnostics)
+
+    def _moved(self, anchors: np.ndarray, drift: np.ndarray) -> np.ndarray:
+        ids = anchors.nonzero()[0]
+        if ids.size == 0:
+            return ids.astype(np.int64)
+        norms = np.linalg.norm(drift[ids], axis=1)
+        threshold = self.drift_threshold if self.drift_threshold is not None else float(np.quantile(norms, 0.9))
+        return ids[norms > threshold].astype(np.int64)
+
+    @staticmethod
+    def _scaled(importance: np.ndarray) -> np.ndarray:
+        """Importance in [0, 1], scaled by its 99th percentile so one outlier cannot flatten the rest."""
+        top = float(np.quantile(importance, 0.99)) if importance.size else 0.0
+        if top <= 0:
+            return np.ones_like(importance, dtype=np.float64)
+        return np.clip(importance / top, 0.0, 1.0).astype(np.float64)

@@ -1,0 +1,126 @@
+"""GRACE as a pure function of the store, its graph state, a budget and a generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grace_lightning import ExampleSignals, SelectionInput, SignalStore, build_strategy
+from grace_lightning.strategies.base import uniform_sample
+from grace_lightning.strategies.grace import Grace, GraceState
+
+
+def _clustered_store(per_cluster=(60, 60, 60, 60, 60), important=(0, 1), dim=16, seed=0):
+    """Tight clusters on the sphere; importance is high in `important` clusters, low elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(len(per_cluster), dim, generator=g), dim=1)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_cluster)])
+    emb = centers[labels] + 0.05 * torch.randn(len(labels), dim, generator=g)
+    grad = torch.where(torch.isin(labels, torch.tensor(important)), 1.0, 0.1) * (1 + 0.1 * torch.rand(len(labels), generator=g))
+    store = SignalStore(len(labels))
+    store.update(torch.arange(len(labels)), ExampleSignals(loss=grad.clone(), grad_norm=grad, embedding=emb), step=0)
+    return store, labels
+
+
+def _inputs(store, budget, state=None, seed=0, now=1):
+    return SelectionInput(
+        pool_size=store.pool_size, budget=budget, store=store, generator=torch.Generator().manual_seed(seed),
+        now_batch=now, state=state if state is not None else GraceState(store.pool_size),
+    )
+
+
+def test_grace_covers_every_cluster_and_favours_important_ones_over_random():
+    store, labels = _clustered_store()
+    grace = Grace(k=8)
+    budget = 40
+    selection = grace.select(_inputs(store, budget))
+    picked = labels[selection.indices]
+    counts = torch.bincount(picked, minlength=5)
+    assert bool((counts > 0).all()), f"a cluster is not covered: {counts.tolist()}"
+    grace_mass = float(torch.isin(picked, torch.tensor([0, 1])).float().mean())
+    random_mass = np.mean([
+        float(torch.isin(labels[uniform_sample(len(labels), budget, torch.Generator().manual_seed(s))], torch.tensor([0, 1])).float().mean())
+        for s in range(50)
+    ])
+    assert grace_mass > random_mass + 0.1, (grace_mass, random_mass)
+    assert selection.indices.dtype == torch.int64 and selection.indices.unique().numel() == budget
+    assert selection.weights is not None and abs(float(selection.weights.mean()) - 1.0) < 1e-5
+
+
+def test_same_inputs_same_selection():
+    store, _ = _clustered_store()
+    a = Grace().select(_inputs(store, 30, seed=1))
+    b = Grace().select(_inputs(store, 30, seed=1))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+
+
+def test_anchors_are_budgeted_exclude_fresh_examples_and_prefer_stale_ones():
+    store, _ = _clustered_store()
+    grace = Grace(k=8, anchor_fraction=0.1, disagreement_weight=0.0)
+    state = GraceState(store.pool_size)
+    grace.select(_inputs(store, 30, state=state, now=0))  # builds the graph
+    # Later: the first 100 examples were re-measured at step 50 (fresh); everything else is stale at step 0,
+    # except 20..39... all fresh ones must be excluded from the scoring slice.
+    n = store.pool_size
+    fresh = torch.arange(100)
+    store.update(fresh, ExampleSignals(loss=torch.ones(100), grad_norm=torch.ones(100), embedding=store.embedding[fresh].float()), step=50)
+    to_score = grace.to_score(_inputs(store, 30, state=state, now=60))
+    assert to_score.numel() == round(0.1 * n)
+    assert not torch.isin(to_score, fresh).any()
+
+
+def test_anchor_priority_follows_disagreement_with_neighbours():
+    store, labels = _clustered_store()
+    grace = Grace(k=8, anchor_fraction=0.02, staleness_weight=0.0)
+    state = GraceState(store.pool_size)
+    grace.select(_inputs(store, 30, state=state, now=0))
+    odd = torch.tensor([5, 70, 130])  # one example per (low- or high-) importance cluster that disagrees
+    state.importance[odd.numpy()] = 50.0
+    to_score = grace.to_score(_inputs(store, 30, state=state, now=0))
+    assert set(odd.tolist()) <= set(to_score.tolist())
+
+
+def test_refresh_propagates_anchor_changes_to_their_neighbours():
+    store, labels = _clustered_store()
+    grace = Grace(k=8)
+    state = GraceState(store.pool_size)
+    grace.select(_inputs(store, 30, state=state, now=0))
+    before = state.importance.copy()
+    anchors = torch.tensor([200, 201, 202])  # in a low-importance cluster (label 3)
+    emb = store.embedding[anchors].float()
+    store.update(anchors, ExampleSignals(loss=torch.full((3,), 5.0), grad_norm=torch.full((3,), 5.0), embedding=emb), step=10)
+    selection = grace.select(_inputs(store, 30, state=state, now=10))
+    assert np.allclose(state.importance[anchors.numpy()], 5.0)
+    # Propagation reaches the nodes whose own neighbour lists contain an anchor.
+    listing_an_anchor = np.isin(state.graph.neighbors, anchors.numpy()).any(axis=1)
+    listing_an_anchor[anchors.numpy()] = False
+    assert listing_an_anchor.sum() > 0
+    assert (state.importance[listing_an_anchor] > before[listing_an_anchor]).all()
+    far = (labels != 3).numpy()
+    assert np.array_equal(state.importance[far], before[far])
+    assert selection.diagnostics["anchors"] == 3.0
+
+
+def test_grace_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    store, _ = _clustered_store()
+    grace = Grace(k=8)
+    state = GraceState(store.pool_size)
+    grace.select(_inputs(store, 30, state=state))
+    torch.save(state.state_dict(), tmp_path / "s.pt")
+    restored = GraceState(store.pool_size)
+    restored.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert np.array_equal(restored.graph.neighbors, state.graph.neighbors)
+    a = grace.select(_inputs(store, 30, state=state, now=5))
+    b = grace.select(_inputs(store, 30, state=restored, now=5))
+    assert torch.equal(a.indices, b.indices)
+
+
+def test_grace_is_registered_and_validates_parameters():
+    assert isinstance(build_strategy("grace"), Grace)
+    with pytest.raises(ValueError, match="propagation"):
+        Grace(propagation="half")
+    with pytest.raises(ValueError, match="anchor_fraction"):
+        Grace(anchor_fraction=1.5)
+    with pytest.raises(ValueError, match="importance"):
+        Grace(importance="entropy")
