@@ -194,8 +194,8 @@ class CoresetCallback(Callback):
         self._refreshes = 0
         self._selection_seconds = 0.0
         self._fit_started_at = 0.0
-        self._batch_indices: Optional[Tensor] = None
-        self._batch_weights: Optional[Tensor] = None
+        self._position: Optional[LoaderPosition] = None  # of the batch being trained
+        self._batch: Optional[tuple[Tensor, Optional[Tensor]]] = None  # its indices and weights, once asked for
         self._trainer: Optional[Trainer] = None
         self._loader_cache: Optional[tuple[Any, DataLoader]] = None
         self._checked_iterator = False
@@ -323,12 +323,11 @@ class CoresetCallback(Callback):
         del dl
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        position = self._loader_position()
-        indices, weights = self.sampler.batch_indices(position.batches_done, position.batch_size, position.drop_last)
+        # Indices and weights are looked up lazily: most steps of an unweighted strategy need neither.
+        self._position = self._loader_position()
+        self._batch = None
         if batch_idx == 0 or not self._checked_iterator:  # a wiring error shows on the first batch; keep steps cheap
-            self._check_batch_matches(batch, indices)
-        self._batch_indices = indices
-        self._batch_weights = weights.to(pl_module.device, non_blocking=True)
+            self._check_batch_matches(batch, self.batch_indices)
         if self._capturing():
             if self._extractor is None:
                 self._extractor = SignalExtractor.for_module(pl_module, batch)
@@ -354,9 +353,9 @@ class CoresetCallback(Callback):
         if self._capturing() and self._extractor is not None:
             self._extractor.disarm()
             signals = self._extractor.training_batch_signals(batch)
-            if signals is not None and len(signals) == self._batch_indices.numel():
-                self._pending.append((self._batch_indices, position.batches_done, signals.detach_cpu()))
-        self._batch_indices = self._batch_weights = None
+            if signals is not None and len(signals) == self.batch_indices.numel():
+                self._pending.append((self.batch_indices, position.batches_done, signals.detach_cpu()))
+        self._position = self._batch = None
         action = self.schedule.decide(position.batches_done, trainer.current_epoch, bool(trainer.is_last_batch))
         if action is None:
             return
@@ -388,13 +387,28 @@ class CoresetCallback(Callback):
     # ------------------------------------------------------------------ weights for the user's loss
     @property
     def batch_weights(self) -> Optional[Tensor]:
-        """Per-example weights of the batch being trained (float32, on the module's device), or None outside one."""
-        return self._batch_weights
+        """Per-example weights of the batch being trained (float32, on the module's device), or None outside one.
+
+        Also None when no selection in force carries weights (all ones): :func:`~grace_lightning.batch_weights`
+        then returns a scalar 1.
+        """
+        if self._position is None or not self.sampler.batch_is_weighted(*self._position):
+            return None
+        return self._current_batch()[1]
 
     @property
     def batch_indices(self) -> Optional[Tensor]:
         """Dataset indices of the batch being trained (int64), or None outside a training batch."""
-        return self._batch_indices
+        return None if self._position is None else self._current_batch()[0]
+
+    def _current_batch(self) -> tuple[Tensor, Optional[Tensor]]:
+        if self._batch is None:
+            done, batch_size, drop_last = self._position
+            indices, weights = self.sampler.batch_indices(done, batch_size, drop_last)
+            weighted = self.sampler.batch_is_weighted(done, batch_size, drop_last)
+            device = self._trainer.lightning_module.device
+            self._batch = (indices, weights.to(device, non_blocking=True) if weighted else None)
+        return self._batch
 
     # ------------------------------------------------------------------ one refresh
     def _refresh(

@@ -146,7 +146,7 @@ class CoresetSampler(DistributedSampler):
         self._versions: list[_Version] = [_Version(0, None, None)]
         self._position_fn: Optional[Callable[[], LoaderPosition]] = None
         self._perm_cache: dict[tuple[int, int], Tensor] = {}
-        self._stream_cache: Optional[tuple[tuple, Tensor, Tensor, int]] = None
+        self._stream_cache: Optional[tuple[tuple, Tensor, Tensor, int, bool]] = None
         self._generation = 0  # bumped whenever the selections change; invalidates the stream cache
         self._resize()
 
@@ -308,16 +308,17 @@ class CoresetSampler(DistributedSampler):
         weights = None if version.weights is None else version.weights[picked]
         return indices, weights
 
-    def _epoch_stream(self, epoch: int, batch_size: int, drop_last: bool) -> tuple[Tensor, Tensor, int]:
-        """This rank's whole epoch of indices and weights under the selections known now (cached), and how
-        many leading positions precede every retained selection (already trained; marked -1).
+    def _epoch_stream(self, epoch: int, batch_size: int, drop_last: bool) -> tuple[Tensor, Tensor, int, bool]:
+        """This rank's whole epoch of indices and weights under the selections known now (cached), how
+        many leading positions precede every retained selection (already trained; marked -1), and whether
+        any selection in the epoch carries weights.
 
         Computed in one vectorised pass per selection version: per-index work in Python would cost more
         than the training step of a small model.
         """
         key = (epoch, batch_size, drop_last, self._generation, self.rank, self.num_replicas)
         if self._stream_cache is not None and self._stream_cache[0] == key:
-            return self._stream_cache[1], self._stream_cache[2], self._stream_cache[3]
+            return self._stream_cache[1:]
         nb = self.batches_per_epoch(batch_size, drop_last)
         within_epoch = torch.arange(self.num_samples, dtype=torch.int64)
         # A trailing chunk that drop_last discards borrows the last kept batch's position.
@@ -326,6 +327,7 @@ class CoresetSampler(DistributedSampler):
         # Positions before every retained selection were trained already (their versions were pruned).
         indices = torch.full((self.num_samples,), -1, dtype=torch.int64)
         weights = torch.ones(self.num_samples, dtype=torch.float32)
+        weighted = False
         for v in torch.unique(which[which >= 0]).tolist():
             version = self._versions[v]
             rows = (which == v).nonzero().squeeze(1)
@@ -335,9 +337,10 @@ class CoresetSampler(DistributedSampler):
             indices[rows] = picked
             if picked_weights is not None:
                 weights[rows] = picked_weights
+                weighted = True
         pruned = int((which < 0).sum())  # a prefix: starts are sorted
-        self._stream_cache = (key, indices, weights, pruned)
-        return indices, weights, pruned
+        self._stream_cache = (key, indices, weights, pruned, weighted)
+        return indices, weights, pruned, weighted
 
     def batch_indices(
         self, batch_position: int, batch_size: int, drop_last: bool = False
@@ -347,7 +350,7 @@ class CoresetSampler(DistributedSampler):
         Used to attach weights and signals to the batch being trained without changing the batch format.
         """
         epoch, offset = divmod(batch_position, self.batches_per_epoch(batch_size, drop_last))
-        indices, weights, pruned = self._epoch_stream(epoch, batch_size, drop_last)
+        indices, weights, pruned, _ = self._epoch_stream(epoch, batch_size, drop_last)
         window = slice(offset * batch_size, min((offset + 1) * batch_size, self.num_samples))
         if window.start < pruned:
             raise RuntimeError(
@@ -355,6 +358,11 @@ class CoresetSampler(DistributedSampler):
                 f"{self.version_starts}); the sampler state does not match the training loop's progress."
             )
         return indices[window], weights[window]
+
+    def batch_is_weighted(self, batch_position: int, batch_size: int, drop_last: bool = False) -> bool:
+        """Whether any selection in force during that batch's epoch carries weights (cheap: cached)."""
+        epoch = batch_position // self.batches_per_epoch(batch_size, drop_last)
+        return self._epoch_stream(epoch, batch_size, drop_last)[3]
 
     # ------------------------------------------------------------------ iteration
     def _start_position(self) -> LoaderPosition:
