@@ -10,20 +10,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from grace_lightning import CoresetCallback, CoresetSampler, ExampleSignals, SignalStore, Strategy
 from grace_lightning.strategies import Selection
-from tests.toy import IndexedBlobs, TinyClassifier
-
-
-def trainer(**kwargs) -> L.Trainer:
-    kwargs.setdefault("max_epochs", 2)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+from tests.toy import quiet_trainer as trainer, IndexedBlobs, TinyClassifier
 
 
 @pytest.fixture

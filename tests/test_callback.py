@@ -16,15 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from grace_lightning import CoresetCallback, CoresetSampler, ExampleSignals, SignalCaptureError
 from grace_lightning.signals import classification_signals
 from tests.harness import TopLoss
-from tests.toy import IndexedBlobs, TinyClassifier
-
-
-def _trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+from tests.toy import quiet_trainer as _trainer, IndexedBlobs, TinyClassifier
 
 
 def test_telemetry_reaches_the_users_logger(tmp_path):

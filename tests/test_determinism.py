@@ -28,21 +28,9 @@ from grace_lightning import (
 from grace_lightning.sampler import LoaderPosition
 from grace_lightning.schedule import Action, RefreshSchedule
 from grace_lightning.strategies.base import uniform_sample
-from tests.toy import IndexedBlobs, TinyClassifier
+from tests.toy import quiet_trainer as trainer, IndexedBlobs, TinyClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def coreset_fit(seed: int = 3, strategy="random", epochs: int = 3, model=None, bs: int = 4, extra_callbacks=(), **cb_kwargs):
@@ -356,7 +344,7 @@ def test_batch_weights_is_scalar_one_in_validation_and_without_the_callback():
     data = IndexedBlobs(n=64)
     model = WeightProbe(HalfZero())
     sampler = CoresetSampler(data, fraction=0.25)
-    trainer(max_epochs=2, callbacks=[CoresetCallback(sampler, strategy=model.strategy)]).fit(
+    trainer(max_epochs=2, num_sanity_val_steps=2, callbacks=[CoresetCallback(sampler, strategy=model.strategy)]).fit(
         model, DataLoader(data, batch_size=4, sampler=sampler), DataLoader(Subset(data, range(8)), batch_size=4)
     )
     assert len(model.val_weights) == 2 + 2 * 2  # sanity check + two validation epochs

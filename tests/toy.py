@@ -11,6 +11,15 @@ from torch.utils.data import Dataset
 from grace_lightning import batch_weights
 
 
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A single-CPU Trainer with no logger, checkpoints, bars or sanity check; ``kwargs`` override any of it."""
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
 class IndexedBlobs(Dataset):
     """A seeded classification problem whose items are ``(x, y, index)``: the index lets tests see what was trained."""
 
