@@ -64,8 +64,8 @@ PRESETS = {
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strategies",
-        default="full,random",
-        help="comma-separated strategy names (default: full,random); `full` runs at fraction 1.0 as the reference",
+        default="full,random,grace",
+        help="comma-separated strategy names (default: full,random,grace); `full` runs at fraction 1.0 as the reference",
     )
     parser.add_argument(
         "--fractions",
