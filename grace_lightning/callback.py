@@ -8,7 +8,6 @@ from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from grace_lightning.distributed import gather_rows
 from grace_lightning.graph import set_faiss_threads
 from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed
-from grace_lightning.schedule import Action, Phase, RefreshSchedule
+from grace_lightning.schedule import Action, RefreshSchedule
 from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
 from grace_lightning.strategies import Selection, SelectionInput, Strategy, build_strategy
 from grace_lightning.strategies.base import uniform_sample

@@ -3,7 +3,6 @@ the parameter and says how to fix it. Also: non-finite signals never reach the s
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler

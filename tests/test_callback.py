@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from grace_lightning import CoresetCallback, CoresetSampler, ExampleSignals, SignalCaptureError
+from grace_lightning import CoresetCallback, CoresetSampler, SignalCaptureError
 from grace_lightning.signals import classification_signals
 from tests.harness import TopLoss
 from tests.toy import quiet_trainer as _trainer, IndexedBlobs, TinyClassifier

@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
