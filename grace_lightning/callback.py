@@ -310,8 +310,7 @@ class CoresetCallback(Callback):
         self._refresh(trainer, pl_module, start_batch=0, now_batch=0, score=False)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dl = self._train_loader(trainer)  # raises with the fix when the sampler is not in the loader
-        position = self._loader_position()
+        position = self._loader_position()  # raises with the fix when the sampler is not in the loader
         expected = self.sampler.batches_per_epoch(position.batch_size, position.drop_last)
         if trainer.num_training_batches != expected:
             raise ValueError(
@@ -319,7 +318,6 @@ class CoresetCallback(Callback):
                 f"budget gives {expected} (len(sampler)={len(self.sampler)}, batch_size={position.batch_size}). "
                 "Leave Trainer(limit_train_batches=1.0) and do not wrap the training DataLoader."
             )
-        del dl
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Indices and weights are looked up lazily: most steps of an unweighted strategy need neither.
