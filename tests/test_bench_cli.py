@@ -115,3 +115,9 @@ def test_console_script_needs_the_bench_command(capsys):
     with pytest.raises(SystemExit) as excinfo:
         main([])
     assert excinfo.value.code == 2
+
+
+def test_plots_are_written_as_png_files(tiny_run):
+    out, _ = tiny_run
+    for name in ("accuracy_per_epoch.png", "accuracy_vs_wall_clock.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

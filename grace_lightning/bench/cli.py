@@ -399,7 +399,10 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print()
     print(format_table(summary))
     csv_path, json_path = _write(config, rows, summary)
-    print(f"\nwrote {csv_path} and {json_path}")
+    from grace_lightning.bench.plots import write_plots  # matplotlib only once there is something to plot
+
+    plots = write_plots(rows, config.out)
+    print(f"\nwrote {csv_path}, {json_path} and {', '.join(plots)}")
     return 0
 
 
