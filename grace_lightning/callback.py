@@ -326,10 +326,7 @@ class CoresetCallback(Callback):
         if batch_idx == 0 or not self._checked_iterator:  # a wiring error shows on the first batch; keep steps cheap
             self._check_batch_matches(batch, self.batch_indices)
         if self._capturing():
-            if self._extractor is None:
-                self._extractor = SignalExtractor.for_module(pl_module, batch)
-                self._extractor.attach()
-            self._extractor.arm()
+            self._signal_extractor(pl_module, batch).arm()
 
     def _check_batch_matches(self, batch: Any, indices: Tensor) -> None:
         self._checked_iterator = True
@@ -377,6 +374,14 @@ class CoresetCallback(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.on_fit_end(trainer, pl_module)
+
+    def _signal_extractor(self, pl_module: LightningModule, batch: Any) -> SignalExtractor:
+        """The extractor for this module, built from the first batch seen (training or scoring)."""
+        if self._extractor is None:
+            self._extractor = SignalExtractor.for_module(pl_module, batch)
+            if self._capturing():
+                self._extractor.attach()  # the persistent hook for free signals on training batches
+        return self._extractor
 
     def _capturing(self) -> bool:
         return self.store is not None and self.capture_training_signals
@@ -534,7 +539,6 @@ class CoresetCallback(Callback):
             num_workers=self.scoring_num_workers,
             collate_fn=train_dl.collate_fn,
         )
-        extractor = self._extractor
         collected: list[ExampleSignals] = []
         modes = _ModuleModes(pl_module)
         bar = ScoringProgressBar(trainer, total=len(loader))
@@ -543,11 +547,7 @@ class CoresetCallback(Callback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    if extractor is None:
-                        extractor = self._extractor = SignalExtractor.for_module(pl_module, batch)
-                        if self._capturing():
-                            extractor.attach()
-                    collected.append(extractor.score_batch(batch).detach_cpu())
+                    collected.append(self._signal_extractor(pl_module, batch).score_batch(batch).detach_cpu())
                     bar.update(1)
         finally:
             bar.close()
