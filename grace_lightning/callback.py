@@ -23,7 +23,7 @@ from grace_lightning.telemetry import ScoringProgressBar, log_metrics
 
 __all__ = ["CoresetCallback"]
 
-_SIGNAL_KEYS = ("loss", "grad_norm", "embedding", "length")
+_SIGNAL_KEYS = ("loss", "grad_norm", "embedding", "length", "error_norm")
 
 
 def _positive_int_or_none(name: str, value: Any) -> Optional[int]:
@@ -570,7 +570,11 @@ class CoresetCallback(Callback):
     @staticmethod
     def _signals_from_rows(rows: dict[str, Optional[Tensor]]) -> ExampleSignals:
         return ExampleSignals(
-            loss=rows["loss"], grad_norm=rows["grad_norm"], embedding=rows["embedding"], length=rows["length"].long()
+            loss=rows["loss"],
+            grad_norm=rows["grad_norm"],
+            embedding=rows["embedding"],
+            length=rows["length"].long(),
+            error_norm=rows["error_norm"],
         )
 
     def _flush_pending_signals(self) -> None:

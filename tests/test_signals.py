@@ -111,6 +111,8 @@ def test_classification_grad_norm_matches_autograd(bias: bool) -> None:
     assert torch.allclose(s.loss, F.cross_entropy(head(h), y, reduction="none").detach(), atol=1e-6)
     assert torch.equal(s.embedding, h)
     assert s.length.tolist() == [1] * 9
+    el2n = (torch.softmax(head(h), -1) - F.one_hot(y, 4)).norm(dim=-1).detach()
+    assert torch.allclose(s.error_norm, el2n, atol=1e-6)
 
 
 def test_classification_low_precision_inputs_give_float32() -> None:
@@ -120,6 +122,7 @@ def test_classification_low_precision_inputs_give_float32() -> None:
     s = classification_signals(z, h, torch.tensor([0, 3, -100]), has_bias=True)
     assert s.loss.dtype == s.grad_norm.dtype == s.embedding.dtype == torch.float32
     assert torch.isfinite(s.grad_norm[:2]).all() and math.isnan(s.grad_norm[2]) and math.isnan(s.loss[2])
+    assert s.error_norm.dtype == torch.float32 and math.isnan(s.error_norm[2]) and torch.isfinite(s.error_norm[:2]).all()
     assert s.length.tolist() == [1, 1, 0]
 
 
@@ -177,6 +180,11 @@ def test_causal_lm_with_bias_matches_autograd() -> None:
         F.cross_entropy(head(h[b])[:-1], labels[b, 1:], ignore_index=-100).backward()
         ref = torch.sqrt(head.weight.grad.pow(2).sum() + head.bias.grad.pow(2).sum())
         assert rel_close(s.grad_norm[b : b + 1], ref[None])
+        # EL2N per sequence: the mean over supervised positions of the per-token ‖p_t − onehot(y_t)‖.
+        keep = labels[b, 1:] != -100
+        p = torch.softmax(head(h[b])[:-1][keep], -1).detach()
+        per_token = (p - F.one_hot(labels[b, 1:][keep], 13)).norm(dim=-1)
+        assert torch.allclose(s.error_norm[b], per_token.mean(), atol=1e-6)
 
 
 def test_causal_lm_sequence_without_supervision_is_nan() -> None:
@@ -188,6 +196,7 @@ def test_causal_lm_sequence_without_supervision_is_nan() -> None:
     s = causal_lm_signals(z, h, labels, has_bias=False)
     assert torch.isfinite(s.loss[0]) and torch.isfinite(s.grad_norm[0])
     assert math.isnan(s.loss[1]) and math.isnan(s.grad_norm[1]) and torch.isnan(s.embedding[1]).all()
+    assert torch.isfinite(s.error_norm[0]) and math.isnan(s.error_norm[1])
     assert s.length.tolist() == [4, 0]
 
 
@@ -224,6 +233,7 @@ def test_detects_custom() -> None:
     assert ex.mode == "custom"
     s = ex.score_batch(batch)
     assert s.loss.shape == (4,) and s.loss.dtype == torch.float32
+    assert s.error_norm is not None and s.error_norm.shape == (4,)  # custom captures carry EL2N through
     ex.attach()
     ex.arm()
     module.coreset_signals(batch)
@@ -276,6 +286,7 @@ def test_classification_training_capture_equals_score_batch() -> None:
     assert captured is not None
     assert torch.allclose(captured.grad_norm, scored.grad_norm) and torch.allclose(captured.loss, scored.loss)
     assert torch.allclose(captured.embedding, scored.embedding)
+    assert torch.allclose(captured.error_norm, scored.error_norm)
     assert ex.training_batch_signals(batch) is None  # consumed
 
     module(batch[0])
@@ -300,4 +311,5 @@ def test_causal_lm_score_batch_and_training_capture() -> None:
     assert captured is not None
     assert torch.allclose(captured.grad_norm, scored.grad_norm, rtol=1e-5)
     assert torch.allclose(captured.loss, scored.loss, rtol=1e-5)
+    assert torch.isfinite(scored.error_norm).all() and torch.allclose(captured.error_norm, scored.error_norm, rtol=1e-5)
     assert not module.model.lm_head._forward_hooks

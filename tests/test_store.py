@@ -11,7 +11,8 @@ from grace_lightning import ExampleSignals, SignalStore
 def _signals(n, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     return ExampleSignals(loss=torch.rand(n, generator=g), grad_norm=torch.rand(n, generator=g),
-                          embedding=torch.randn(n, dim, generator=g), length=torch.randint(1, 9, (n,), generator=g))
+                          embedding=torch.randn(n, dim, generator=g), length=torch.randint(1, 9, (n,), generator=g),
+                          error_norm=torch.rand(n, generator=g))
 
 
 def test_embeddings_are_stored_as_fp16_unit_rows_and_memory_stays_near_the_budget():
@@ -19,8 +20,8 @@ def test_embeddings_are_stored_as_fp16_unit_rows_and_memory_stays_near_the_budge
     store.update(torch.arange(1000), _signals(1000, 32), step=3)
     assert store.embedding.dtype == torch.float16
     assert torch.allclose(store.embedding.float().norm(dim=1), torch.ones(1000), atol=1e-3)
-    arrays = [store.loss, store.grad_norm, store.length, store.last_step, store.embedding]
-    assert sum(a.numel() * a.element_size() for a in arrays) == 1000 * (2 * 32 + 16)
+    arrays = [store.loss, store.grad_norm, store.length, store.last_step, store.embedding, store.error_norm]
+    assert sum(a.numel() * a.element_size() for a in arrays) == 1000 * (2 * 32 + 20)
 
 
 def test_wide_embeddings_are_projected_by_a_fixed_seeded_matrix_that_keeps_cosines():
@@ -46,7 +47,7 @@ def test_memmap_mode_keeps_arrays_in_files_and_matches_ram_mode(tmp_path):
     assert (tmp_path / "embedding.npy").exists() and (tmp_path / "loss.npy").exists()
     on_disk = np.load(tmp_path / "loss.npy", mmap_mode="r")
     assert np.array_equal(on_disk, mapped.loss.numpy())
-    for name in ("loss", "grad_norm", "length", "last_step", "embedding"):
+    for name in ("loss", "grad_norm", "length", "last_step", "embedding", "error_norm"):
         assert torch.equal(getattr(ram, name), getattr(mapped, name))
 
 
@@ -54,14 +55,31 @@ def test_checkpoint_round_trip_is_exact_under_weights_only_load(tmp_path):
     store = SignalStore(64, max_embedding_dim=8, seed=1)
     store.update(torch.arange(64), _signals(64, 20), step=2)
     store.update(torch.tensor([3, 4]), ExampleSignals(torch.tensor([float("nan"), 1.0]), torch.ones(2), torch.ones(2, 20)), step=5)
+    before = store.error_norm[5].clone()
+    bad_error = ExampleSignals(torch.ones(1), torch.ones(1), error_norm=torch.tensor([float("inf")]))
+    assert store.update(torch.tensor([5]), bad_error, step=5) == 1  # a non-finite EL2N rejects the whole row
+    assert store.error_norm[5] == before and store.last_step[5] == 2
     torch.save(store.state_dict(), tmp_path / "store.pt")
     restored = SignalStore(64, max_embedding_dim=8, seed=1, memmap_dir=tmp_path / "mm")
     restored.load_state_dict(torch.load(tmp_path / "store.pt", weights_only=True))
-    for name in ("loss", "grad_norm", "length", "last_step", "embedding"):
+    for name in ("loss", "grad_norm", "length", "last_step", "embedding", "error_norm"):
         assert torch.equal(getattr(store, name), getattr(restored, name)), name
-    assert restored.invalid_count == store.invalid_count == 1
+    assert restored.invalid_count == store.invalid_count == 2
     # The projection is rebuilt from the seed, so later updates project identically.
     more = _signals(4, 20, seed=9)
     store.update(torch.arange(4), more, step=6)
     restored.update(torch.arange(4), more, step=6)
     assert torch.equal(store.embedding, restored.embedding)
+
+
+def test_error_norm_is_absent_until_measured_and_round_trips_as_absent(tmp_path):
+    store = SignalStore(8)
+    store.update(torch.arange(4), ExampleSignals(torch.rand(4), torch.rand(4)), step=0)  # a capture without EL2N
+    assert store.error_norm is None
+    torch.save(store.state_dict(), tmp_path / "store.pt")
+    restored = SignalStore(8)
+    restored.update(torch.arange(2), ExampleSignals(torch.ones(2), torch.ones(2), error_norm=torch.ones(2)), step=0)
+    restored.load_state_dict(torch.load(tmp_path / "store.pt", weights_only=True))
+    assert restored.error_norm is None  # the checkpoint's state wins, including "never measured"
+    store.update(torch.tensor([6, 1]), ExampleSignals(torch.ones(2), torch.ones(2), error_norm=torch.tensor([0.5, 0.25])), step=1)
+    assert store.error_norm.tolist() == [0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0]

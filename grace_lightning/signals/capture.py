@@ -20,7 +20,8 @@ The ``coreset_signals`` contract
 
 - ``batch`` is exactly what ``training_step`` receives (same structure, already on the model's device);
 - it must be forward-only and per-example: return one row per example in the batch (``loss`` and
-  ``grad_norm`` of shape ``(B,)``, optionally ``embedding`` ``(B, d)`` and ``length`` ``(B,)``);
+  ``grad_norm`` of shape ``(B,)``, optionally ``embedding`` ``(B, d)``, ``length`` ``(B,)`` and
+  ``error_norm`` ``(B,)``, which the ``el2n`` strategy needs);
 - scoring passes call it under ``torch.no_grad()`` with the module in eval mode, so it must not call
   ``backward``, step optimizers, log, or rely on dropout/BatchNorm batch statistics;
 - rows that cannot be scored should be NaN (callers exclude and count non-finite rows).
@@ -360,6 +361,7 @@ def _as_float32(s: ExampleSignals) -> ExampleSignals:
         grad_norm=s.grad_norm.detach().float(),
         embedding=None if s.embedding is None else s.embedding.detach().float(),
         length=None if s.length is None else s.length.detach().long(),
+        error_norm=None if s.error_norm is None else s.error_norm.detach().float(),
     )
 
 

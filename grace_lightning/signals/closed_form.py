@@ -3,7 +3,8 @@
 For cross-entropy on logits ``z = W h (+ b)`` the gradient of the loss with respect to the logits is
 ``e = softmax(z) - onehot(y)``, so the gradient with respect to the head's weight is the outer product
 ``e hᵀ`` and with respect to its bias is ``e``. Its Frobenius norm is therefore ``‖e‖ · sqrt(‖h‖² [+ 1])``
-(research/lightning.md §5.2). For a causal LM the per-sequence gradient is ``Σ_t e_t h_tᵀ`` and its exact
+(research/lightning.md §5.2). The factor ``‖e‖`` alone is the EL2N score (Paul et al. 2021), kept as
+``error_norm``. For a causal LM the per-sequence gradient is ``Σ_t e_t h_tᵀ`` and its exact
 norm comes from two ``T × T`` Gram matrices, never from the ``V × d`` gradient itself (§5.3).
 
 Everything is computed in float32, whatever the input dtype, because bf16/fp16 softmax residuals
@@ -46,8 +47,8 @@ def classification_signals(
         has_bias: whether the head has a bias; adds the bias gradient ``e`` to the norm.
 
     Returns:
-        float32 ``ExampleSignals`` on the inputs' device with ``embedding = head_input`` and ``length = 1``
-        (0 for ignored targets).
+        float32 ``ExampleSignals`` on the inputs' device with ``embedding = head_input``, ``length = 1``
+        (0 for ignored targets) and ``error_norm = ‖e‖`` (EL2N).
 
     Example:
         >>> h = torch.randn(4, 8); head = torch.nn.Linear(8, 3)
@@ -66,7 +67,8 @@ def classification_signals(
     loss = -log_p.gather(1, y_safe[:, None]).squeeze(1)
     e = log_p.exp() - F.one_hot(y_safe, z.shape[1]).to(z.dtype)
     h_sq = h.pow(2).sum(-1) + (1.0 if has_bias else 0.0)
-    grad_norm = e.norm(dim=-1) * h_sq.sqrt()
+    error_norm = e.norm(dim=-1)  # EL2N: the head-gradient norm is this times ‖(h, 1)‖
+    grad_norm = error_norm * h_sq.sqrt()
 
     nan = torch.full_like(loss, float("nan"))
     return ExampleSignals(
@@ -74,6 +76,7 @@ def classification_signals(
         grad_norm=torch.where(valid, grad_norm, nan),
         embedding=h,
         length=valid.long(),
+        error_norm=torch.where(valid, error_norm, nan),
     )
 
 
@@ -110,7 +113,8 @@ def causal_lm_signals(
 
     Returns:
         float32 ``ExampleSignals``: ``embedding`` is the mean of ``h_t`` over the positions whose logits
-        predict a supervised label, ``length`` is ``T_eff``.
+        predict a supervised label, ``length`` is ``T_eff``, ``error_norm`` is the mean over those
+        positions of the per-token EL2N ``‖p_t − onehot(y_t)‖``.
 
     Example:
         >>> h = torch.randn(2, 5, 8); head = torch.nn.Linear(8, 11, bias=False)
@@ -135,17 +139,18 @@ def causal_lm_signals(
         grad_norm=torch.stack([r[1] for r in rows]) if rows else torch.empty(0, device=device),
         embedding=torch.stack([r[2] for r in rows]) if rows else torch.empty(0, hidden.shape[-1], device=device),
         length=mask.sum(1).long(),
+        error_norm=torch.stack([r[3] for r in rows]) if rows else torch.empty(0, device=device),
     )
 
 
 def _sequence_signals(
     z: Tensor, h: Tensor, y: Tensor, has_bias: bool, block_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, grad_norm, embedding) for one sequence, given only its supervised positions."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_norm, embedding, error_norm) for one sequence, given only its supervised positions."""
     n = z.shape[0]
     if n == 0:
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=z.device)
-        return nan, nan, torch.full((h.shape[-1],), float("nan"), dtype=torch.float32, device=h.device)
+        return nan, nan, torch.full((h.shape[-1],), float("nan"), dtype=torch.float32, device=h.device), nan
     z = z.float()
     h = h.float()
     log_p = torch.log_softmax(z, dim=-1)
@@ -154,6 +159,7 @@ def _sequence_signals(
     e = log_p.exp_()  # reuse the buffer: log_p is not needed after the loss
     e[torch.arange(n, device=e.device), y] -= 1.0
     e /= n
+    error_norm = e.norm(dim=-1).sum()  # = mean_t ‖p_t − onehot(y_t)‖, since every row was divided by n
     sq = z.new_zeros(())
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
@@ -163,7 +169,7 @@ def _sequence_signals(
             hh += 1.0
         sq += (ee * hh).sum()
     # The quadratic form is PSD; clamp only guards rounding to a tiny negative value.
-    return loss, sq.clamp_min(0.0).sqrt(), h.mean(0)
+    return loss, sq.clamp_min(0.0).sqrt(), h.mean(0), error_norm
 
 
 def _check_classification_shapes(logits: Tensor, head_input: Tensor, targets: Tensor) -> None:

@@ -17,11 +17,13 @@ __all__ = ["SignalStore"]
 
 
 class SignalStore:
-    """Dense per-example arrays over the pool: loss, gradient norm, unit embedding (fp16), length, last step.
+    """Dense per-example arrays over the pool: loss, gradient norm, EL2N, unit embedding (fp16), length, last step.
 
-    Memory is about ``N * (2*d + 16)`` bytes (``d`` = stored embedding dimension). Non-finite measurements
-    (NaN/Inf loss, gradient norm or embedding) are never written: the example keeps its previous value and
-    the rejection is counted in :attr:`invalid_count`, so strategies only ever see finite numbers.
+    Memory is about ``N * (2*d + 20)`` bytes (``d`` = stored embedding dimension; 4 bytes less per example
+    when no ``error_norm`` is ever measured, as the embedding and error-norm arrays are allocated on first
+    use). Non-finite measurements (NaN/Inf loss, gradient norm, error norm or embedding) are never written:
+    the example keeps its previous value and the rejection is counted in :attr:`invalid_count`, so
+    strategies only ever see finite numbers.
 
     Embeddings wider than ``max_embedding_dim`` are projected by a fixed Gaussian random projection
     (Johnson-Lindenstrauss: cosines are preserved up to a small distortion), drawn once from ``seed``.
@@ -69,6 +71,7 @@ class SignalStore:
         self.length = self._array("length", (pool_size,), np.int32, 1)
         self.last_step = self._array("last_step", (pool_size,), np.int32, -1)
         self.embedding: Optional[Tensor] = None  # (N, d) float16, unit rows; allocated on first use
+        self.error_norm: Optional[Tensor] = None  # (N,) float32 EL2N; allocated on first use (custom captures may omit it)
         self.projection: Optional[Tensor] = None  # (D, d) float32, when embeddings arrive wider than d
         self.invalid_count = 0
 
@@ -107,6 +110,8 @@ class SignalStore:
         finite = torch.isfinite(s.loss) & torch.isfinite(s.grad_norm)
         if s.embedding is not None:
             finite &= torch.isfinite(s.embedding).all(dim=1)
+        if s.error_norm is not None:
+            finite &= torch.isfinite(s.error_norm)
         rejected = int((~finite).sum())
         self.invalid_count += rejected
         keep = finite.nonzero().squeeze(1)
@@ -121,6 +126,10 @@ class SignalStore:
         self.grad_norm[idx] = s.grad_norm[keep]
         self.length[idx] = s.length[keep].to(torch.int32)
         self.last_step[idx] = steps[keep]
+        if s.error_norm is not None:
+            if self.error_norm is None:
+                self.error_norm = self._array("error_norm", (self.pool_size,), np.float32, 0)
+            self.error_norm[idx] = s.error_norm[keep]
         if s.embedding is not None:
             emb = F.normalize(self._project(s.embedding[keep]), dim=1).to(torch.float16)
             if self.embedding is None:
@@ -140,6 +149,7 @@ class SignalStore:
             "length": self.length,
             "last_step": self.last_step,
             "embedding": self.embedding,
+            "error_norm": self.error_norm,
             "invalid_count": self.invalid_count,
         }
 
@@ -157,4 +167,11 @@ class SignalStore:
             if self.embedding is None or self.embedding.shape != state["embedding"].shape:
                 self.embedding = self._array("embedding", tuple(state["embedding"].shape), np.float16, 0)
             self.embedding.copy_(state["embedding"])
+        error_norm = state.get("error_norm")  # absent from checkpoints written before EL2N was stored
+        if error_norm is None:
+            self.error_norm = None
+        else:
+            if self.error_norm is None:
+                self.error_norm = self._array("error_norm", (self.pool_size,), np.float32, 0)
+            self.error_norm.copy_(error_norm)
         self.invalid_count = int(state["invalid_count"])

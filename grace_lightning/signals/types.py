@@ -20,12 +20,16 @@ class ExampleSignals:
         embedding: ``(B, d)`` float32 head input (penultimate features; mean over supervised tokens for
             sequences), not normalised. ``None`` when the capture cannot provide it.
         length: ``(B,)`` int64 supervised tokens per example (1 for fixed-size inputs).
+        error_norm: ``(B,)`` float32 EL2N score ``‖softmax(z) − onehot(y)‖₂`` (Paul et al. 2021; mean over
+            supervised tokens of the per-token norm for sequences). ``None`` when the capture cannot provide
+            it (a custom ``coreset_signals`` may leave it out; only strategies that read it need it).
     """
 
     loss: Tensor
     grad_norm: Tensor
     embedding: Optional[Tensor] = None
     length: Optional[Tensor] = None
+    error_norm: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         n = self.loss.shape[0]
@@ -40,6 +44,10 @@ class ExampleSignals:
             self.length = torch.ones(n, dtype=torch.long, device=self.loss.device)
         elif self.length.shape != (n,):
             raise ValueError(f"ExampleSignals: `length` must have shape (B,) with B={n}, got {tuple(self.length.shape)}.")
+        if self.error_norm is not None and self.error_norm.shape != (n,):
+            raise ValueError(
+                f"ExampleSignals: `error_norm` must have shape (B,) with B={n}, got {tuple(self.error_norm.shape)}."
+            )
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -51,4 +59,5 @@ class ExampleSignals:
             grad_norm=self.grad_norm.detach().float().cpu(),
             embedding=None if self.embedding is None else self.embedding.detach().float().cpu(),
             length=self.length.detach().long().cpu(),
+            error_norm=None if self.error_norm is None else self.error_norm.detach().float().cpu(),
         )
