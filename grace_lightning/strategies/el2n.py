@@ -1,0 +1,131 @@
+"""``el2n``: keep the examples with the largest EL2N score, measured once early in training (static pruning).
+
+After Paul, Ganguli, Dziugaite, *Deep Learning on a Data Diet: Finding Important Examples Early in
+Training*, NeurIPS 2021 (arXiv:2107.07075): ``EL2N(x, y) = ‖softmax(z(x)) − onehot(y)‖₂``, computed a few
+epochs into training. The paper averages over several initialisations; here it is one run's score.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, uniform_sample
+
+
+class EL2NState:
+    """EL2N's memory between refreshes (rank 0 only): the frozen selection and how long it has been kept.
+
+    Attributes:
+        selection: ``(budget,)`` int64 sorted pool indices chosen at the last scoring pass, ``None`` before.
+        waited: refreshes since that scoring pass that reused the selection.
+    """
+
+    def __init__(self) -> None:
+        self.selection: Optional[Tensor] = None
+        self.waited = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selection": self.selection, "waited": self.waited}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.selection = None if state["selection"] is None else state["selection"].clone()
+        self.waited = int(state["waited"])
+
+
+@register_strategy("el2n")
+class EL2N(Strategy):
+    r"""The top-``budget`` examples by EL2N, scored over the whole pool at ``score_epoch`` and then frozen.
+
+    * **Before** ``score_epoch``: a fresh uniform random subset of the budget's size at every refresh
+      (like ``random``, and like the callback's own cold start). To train on the whole pool first, as
+      the paper does, add ``CoresetCallback(warmup_epochs=score_epoch)``: warm-up streams the whole pool
+      at the budget's epoch length and its last refresh is the scoring one.
+    * **At the first refresh whose selection starts at epoch ``score_epoch`` or later**: a forward-only
+      scoring pass over the whole pool, then the ``budget`` examples with the largest EL2N (ties broken
+      by the seeded generator). Examples that could not be scored (no supervised target) rank last.
+    * **After**: the same subset, unweighted, at every refresh. Free training signals keep updating the
+      store, but only for the selected examples, so re-ranking from the store between scoring passes
+      would compare fresh scores against stale ones; the selection is not touched.
+      ``rescore_every_n_refreshes=k`` rescans the whole pool and re-selects at every ``k``-th refresh
+      after a scoring pass instead.
+
+    The score is the store's ``error_norm`` (see :class:`~grace_lightning.signals.ExampleSignals`): the
+    automatic captures provide it; a custom ``coreset_signals`` must return ``ExampleSignals(...,
+    error_norm=...)``.
+
+    Args:
+        score_epoch: epoch (0-based) of the first selection made from EL2N scores (``>= 0``).
+        rescore_every_n_refreshes: rescore and re-select every this many refreshes after a scoring pass
+            (``None``: never; the selection is static).
+
+    Example::
+
+        CoresetCallback(sampler, strategy="el2n", strategy_kwargs={"score_epoch": 2})
+    """
+
+    needs = frozenset({"error_norm"})
+
+    def __init__(self, score_epoch: int = 2, rescore_every_n_refreshes: Optional[int] = None) -> None:
+        if isinstance(score_epoch, bool) or not isinstance(score_epoch, int) or score_epoch < 0:
+            raise ValueError(f"el2n: `score_epoch` must be an int >= 0 (e.g. 2), got {score_epoch!r}.")
+        every = rescore_every_n_refreshes
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(
+                f"el2n: `rescore_every_n_refreshes` must be a positive int, or None to never rescore; got {every!r}."
+            )
+        self.score_epoch = score_epoch
+        self.rescore_every_n_refreshes = every
+
+    def __repr__(self) -> str:
+        return f"EL2N(score_epoch={self.score_epoch}, rescore_every_n_refreshes={self.rescore_every_n_refreshes})"
+
+    def create_state(self, pool_size: int) -> EL2NState:
+        return EL2NState()
+
+    def _scoring_due(self, inputs: SelectionInput) -> bool:
+        """Whether this refresh scores the pool: a pure function of the inputs and the state before ``select``."""
+        if inputs.epoch < self.score_epoch:
+            return False
+        state = _state(inputs)
+        if state.selection is None:
+            return True
+        every = self.rescore_every_n_refreshes
+        return every is not None and state.waited + 1 >= every
+
+    def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
+        return torch.arange(inputs.pool_size) if self._scoring_due(inputs) else None
+
+    def select(self, inputs: SelectionInput) -> Selection:
+        if inputs.epoch < self.score_epoch:
+            return Selection(uniform_sample(inputs.pool_size, inputs.budget, inputs.generator), diagnostics={"rescored": 0.0})
+        state = _state(inputs)
+        if not self._scoring_due(inputs):
+            state.waited += 1
+            return Selection(state.selection.clone(), diagnostics={"rescored": 0.0})
+        store = inputs.store
+        if store is None or store.error_norm is None:
+            raise ValueError(
+                "el2n: no EL2N score (`error_norm`) was measured. The automatic signal captures provide it; a "
+                "custom `coreset_signals` must return it too: ExampleSignals(loss=..., grad_norm=..., "
+                "error_norm=(softmax(logits) - one_hot(targets)).norm(dim=-1)), or use "
+                "grace_lightning.signals.classification_signals / causal_lm_signals, which compute it."
+            )
+        score = torch.where(store.measured, store.error_norm, torch.full_like(store.error_norm, -torch.inf))
+        # Random order first, then a stable sort: ties are broken by the seeded generator, not by index.
+        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator)
+        order = shuffled[torch.argsort(score[shuffled], descending=True, stable=True)]
+        state.selection = order[: inputs.budget].sort().values
+        state.waited = 0
+        return Selection(state.selection.clone(), diagnostics={"rescored": 1.0})
+
+
+def _state(inputs: SelectionInput) -> EL2NState:
+    if not isinstance(inputs.state, EL2NState):
+        raise TypeError(
+            "el2n: `inputs.state` must be the EL2NState from EL2N.create_state(pool_size); the CoresetCallback "
+            "passes it. When calling the strategy yourself, pass SelectionInput(..., state=strategy.create_state(n))."
+        )
+    return inputs.state
