@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from grace_lightning import CoresetCallback, CoresetSampler
-from grace_lightning.bench.tasks import MixtureConfig, build_model, make_mixture
+from grace_lightning.bench.tasks.mixture import MixtureConfig, build_model, make_mixture
 from grace_lightning.sampler import LoaderPosition
 
 TARGET_PERCENT = 1.0

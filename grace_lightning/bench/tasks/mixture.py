@@ -1,24 +1,23 @@
-"""The benchmark's task: a seeded Gaussian-mixture classification problem and a small MLP classifier.
+"""Task ``mixture``: a seeded Gaussian-mixture classification problem and a small MLP (no data to install).
 
-Everything is deterministic from the seed, and nothing here touches the global RNGs: the data come from
-a private :class:`torch.Generator`, and :func:`build_model` initialises the weights inside
-:func:`torch.random.fork_rng`, so the caller's random state is the same before and after.
+Everything is deterministic from the seed: the data come from a private :class:`torch.Generator`, and
+:func:`build_model` initialises the weights inside :func:`torch.random.fork_rng`. Seconds per run, so the
+tests and the overhead benchmark use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from grace_lightning.weights import batch_weights
+from grace_lightning.bench.tasks.base import BenchModule, BenchTask, TaskData, TaskSize, seeded_init
 
-__all__ = ["MixtureConfig", "MixtureData", "MLPClassifier", "build_model", "make_mixture"]
+__all__ = ["MixtureConfig", "MixtureTask", "MLPClassifier", "build_model", "make_mixture"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,7 @@ class MixtureConfig:
     val_fraction: float = 0.2
 
 
-@dataclass
-class MixtureData:
-    train: TensorDataset
-    val: TensorDataset
-    num_classes: int
-    dim: int
-
-
-def make_mixture(config: MixtureConfig, seed: int) -> MixtureData:
+def make_mixture(config: MixtureConfig, seed: int) -> TaskData:
     """Generate the train/validation split of the problem for ``seed`` (same seed, same tensors)."""
     gen = torch.Generator().manual_seed(int(seed))
     n_comp = config.num_classes * config.components_per_class
@@ -57,58 +48,64 @@ def make_mixture(config: MixtureConfig, seed: int) -> MixtureData:
     order = torch.randperm(config.num_examples, generator=gen)
     n_val = max(1, int(round(config.val_fraction * config.num_examples)))
     val_idx, train_idx = order[:n_val], order[n_val:]
-    return MixtureData(
+    return TaskData(
         train=TensorDataset(x[train_idx], y[train_idx]),
         val=TensorDataset(x[val_idx], y[val_idx]),
-        num_classes=config.num_classes,
-        dim=config.dim,
+        info={"num_classes": config.num_classes, "dim": config.dim},
     )
 
 
-class MLPClassifier(L.LightningModule):
-    """Two hidden ReLU layers; the loss is weighted by :func:`~grace_lightning.batch_weights`.
-
-    Records validation accuracy (``MulticlassAccuracy``, micro average = plain accuracy) after each
-    validation epoch in :attr:`accuracy_history`, and counts the training examples it has seen.
-    """
+class MLPClassifier(BenchModule):
+    """Two hidden ReLU layers and a linear ``head``; metric: validation accuracy."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 128, lr: float = 2e-3) -> None:
-        super().__init__()
-        self.lr = lr
-        self.body = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-        )
+        super().__init__(lr=lr)
+        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, num_classes)
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.accuracy_history: list[float] = []
-        self.examples_seen = 0
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
-    def training_step(self, batch, batch_idx):
+    def per_example_loss(self, batch) -> Tensor:
         x, y = batch
-        self.examples_seen += int(y.numel())
-        losses = F.cross_entropy(self(x), y, reduction="none")
-        return (losses * batch_weights(self)).mean()
+        return F.cross_entropy(self(x), y, reduction="none")
 
-    def validation_step(self, batch, batch_idx):
+    def update_metric(self, batch) -> None:
         x, y = batch
         self.val_accuracy.update(self(x), y)
 
-    def on_validation_epoch_end(self) -> None:
-        accuracy = float(self.val_accuracy.compute())
+    def compute_metric(self) -> float:
+        value = float(self.val_accuracy.compute())
         self.val_accuracy.reset()
-        if not self.trainer.sanity_checking:
-            self.accuracy_history.append(accuracy)
-        self.log("val_acc", accuracy)
+        return value
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def build_model(data: MixtureData, seed: int, **kwargs) -> MLPClassifier:
+def build_model(data: TaskData, seed: int, **kwargs) -> MLPClassifier:
     """A fresh model initialised from ``seed``; the global RNG state is restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return MLPClassifier(data.dim, data.num_classes, **kwargs)
+    return seeded_init(seed, lambda: MLPClassifier(data.info["dim"], data.info["num_classes"], **kwargs))
+
+
+class MixtureTask(BenchTask):
+    """Generated 10-class Gaussian mixture in 20 dimensions, 2-hidden-layer MLP, accuracy."""
+
+    name = "mixture"
+    description = "generated 10-class Gaussian mixture (20 dims), 2-layer MLP; accuracy"
+    metric = "accuracy"
+    higher_is_better = True
+    tolerance = 0.005
+    batch_size = 128
+    sizes = {
+        "quick": TaskSize(train_examples=6_400, val_examples=1_600, epochs=5),
+        "default": TaskSize(train_examples=16_000, val_examples=4_000, epochs=10),
+    }
+
+    def make_data(self, size: TaskSize, seed: int) -> TaskData:
+        train, val = size.train_examples or 16_000, size.val_examples or 4_000
+        return make_mixture(MixtureConfig(num_examples=train + val, val_fraction=val / (train + val)), seed)
+
+    def build_model(self, data: TaskData, seed: int) -> MLPClassifier:
+        return build_model(data, seed)

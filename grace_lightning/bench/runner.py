@@ -1,0 +1,162 @@
+"""One benchmark run: a fresh model trained on a coreset of one task, timed, with every evaluation recorded.
+
+Timing: ``wall_seconds`` is the whole ``trainer.fit``; ``train_seconds`` is the same minus the time spent in
+validation loops (identical work for every strategy, so it is left out of the comparison). Both include
+the selection's own cost: scoring passes, strategy state updates and selection, which the callback also
+reports on their own (``selection_seconds``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from typing import Iterator
+
+import lightning as L
+
+from grace_lightning.bench.config import BenchConfig
+from grace_lightning.bench.tasks import BenchTask, TaskSize
+
+__all__ = ["EvalClock", "plan", "quiet_and_restored", "run_one"]
+
+
+class EvalClock(L.Callback):
+    """Records, after every validation epoch, the clock and the cost so far (the run's evaluation points)."""
+
+    def __init__(self, coreset_callback) -> None:
+        self.coreset_callback = coreset_callback
+        self.fit_began = 0.0
+        self.validation_seconds = 0.0
+        self._validation_began = 0.0
+        self.points: list[dict] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fit_began = time.perf_counter()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation_began = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        now = time.perf_counter()
+        self.validation_seconds += now - self._validation_began
+        if trainer.sanity_checking or not pl_module.metric_history:
+            return
+        history = self.coreset_callback.history
+        self.points.append(
+            {
+                "epoch": int(trainer.current_epoch) + 1,
+                "step": int(trainer.global_step),
+                "examples_seen": int(pl_module.examples_seen),
+                "wall_seconds": now - self.fit_began,
+                "train_seconds": now - self.fit_began - self.validation_seconds,
+                "selection_seconds": float(history[-1]["selection_seconds_total"]) if history else 0.0,
+                "metric": float(pl_module.metric_history[-1]),
+            }
+        )
+
+
+@contextlib.contextmanager
+def quiet_and_restored() -> Iterator[None]:
+    """Silence Lightning's per-fit chatter, and undo the global flags ``Trainer(deterministic=True)`` sets."""
+    import torch
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*number of training batches.*log_every_n_steps.*")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: BenchConfig) -> dict:
+    """Train one fresh model on a coreset and return its row: the summary columns plus ``evals``."""
+    from torch.utils.data import DataLoader
+
+    from grace_lightning import CoresetCallback, CoresetSampler
+
+    size = TaskSize(config.train_examples, config.val_examples, config.epochs)
+    data = task.make_data(size, seed)
+    model = task.build_model(data, seed)
+    sampler = CoresetSampler(data.train, fraction=fraction, seed=seed)
+    train_loader = DataLoader(data.train, batch_size=task.batch_size, sampler=sampler, collate_fn=data.collate_fn)
+    val_loader = DataLoader(data.val, batch_size=task.val_batch_size, shuffle=False, collate_fn=data.collate_fn)
+    callback = CoresetCallback(
+        sampler,
+        strategy=strategy,
+        refresh_every_n_epochs=1,
+        seed=seed,
+        strategy_kwargs=config.strategy_kwargs.get(strategy) or None,
+    )
+    clock = EvalClock(callback)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=config.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        benchmark=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback, clock],
+    )
+    began = time.perf_counter()
+    trainer.fit(model, train_loader, val_loader)
+    wall = time.perf_counter() - began
+    if not callback.history:
+        raise RuntimeError(f"bench: the CoresetCallback recorded no selection in the {strategy!r} run.")
+    if len(clock.points) != config.epochs:
+        raise RuntimeError(f"bench: expected {config.epochs} evaluations in the {strategy!r} run, got {len(clock.points)}.")
+    selection = float(callback.history[-1]["selection_seconds_total"])
+    train = wall - clock.validation_seconds
+    metrics = [p["metric"] for p in clock.points]
+    best = max(metrics) if task.higher_is_better else min(metrics)
+    return {
+        "task": task.name,
+        "strategy": strategy,
+        "fraction": fraction,
+        "seed": seed,
+        "epochs": config.epochs,
+        "train_examples": len(data.train),
+        "budget_per_epoch": sampler.budget,
+        "steps": int(trainer.global_step),
+        "examples_seen": int(model.examples_seen),
+        "metric": task.metric,
+        "final_metric": metrics[-1],
+        "best_metric": best,
+        "wall_seconds": wall,
+        "train_seconds": train,
+        "selection_seconds": selection,
+        "selection_share": selection / train if train > 0 else float("nan"),
+        "evals": clock.points,
+    }
+
+
+def plan(config: BenchConfig) -> list[tuple[int, str, float]]:
+    """Run order: seeds outermost, so slow drifts of the machine spread over every strategy alike."""
+    pairs: list[tuple[str, float]] = []
+    for strategy in config.strategies:
+        for fraction in [1.0] if strategy == "full" else config.fractions:
+            pairs.append((strategy, fraction))
+    return [(seed, strategy, fraction) for seed in config.seeds for strategy, fraction in pairs]
