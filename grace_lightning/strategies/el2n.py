@@ -57,7 +57,9 @@ class EL2N(Strategy):
     error_norm=...)``.
 
     Args:
-        score_epoch: epoch (0-based) of the first selection made from EL2N scores (``>= 0``).
+        score_epoch: epoch (0-based) of the first selection made from EL2N scores (``>= 0``). With 0, the
+            scoring pass is the first refresh after training starts: before any training the callback draws
+            a uniform subset itself, as an untrained model's scores say nothing.
         rescore_every_n_refreshes: rescore and re-select every this many refreshes after a scoring pass
             (``None``: never; the selection is static).
 
