@@ -89,6 +89,62 @@ def test_lazy_matches_plain_greedy_larger_graph():
     assert lazy.evaluations < plain.evaluations / 20
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
+def test_batched_lazy_matches_plain_greedy(ties):
+    # The batched lazy greedy accepts several picks per vectorised re-evaluation; it must still be plain greedy,
+    # bit for bit, whatever the batch size (1 = the scalar Minoux loop, None = adaptive).
+    rng = np.random.default_rng(99 + ties)
+    accepted_several = False
+    for trial in range(40):
+        n = int(rng.integers(30, 301))
+        k = int(rng.integers(1, 9))
+        lam = [0.0, 0.5, 1.0][trial % 3]
+        neighbors, weights, importance = random_graph(rng, n, k, ties=ties)
+        budget = n if trial % 5 == 0 else int(rng.integers(1, min(n, 80) + 1))
+        plain = select_facility_location(neighbors, weights, importance, budget, lam=lam, lazy=False)
+        for batch_size in (1, 2, 5, 64, None):
+            res = select_facility_location(neighbors, weights, importance, budget, lam=lam, batch_size=batch_size)
+            ctx = f"trial {trial}: n={n} k={k} lam={lam} budget={budget} batch_size={batch_size}"
+            np.testing.assert_array_equal(res.selected, plain.selected, err_msg=ctx)
+            np.testing.assert_array_equal(res.gains, plain.gains, err_msg=ctx)  # bit-identical
+            np.testing.assert_array_equal(res.coverage, plain.coverage, err_msg=ctx)
+            assert res.uncovered == plain.uncovered
+            if batch_size == 64 and budget > 20 and n - budget > 64:  # every round evaluates 64 nodes
+                accepted_several |= res.evaluations < 64 * budget  # some round picked more than one node
+    assert accepted_several
+
+
+def test_batch_gains_are_the_scalar_gains_bit_for_bit():
+    rng = np.random.default_rng(5)
+    n = 400
+    neighbors, weights, importance = random_graph(rng, n, 12, missing=0.0)
+    importance = np.exp(rng.normal(0.0, 3.0, size=n))  # many magnitudes: summation order shows in the bits
+    neighbors, weights, importance, lam = submodular._validate_graph(neighbors, weights, importance, 0.7)
+    indptr, src, w, imp_src = submodular._reverse_csr(neighbors, weights, importance)
+    cover = np.where(rng.random(n) < 0.3, rng.random(n), 0.0)  # a partly covered pool
+    gain, _ = submodular._make_gain(indptr, src, w, imp_src, lam * importance, memoryview(cover))
+    ids = rng.permutation(n)[:150]
+    got, row, node, weight = submodular._batch_gains(ids, indptr, src, w, imp_src, lam * importance, cover)
+    np.testing.assert_array_equal(got, [gain(int(s)) for s in ids])
+    # the active records are exactly those with w_vs > cover[v]
+    assert np.all(weight > cover[node])
+    expected = sum(int(np.sum(w[indptr[s]:indptr[s + 1]] > cover[src[indptr[s]:indptr[s + 1]]])) for s in ids)
+    assert row.size == expected
+    # numpy's pairwise sum of the same terms differs in the last bits for some rows: the test has teeth
+    pairwise = []
+    for s in ids:
+        seg = slice(indptr[s], indptr[s + 1])
+        c = cover[src[seg]]
+        pairwise.append(lam * importance[s] + np.sum(np.where(w[seg] > c, imp_src[seg] * (w[seg] - c), 0.0)))
+    assert np.any(np.asarray(pairwise) != got)
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5, True, "8"])
+def test_bad_batch_size(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        select_facility_location(*_good(), 1, batch_size=batch_size)
+
+
 def test_tie_rule_smallest_index():
     # All nodes identical (a ring with equal weights): every first gain ties, so the smallest id wins;
     # afterwards the nodes it does not touch still tie and the smallest of them wins.
@@ -192,7 +248,7 @@ def test_coverage_by_hand(lazy):
     neighbors, weights, importance = hand_graph()
     res = select_facility_location(neighbors, weights, importance, 2, lam=0.0, lazy=lazy)
     assert res.selected.tolist() == [0, 3]
-    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    f32 = lambda x: float(np.float32(x))
     assert res.gains.tolist() == [1.0 + f32(0.9) + f32(0.5), 1.0 + f32(0.8)]
     # Node 1 -> 0 (only pick in N(1)); node 2 -> 0 (w=.5 ties with pick 3: smallest id); node 4 -> 3;
     # node 7 -> 0 (a zero-weight edge still names its pick); nodes 5 (N = {6}) and 6 (no edges) are
