@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import faiss
 import numpy as np
@@ -142,6 +141,42 @@ def _drop_self(query_ids: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: i
     return labels, sims
 
 
+def _merge_extra(nb: np.ndarray, sims: np.ndarray, pos: np.ndarray, cand: np.ndarray, cand_s: np.ndarray):
+    """Merge extra edges ``(pos[t] -> cand[t], cand_s[t])`` into the ``(m, w)`` rows ``nb`` / ``sims``.
+
+    Each row becomes the ``w`` best of its entries and its extras, sorted (ties keep existing entries first); the
+    extras must not repeat an entry of their row. Returns ``(nb, sims, evicted)`` with ``evicted[r]`` the largest
+    similarity that no longer fits (``-inf`` where nothing was dropped). Rows without extras are only re-sorted.
+    """
+    m, w = nb.shape
+    evicted = np.full(m, -np.inf, dtype=np.float32)
+    has = np.zeros(m, dtype=bool)
+    has[pos] = True
+    plain = np.flatnonzero(~has)
+    nb[plain], sims[plain] = _sort_rows(nb[plain], sims[plain])
+    if pos.size:
+        o = np.lexsort((-cand_s, pos))  # by row, best first: at most w extras per row can matter
+        pos, cand, cand_s = pos[o], cand[o], cand_s[o]
+        rank = np.arange(pos.size) - np.searchsorted(pos, pos, side="left")
+        keep = rank < w
+        rows = np.flatnonzero(has)
+        at = np.searchsorted(rows, pos[keep])
+        big_nb = np.full((rows.size, 2 * w), -1, dtype=np.int64)
+        big_s = np.full((rows.size, 2 * w), -np.inf, dtype=np.float32)
+        big_nb[:, :w], big_s[:, :w] = nb[rows], sims[rows]
+        big_nb[at, w + rank[keep]], big_s[at, w + rank[keep]] = cand[keep], cand_s[keep]
+        big_nb, big_s = _sort_rows(big_nb, big_s)
+        nb[rows], sims[rows] = big_nb[:, :w], big_s[:, :w]
+        evicted[rows] = big_s[:, w]
+    return nb, sims, evicted
+
+
+def _check_reserve(reserve) -> int:
+    if isinstance(reserve, (bool, np.bool_)) or not isinstance(reserve, (int, np.integer)) or reserve < 0:
+        raise ValueError(f"reserve must be an int >= 0, got {reserve!r}")
+    return int(reserve)
+
+
 def _check_repair(repair: str) -> str:
     if repair not in ("search", "two_hop"):
         raise ValueError(f"repair must be 'search' or 'two_hop', got {repair!r}")
@@ -169,8 +204,13 @@ class KnnGraph:
         similarities: ``(N, k)`` float32 ``cos(e_i, e_neighbors[i, c])``, each row sorted descending; ``-inf``
             on missing edges.
         method: ``"flat"`` (exact ``IndexFlatIP``) or ``"hnsw"`` (``IndexHNSWFlat``, inner product).
-        k, hnsw_m, ef_construction, ef_search, overlay_limit, exact_threshold, repair: the build parameters (kept
-            so that :meth:`update` and :meth:`from_state_dict` use the same ones).
+        k, hnsw_m, ef_construction, ef_search, overlay_limit, exact_threshold, repair, reserve, inplace_drift: the
+            build parameters (kept so that :meth:`update` and :meth:`from_state_dict` use the same ones).
+        reserve_neighbors, reserve_similarities: ``(N, reserve)``, each row's next ``reserve`` candidates after its
+            ``k`` edges (same conventions; they are what :meth:`update` promotes when an edge weakens).
+        floor: ``(N,)`` float32, per row an upper bound (as good as the search that produced it) on the
+            similarity of any node outside the row and its reserve that has not moved since; ``-inf`` when the
+            search returned every node.
 
     Build with :meth:`build`, repair after embeddings moved with :meth:`update`, check with :meth:`recall`,
     checkpoint with :meth:`state_dict` / :meth:`from_state_dict`.
@@ -200,12 +240,18 @@ class KnnGraph:
     overlay_limit: float = 0.2
     exact_threshold: int = 200_000
     repair: str = "search"
-    # The faiss index over the current vectors (flat), or over the vectors as of the last (re)build (hnsw).
-    _index: Optional[faiss.Index] = field(default=None, repr=False)
-    # HNSW only: new vectors of nodes moved since the last build (IndexIDMap2 over IndexFlatIP) ...
-    _overlay: Optional[faiss.Index] = field(default=None, repr=False)
+    reserve: int = 5
+    inplace_drift: float = 0.5
+    reserve_neighbors: np.ndarray | None = field(default=None, repr=False)
+    reserve_similarities: np.ndarray | None = field(default=None, repr=False)
+    floor: np.ndarray | None = field(default=None, repr=False)
+    # The faiss index: over the current vectors (flat); over the vectors as of the last (re)build, with small moves
+    # written in place (hnsw).
+    _index: faiss.Index | None = field(default=None, repr=False)
+    # HNSW only: new vectors of nodes that moved far since the last build (IndexIDMap2 over IndexFlatIP) ...
+    _overlay: faiss.Index | None = field(default=None, repr=False)
     # ... and which HNSW entries are stale because of that (bool mask, N); these are filtered out at search time.
-    _stale: Optional[np.ndarray] = field(default=None, repr=False)
+    _stale: np.ndarray | None = field(default=None, repr=False)
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -221,14 +267,18 @@ class KnnGraph:
         ef_search: int = 64,
         overlay_limit: float = 0.2,
         repair: str = "search",
-    ) -> "KnnGraph":
+        reserve: int = 5,
+        inplace_drift: float = 0.5,
+    ) -> KnnGraph:
         """Build the self k-NN graph of ``embeddings`` (``(N, d)`` float32/float16, unit rows).
 
         ``method="auto"`` is exact search (``faiss.IndexFlatIP``, ``O(N^2 d)``: about 20 s at 100k x 128 on 2 cores)
         when ``N <= exact_threshold``, else HNSW (``IndexHNSWFlat(d, hnsw_m, METRIC_INNER_PRODUCT)`` with
         ``ef_construction`` / ``ef_search``; recall@10 about 0.98-0.99 on embedding-like data, lightning.md §6).
-        Every node is searched with ``k + 1`` results and itself removed from its row. ``overlay_limit`` and
-        ``repair`` only matter for :meth:`update`.
+        Every node is searched with ``k + reserve + 2`` results and itself removed: the best ``k`` are its row,
+        the next ``reserve`` its reserve, the last one's similarity its :attr:`floor` (``reserve`` costs a few
+        more results per search; ``ef_search`` bounds the HNSW work anyway). ``overlay_limit``, ``repair``,
+        ``reserve`` and ``inplace_drift`` matter for :meth:`update`.
 
         Example::
 
@@ -253,10 +303,32 @@ class KnnGraph:
             overlay_limit=float(overlay_limit),
             exact_threshold=int(exact_threshold),
             repair=_check_repair(repair),
+            reserve=_check_reserve(reserve),
+            inplace_drift=float(inplace_drift),
         )
         graph._make_index(x)
-        graph.neighbors, graph.similarities = graph._query(x, np.arange(n, dtype=np.int64), graph.k)
+        width = graph.k + graph.reserve
+        nb, sims = graph._query(x, np.arange(n, dtype=np.int64), width + 1)
+        graph._set_all(nb[:, :width], sims[:, :width], sims[:, width])
         return graph
+
+    def _set_all(self, nb: np.ndarray, sims: np.ndarray, floor: np.ndarray) -> None:
+        """Store ``(N, k + reserve)`` rows (best first) as row + reserve, and the floors."""
+        k = self.k
+        self.neighbors, self.similarities = np.ascontiguousarray(nb[:, :k]), np.ascontiguousarray(sims[:, :k])
+        self.reserve_neighbors = np.ascontiguousarray(nb[:, k:])
+        self.reserve_similarities = np.ascontiguousarray(sims[:, k:])
+        self.floor = np.ascontiguousarray(floor, dtype=np.float32)
+
+    def _rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows.size, k + reserve)`` copies of the rows followed by their reserves."""
+        nb = np.concatenate([self.neighbors[rows], self.reserve_neighbors[rows]], axis=1)
+        return nb, np.concatenate([self.similarities[rows], self.reserve_similarities[rows]], axis=1)
+
+    def _put_rows(self, rows: np.ndarray, nb: np.ndarray, sims: np.ndarray) -> None:
+        k = self.k
+        self.neighbors[rows], self.similarities[rows] = nb[:, :k], sims[:, :k]
+        self.reserve_neighbors[rows], self.reserve_similarities[rows] = nb[:, k:], sims[:, k:]
 
     def _make_index(self, x: np.ndarray) -> None:
         """(Re)build the faiss index from all of ``x`` and forget any overlay."""
@@ -282,13 +354,14 @@ class KnnGraph:
         keep_alive = ()
         if self.method == "hnsw":
             ef = max(self.ef_search, want)
-            stale = np.flatnonzero(self._stale)
-            if stale.size:
-                # The index holds the stale vectors of moved nodes (HNSW cannot remove_ids); skip them while
-                # searching. The graph still routes *through* them, so the remaining nodes stay reachable.
-                batch = faiss.IDSelectorBatch(stale)
-                not_stale = faiss.IDSelectorNot(batch)
-                keep_alive = (batch, not_stale)  # the C++ params only hold raw pointers to these
+            if self._stale.any():
+                # The index holds the stale vectors of far-moved nodes (HNSW cannot remove_ids); skip them while
+                # searching. The graph still routes *through* them, so the remaining nodes stay reachable. A
+                # bitmap (one bit per node) tests membership in O(1), cheaper than IDSelectorBatch's hash set.
+                bits = np.packbits(self._stale, bitorder="little")
+                stale = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
+                not_stale = faiss.IDSelectorNot(stale)
+                keep_alive = (bits, stale, not_stale)  # the C++ params only hold raw pointers to these
                 hnsw_params = faiss.SearchParametersHNSW(sel=not_stale, efSearch=ef)
             else:
                 hnsw_params = faiss.SearchParametersHNSW(efSearch=ef)
@@ -323,28 +396,32 @@ class KnnGraph:
         """Repair the graph after the vectors of nodes ``moved`` changed; ``embeddings`` is the full current ``(N, d)``.
 
         1. Index: flat re-adds all current vectors (a memcpy, as fast as remove_ids + add_with_ids). HNSW cannot
-           remove entries, so the moved nodes' new vectors go to a small exact *overlay* index and their stale
-           HNSW entries are filtered out at search time (``SearchParametersHNSW(sel=IDSelectorNot(...))``);
-           results of both are merged by similarity. Once more than ``overlay_limit * N`` nodes are in the overlay,
-           HNSW is rebuilt from scratch (the overlay's exact search costs ``O(overlay * d)`` per query).
-        2. The moved nodes' rows are re-queried (``4k`` results; the first ``k`` become the row).
-        3. Reverse edges: in every other row, edges to a moved node get their similarity recomputed from the new
+           remove entries; a moved node within ``inplace_drift`` (L2) of the vector the index holds for it gets
+           its new vector written in place (its links, built for the old position, still lead near the new one),
+           a node that moved farther goes to a small exact *overlay* index and its stale HNSW entry is filtered
+           out at search time (``SearchParametersHNSW(sel=IDSelectorNot(...))``); results of both are merged by
+           similarity. Once more than ``overlay_limit * N`` nodes are in the overlay, HNSW is rebuilt from scratch
+           (the overlay's exact search costs ``O(overlay * d)`` per query).
+        2. The moved nodes' rows (and reserves, and floors) are re-queried (``4k`` results).
+        3. In every other row and reserve, edges to a moved node get their similarity recomputed from the new
            vectors, and a moved node ``i`` is inserted into the row of each ``j`` among its ``4k`` hits if
-           ``cos(i, j)`` beats ``j``'s weakest edge (weakest dropped, no duplicates, rows re-sorted). ``4k`` rather
-           than ``k`` because k-NN is not symmetric: ``i`` can belong in ``j``'s row without ``j`` being in ``i``'s.
-        4. A row whose edge to a moved node fell below the row's old weakest similarity may now miss a node it never
-           stored (its old ``k+1``-th). With 5% moved that is about 30% of the rows. ``repair="search"`` re-searches
-           them in the index (merged with what they hold); ``repair="two_hop"`` instead takes the best of their
-           neighbours, neighbours' neighbours and reverse neighbours (one NN-descent step, no search).
-           Measured at N=100k, d=128, 5% moved, 2 cores: flat "search" 10 s, recall 0.999 (build: 24 s);
-           flat "two_hop" 3.5 s, 0.986; HNSW "search" 6.5 s, 0.992 (fresh build: 25 s, 0.994); HNSW "two_hop"
-           3 s, 0.981; not updating at all: 0.89. What "two_hop" misses adds up over repeated updates.
+           ``cos(i, j)`` beats ``j``'s weakest reserve entry (no duplicates, rows re-sorted, the reserve's
+           weakest entry dropped and the :attr:`floor` raised to it). ``4k`` rather than ``k`` because k-NN is
+           not symmetric: ``i`` can belong in ``j``'s row without ``j`` being in ``i``'s. A row whose edge
+           weakened promotes the best of its reserve; this is where the reserve pays off.
+        4. A row whose ``k``-th similarity is now below its floor may miss a node it never stored; only those rows
+           are refilled. Without a reserve that is about 30% of the rows at 5% moved, with ``reserve=5`` almost
+           none: ``reserve + 1`` of a row's ``k + reserve`` entries must weaken first. ``repair="search"``
+           re-searches them in the index (merged with what they hold); ``repair="two_hop"`` instead takes the
+           best of their neighbours, neighbours' neighbours and reverse neighbours (one NN-descent step, no
+           search; the floor is then not lowered, so a row can stay due).
 
-        Stored similarities are always ``x_i . x_j`` of the given embeddings. Rows of nodes that changed but are
-        not in ``moved`` are not revisited (list every node whose vector changed, e.g. after
+        Stored similarities are always ``x_i . x_j`` of the given embeddings, for edges to moved nodes and rows that
+        were re-queried or refilled. Rows of nodes that changed but are not in ``moved`` are not revisited, nor are
+        the similarities of edges to them (list every node whose vector changed, e.g. after
         :func:`propagate_drift`, or accept slightly stale rows for them). Returns ``{"moved", "requeried",
-        "reverse_patched" (rows changed in 3), "refilled" (rows in 4), "rebuilt", "overlay" (HNSW overlay size),
-        "seconds"}``.
+        "reverse_patched" (rows changed in 3), "refilled" (rows in 4), "rebuilt", "inplace" (HNSW nodes written in
+        place), "overlay" (HNSW overlay size), "seconds"}``.
 
         Example::
 
@@ -365,126 +442,131 @@ class KnnGraph:
         moved = np.unique(np.asarray(moved, dtype=np.int64).ravel())
         if moved.size and (moved[0] < 0 or moved[-1] >= n):
             raise ValueError(f"moved ids must lie in [0, {n}), got range [{moved[0]}, {moved[-1]}]")
-        stats = {"moved": int(moved.size), "requeried": 0, "reverse_patched": 0, "refilled": 0, "rebuilt": False}
+        stats = {
+            "moved": int(moved.size), "requeried": 0, "reverse_patched": 0, "refilled": 0, "rebuilt": False,
+            "inplace": 0,
+        }
         if moved.size == 0:
             stats.update(overlay=self._overlay_size(), seconds=time.perf_counter() - t0)
             return stats
 
         # 1. the index
-        if self.method == "flat":
-            self._index.reset()
-            self._index.add(x)
-        elif np.count_nonzero(self._stale) + np.count_nonzero(~self._stale[moved]) > self.overlay_limit * n:
-            self._make_index(x)
-            stats["rebuilt"] = True
-        else:
-            again = moved[self._stale[moved]]
-            if again.size:  # moved before: replace its overlay vector
-                self._overlay.remove_ids(again)
-            self._overlay.add_with_ids(np.ascontiguousarray(x[moved]), moved)
-            self._stale[moved] = True
+        self._update_index(x, moved, stats)
 
-        k = self.k
-        nb, sims = self.neighbors, self.similarities
+        k, width = self.k, self.k + self.reserve
 
         # 2. re-query the moved nodes
-        kk = _REVERSE_FACTOR * k
+        kk = max(_REVERSE_FACTOR * k, width + 1)
         q_nb, _ = self._query(x, moved, kk)
         q_sims = _pair_sims(x, np.repeat(moved, kk), q_nb).reshape(q_nb.shape)
         q_nb, q_sims = _sort_rows(q_nb, q_sims)
-        old_rows = nb[moved].copy()  # where a moved node used to be: candidates for the rows it left (step 4)
-        nb[moved], sims[moved] = q_nb[:, :k], q_sims[:, :k]
+        old_rows = self.neighbors[moved].copy()  # where a moved node used to be: candidates for two_hop (step 4)
+        self._put_rows(moved, q_nb[:, :width], q_sims[:, :width])
+        self.floor[moved] = q_sims[:, width]
         stats["requeried"] = int(moved.size)
 
-        # 3a. edges *to* moved nodes in the other rows: recompute, and remember rows whose edge dropped out of range
-        is_moved = np.zeros(n, dtype=bool)
+        # 3. rows holding an edge to a moved node, and rows a moved node may join
+        is_moved = np.zeros(n + 1, dtype=bool)  # neighbour -1 reads the trailing False
         is_moved[moved] = True
-        hit = np.zeros(nb.shape, dtype=bool)
-        valid = nb >= 0
-        hit[valid] = is_moved[nb[valid]]
-        hit[moved] = False  # the moved rows are fresh already
-        r_idx, c_idx = np.nonzero(hit)
-        new_s = _pair_sims(x, r_idx, nb[r_idx, c_idx])
-        dropped = new_s < sims[r_idx, -1]  # below the row's old weakest edge: a non-stored node may beat it now
-        sims[r_idx, c_idx] = new_s
-        to_refill = np.unique(r_idx[dropped])
-
-        # 3b. reverse insertions: moved i found j (not moved) -> candidate edge j -> i
+        holds = is_moved[self.neighbors].any(axis=1)
+        holds |= is_moved[self.reserve_neighbors].any(axis=1)
+        holds[moved] = False  # re-queried already
         cand_j = q_nb.ravel()
         cand_i = np.repeat(moved, kk)
         cand_s = q_sims.ravel()
-        ok = cand_j >= 0
-        ok[ok] = ~is_moved[cand_j[ok]]
+        ok = (cand_j >= 0) & ~is_moved[cand_j]
         cand_j, cand_i, cand_s = cand_j[ok], cand_i[ok], cand_s[ok]
-        beats = cand_s > sims[cand_j].min(axis=1)
-        cand_j, cand_i, cand_s = cand_j[beats], cand_i[beats], cand_s[beats]
-
-        rows = np.unique(np.concatenate([r_idx, cand_j]))
+        rows = np.union1d(np.flatnonzero(holds), cand_j)
+        needy = rows[:0]
         if rows.size:
-            self._merge_rows(rows, cand_j, cand_i, cand_s)
+            r_nb, r_s = self._rows(rows)
+            # 3a. recompute edges to moved nodes
+            ri, ci = np.nonzero(is_moved[r_nb])
+            r_s[ri, ci] = _pair_sims(x, rows[ri], r_nb[ri, ci])
+            # 3b. reverse insertions: moved i found j (not moved) -> candidate edge j -> i
+            pos = np.searchsorted(rows, cand_j)
+            keep = cand_s > r_s.min(axis=1)[pos]
+            pos, cand_i, cand_s = pos[keep], cand_i[keep], cand_s[keep]
+            keep = ~(r_nb[pos] == cand_i[:, None]).any(axis=1)  # already listed: its similarity is fresh (3a)
+            r_nb, r_s, evicted = _merge_extra(r_nb, r_s, pos[keep], cand_i[keep], cand_s[keep])
+            self._put_rows(rows, r_nb, r_s)
+            self.floor[rows] = np.maximum(self.floor[rows], evicted)
+            needy = rows[r_s[:, k - 1] < self.floor[rows]]
         stats["reverse_patched"] = int(rows.size)
 
-        # 4. refill rows that may have lost a true neighbour
-        if to_refill.size:
+        # 4. refill rows that may miss a true neighbour
+        if needy.size:
             if self.repair == "search":
-                self._refill_search(x, to_refill)
+                self._refill_search(x, needy)
             else:
-                self._refill_two_hop(x, to_refill, moved, old_rows)
-        stats["refilled"] = int(to_refill.size)
+                self._refill_two_hop(x, needy, moved, old_rows)
+        stats["refilled"] = int(needy.size)
 
         stats.update(overlay=self._overlay_size(), seconds=time.perf_counter() - t0)
         return stats
 
+    def _stored_vectors(self) -> np.ndarray:
+        """HNSW: a writable ``(N, d)`` numpy view of the vectors the index searches with (its flat storage)."""
+        storage = faiss.downcast_index(self._index.storage)
+        return faiss.rev_swig_ptr(storage.get_xb(), self._index.ntotal * self._index.d).reshape(self._index.ntotal, -1)
+
+    def _update_index(self, x: np.ndarray, moved: np.ndarray, stats: dict) -> None:
+        """Step 1 of :meth:`update`."""
+        if self.method == "flat":
+            self._index.reset()
+            self._index.add(x)
+            return
+        stored = self._stored_vectors()
+        near = np.empty(moved.size, dtype=bool)
+        step = _chunk_rows(2 * x.shape[1] * 4)
+        for s in range(0, moved.size, step):
+            m = moved[s : s + step]
+            near[s : s + step] = np.linalg.norm(stored[m] - x[m], axis=1) <= self.inplace_drift
+        close, far = moved[near], moved[~near]
+        stale_after = np.count_nonzero(self._stale) - np.count_nonzero(self._stale[close])
+        stale_after += np.count_nonzero(~self._stale[far])
+        if stale_after > self.overlay_limit * x.shape[0]:
+            self._make_index(x)
+            stats["rebuilt"] = True
+            return
+        stored[close] = x[close]
+        back = close[self._stale[close]]  # was in the overlay, now close to its HNSW entry again
+        again = far[self._stale[far]]  # moved far before: replace its overlay vector
+        if back.size or again.size:
+            self._overlay.remove_ids(np.concatenate([back, again]))
+        self._stale[back] = False
+        if far.size:
+            self._overlay.add_with_ids(np.ascontiguousarray(x[far]), far)
+            self._stale[far] = True
+        stats["inplace"] = int(close.size)
+
     def _overlay_size(self) -> int:
         return int(self._overlay.ntotal) if self._overlay is not None else 0
 
-    def _merge_rows(self, rows: np.ndarray, extra_r: np.ndarray, extra_c: np.ndarray, extra_s: np.ndarray) -> None:
-        """Rows ``rows`` (sorted, unique) become the top ``k`` of their current edges plus the extra edges."""
-        k = self.k
-        r = np.concatenate([np.repeat(rows, k), extra_r])
-        c = np.concatenate([self.neighbors[rows].ravel(), extra_c])
-        s = np.concatenate([self.similarities[rows].ravel(), extra_s.astype(np.float32)])
-        ok = c >= 0
-        r, c, s = r[ok], c[ok], s[ok]
-        # one edge per (row, neighbour): keep the largest similarity
-        o = np.lexsort((-s, c, r))
-        r, c, s = r[o], c[o], s[o]
-        first = np.ones(r.size, dtype=bool)
-        first[1:] = (r[1:] != r[:-1]) | (c[1:] != c[:-1])
-        r, c, s = r[first], c[first], s[first]
-        # best k per row
-        o = np.lexsort((-s, r))
-        r, c, s = r[o], c[o], s[o]
-        rank = np.arange(r.size) - np.searchsorted(r, r, side="left")
-        keep = rank < k
-        pos = np.searchsorted(rows, r[keep])
-        new_nb = np.full((rows.size, k), -1, dtype=np.int64)
-        new_s = np.full((rows.size, k), -np.inf, dtype=np.float32)
-        new_nb[pos, rank[keep]] = c[keep]
-        new_s[pos, rank[keep]] = s[keep]
-        self.neighbors[rows], self.similarities[rows] = new_nb, new_s
-
     def _refill_search(self, x: np.ndarray, rows: np.ndarray) -> None:
-        """Rows become the top ``k`` of a fresh index search merged with their current entries."""
+        """Rows become the top ``k + reserve`` of a fresh index search merged with their current entries."""
+        width = self.k + self.reserve
         for s in range(0, rows.size, _SEARCH_BLOCK):
             r = rows[s : s + _SEARCH_BLOCK]
-            found, _ = self._query(x, r, self.k)
+            found, found_s = self._query(x, r, width + 1)
             # merging keeps whatever HNSW's approximate search missed but the row already had
-            self._set_best_rows(x, r, np.concatenate([self.neighbors[r], found], axis=1))
+            evicted = self._set_best_rows(x, r, np.concatenate([self._rows(r)[0], found[:, :width]], axis=1))
+            self.floor[r] = np.maximum(found_s[:, width], evicted)
 
     def _refill_two_hop(self, x: np.ndarray, rows: np.ndarray, moved: np.ndarray, old_rows: np.ndarray) -> None:
-        """Rows become the top ``k`` of their neighbourhood (one NN-descent step, no index search).
+        """Rows become the top ``k + reserve`` of their neighbourhood (one NN-descent step, no index search).
 
-        Candidates for row ``r``: its neighbours, their neighbours, and the nodes whose rows contain ``r`` (up to
-        ``2k``; k-NN is not symmetric, and these recover about a third of what the forward hops miss). Through a
-        moved neighbour the second hop also takes its old row (``old_rows``, aligned with the sorted ``moved``): a
-        row that lost a moved neighbour needs nodes near that neighbour's *old* position.
+        Candidates for row ``r``: its neighbours and reserve, their neighbours, and the nodes whose rows contain
+        ``r`` (up to ``2k``; k-NN is not symmetric, and these recover about a third of what the forward hops
+        miss). Through a moved neighbour the second hop also takes its old row (``old_rows``, aligned with the
+        sorted ``moved``): a row that lost a moved neighbour needs nodes near that neighbour's *old* position.
+        No search bounds what the candidates missed, so the floor only rises (to the best evicted candidate).
         """
         k, nb = self.k, self.neighbors
         is_moved = np.zeros(nb.shape[0], dtype=bool)
         is_moved[moved] = True
         reverse = _reverse_lists(nb, rows, 2 * k)
-        step = _chunk_rows((3 * k + 2 * k * k) * x.shape[1] * 4)
+        step = _chunk_rows((4 * k + self.reserve + 2 * k * k) * x.shape[1] * 4)
         for s in range(0, rows.size, step):
             r = rows[s : s + step]
             first = nb[r]
@@ -495,19 +577,29 @@ class KnnGraph:
             third = np.full_like(second, -1)
             third[via_moved] = old_rows[np.searchsorted(moved, first[via_moved])]
             cand = np.concatenate(
-                [first, reverse[s : s + step], second.reshape(r.size, -1), third.reshape(r.size, -1)], axis=1
+                [self._rows(r)[0], reverse[s : s + step], second.reshape(r.size, -1), third.reshape(r.size, -1)],
+                axis=1,
             )
-            self._set_best_rows(x, r, cand)
+            evicted = self._set_best_rows(x, r, cand)
+            self.floor[r] = np.maximum(self.floor[r], evicted)
 
-    def _set_best_rows(self, x: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> None:
-        """Row ``rows[t]`` becomes the ``k`` of ``cand[t]`` most similar to it (self, -1 and repeats skipped)."""
+    def _set_best_rows(self, x: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Row + reserve of ``rows[t]`` become the best of ``cand[t]`` (self, -1 and repeats skipped).
+
+        Returns the similarity of the best candidate left out (``-inf`` if none).
+        """
+        width = self.k + self.reserve
         cand = np.sort(cand, axis=1)
         cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
         cand[cand == rows[:, None]] = -1
         sim = _pair_sims(x, np.repeat(rows, cand.shape[1]), cand).reshape(cand.shape)  # skips the -1 entries
-        order = np.argsort(-sim, axis=1, kind="stable")[:, : self.k]
-        self.neighbors[rows] = np.take_along_axis(cand, order, axis=1)
-        self.similarities[rows] = np.take_along_axis(sim, order, axis=1)
+        if sim.shape[1] <= width:
+            pad = width + 1 - sim.shape[1]
+            cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
+            sim = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
+        cand, sim = _sort_rows(cand, sim)
+        self._put_rows(rows, cand[:, :width], sim[:, :width])
+        return sim[:, width]
 
     # -- quality -----------------------------------------------------------------------------------------------
 
@@ -541,7 +633,7 @@ class KnnGraph:
     # -- checkpointing -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The rows (numpy copies) and build parameters; the faiss index is not stored (rebuilt on load).
+        """The rows, reserves and floors (numpy copies) and build parameters; the faiss index is not stored.
 
         Example::
 
@@ -560,10 +652,15 @@ class KnnGraph:
             "overlay_limit": self.overlay_limit,
             "exact_threshold": self.exact_threshold,
             "repair": self.repair,
+            "reserve": self.reserve,
+            "inplace_drift": self.inplace_drift,
+            "reserve_neighbors": self.reserve_neighbors.copy(),
+            "reserve_similarities": self.reserve_similarities.copy(),
+            "floor": self.floor.copy(),
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, embeddings) -> "KnnGraph":
+    def from_state_dict(cls, state: dict, embeddings) -> KnnGraph:
         """Restore a graph: the stored rows exactly, a fresh faiss index (same method/params) over ``embeddings``.
 
         ``state["neighbors"]`` / ``["similarities"]`` may be numpy arrays or CPU torch tensors.
@@ -595,9 +692,23 @@ class KnnGraph:
             overlay_limit=float(state.get("overlay_limit", 0.2)),
             exact_threshold=int(state.get("exact_threshold", 200_000)),
             repair=_check_repair(str(state.get("repair", "search"))),
+            inplace_drift=float(state.get("inplace_drift", 0.5)),
         )
         if graph.method not in ("flat", "hnsw") or graph.k != neighbors.shape[1]:
             raise ValueError(f"bad state: method={graph.method!r}, k={graph.k}, rows of width {neighbors.shape[1]}")
+        n = neighbors.shape[0]
+        if "reserve_neighbors" in state:
+            graph.reserve_neighbors = np.array(state["reserve_neighbors"], dtype=np.int64, copy=True)
+            graph.reserve_similarities = np.array(state["reserve_similarities"], dtype=np.float32, copy=True)
+            graph.floor = np.array(state["floor"], dtype=np.float32, copy=True)
+            graph.reserve = _check_reserve(int(state.get("reserve", graph.reserve_neighbors.shape[1])))
+            if graph.reserve_neighbors.shape != (n, graph.reserve) or graph.floor.shape != (n,):
+                raise ValueError("bad state: reserve/floor shapes do not match the rows")
+        else:  # a state from before reserves: none, and each row's weakest edge as its floor
+            graph.reserve = 0
+            graph.reserve_neighbors = np.empty((n, 0), dtype=np.int64)
+            graph.reserve_similarities = np.empty((n, 0), dtype=np.float32)
+            graph.floor = similarities[:, -1].copy()
         graph._make_index(x)
         return graph
 
@@ -648,7 +759,7 @@ def _check_graph_args(n: int, neighbors, weights, anchors=None):
     return nb, w, a
 
 
-def _positive_weights(nb: np.ndarray, w: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _positive_weights(nb: np.ndarray, w: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(safe neighbour ids, weights zeroed on missing / non-positive edges and, with ``mask``, non-mask targets)."""
     valid = nb >= 0
     safe = np.where(valid, nb, 0)

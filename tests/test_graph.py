@@ -139,11 +139,15 @@ def test_recall_counts_misses():
 # incremental repair
 
 
-@pytest.mark.parametrize("method", ["flat", "hnsw"])
+@pytest.mark.parametrize("method", ["flat", "hnsw-overlay", "hnsw-inplace"])
 @pytest.mark.parametrize("repair", ["search", "two_hop"])
 def test_update_restores_recall(method, repair):
     x = _embeddings(4000, seed=6)
-    graph = KnnGraph.build(x, k=10, method=method, repair=repair)
+    # inplace_drift 0: every moved node goes to the overlay; 2 (the largest distance between unit vectors): every
+    # moved node is written into the HNSW index in place (these moves are large: cosine to the old vector ~0.7)
+    inplace = {"hnsw-overlay": 0.0, "hnsw-inplace": 2.0}.get(method, 0.5)
+    method = method.split("-")[0]
+    graph = KnnGraph.build(x, k=10, method=method, repair=repair, inplace_drift=inplace)
     before = graph.neighbors.copy()
     y, moved = _move(x, 0.05)
 
@@ -151,7 +155,8 @@ def test_update_restores_recall(method, repair):
 
     assert stats["moved"] == stats["requeried"] == moved.size
     assert stats["rebuilt"] is False and stats["reverse_patched"] > 0 and stats["seconds"] >= 0
-    assert stats["overlay"] == (moved.size if method == "hnsw" else 0)  # HNSW took the overlay path
+    assert stats["overlay"] == (moved.size if method == "hnsw" and inplace == 0.0 else 0)
+    assert stats["inplace"] == (moved.size if method == "hnsw" and inplace == 2.0 else 0)
     _check_rows(graph, y)
     fresh = _recall(KnnGraph.build(y, k=10, method=method).neighbors, y)
     updated = _recall(graph.neighbors, y)
@@ -173,7 +178,7 @@ def test_update_moves_node_next_to_its_new_neighbours():
 
 def test_overlay_limit_triggers_rebuild_and_moving_again_replaces():
     x = _embeddings(3000, seed=8)
-    graph = KnnGraph.build(x, k=10, method="hnsw", overlay_limit=0.08)
+    graph = KnnGraph.build(x, k=10, method="hnsw", overlay_limit=0.08, inplace_drift=0.0)
     y, first = _move(x, 0.05, seed=11)
     assert graph.update(y, first)["overlay"] == first.size
     y2 = y.copy()
