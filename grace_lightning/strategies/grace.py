@@ -222,13 +222,18 @@ class Grace(Strategy):
             importance = state.importance.copy()
             importance[anchors] = measured[anchors]
             state.importance = propagate(importance, state.graph.neighbors, weights, anchors, mode=self.propagation)
-            nodes = state.node_embedding.astype(np.float32)
-            drift = np.zeros_like(nodes)
-            drift[anchors] = measured_embedding[anchors].astype(np.float32) - nodes[anchors]
-            nodes = propagate_drift(nodes, drift, state.graph.neighbors, weights, anchors, mode=self.propagation)
-            nodes[anchors] = measured_embedding[anchors].astype(np.float32)
-            diagnostics["propagation_seconds"] = time.perf_counter() - began
+            # propagate_drift makes the one fp32 copy of the fp16 node embeddings; at 1M x 128 each (N, d) fp32
+            # array is 512 MB, so no other is kept alive beside it and the drift.
+            fresh = measured_embedding[anchors].astype(np.float32)
+            drift = np.zeros(state.node_embedding.shape, dtype=np.float32)
+            drift[anchors] = fresh - state.node_embedding[anchors].astype(np.float32)
             moved = self._moved(anchors, drift)
+            nodes = propagate_drift(
+                state.node_embedding, drift, state.graph.neighbors, weights, anchors, mode=self.propagation
+            )
+            del drift
+            nodes[anchors] = fresh
+            diagnostics["propagation_seconds"] = time.perf_counter() - began
             diagnostics["moved"] = float(moved.size)
             graph_began = time.perf_counter()
             state.node_embedding = nodes.astype(np.float16)

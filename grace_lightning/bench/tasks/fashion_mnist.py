@@ -1,0 +1,189 @@
+"""Task ``fashion-mnist``: Fashion-MNIST image classification with a small CNN; metric: accuracy.
+
+Data: Fashion-MNIST (Zalando Research, MIT licence), 60,000 training and 10,000 test images of 28x28
+greyscale clothing in 10 balanced classes, read from the IDX files of the Debian package
+``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) or from the directory named by the
+environment variable ``GRACE_LIGHTNING_FASHION_MNIST`` (files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
+gzipped or not, e.g. a torchvision ``FashionMNIST/raw`` folder). Nothing is downloaded.
+
+Split: the training pool is a subset of the 60,000 training images and the validation set a subset of the
+10,000 test images, both drawn from a fixed data seed (never the run seed), so every run of a comparison
+trains from the same pool and is evaluated on the same images.
+
+Model: two stride-2 3x3 convolutions (no pooling, cheap on CPU), a hidden linear layer and a linear ``head``;
+no dropout or BatchNorm, so training and scoring passes see the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from grace_lightning.bench.tasks.base import (
+    BenchModule,
+    BenchTask,
+    TaskData,
+    TaskSize,
+    TaskUnavailable,
+    seeded_init,
+)
+
+__all__ = ["ENV_VAR", "FashionCNN", "FashionMNISTTask", "data_dir", "load_fashion_mnist"]
+
+ENV_VAR = "GRACE_LIGHTNING_FASHION_MNIST"
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+INSTALL_HINT = (
+    "install the Debian package (as root): `apt-get update && apt-get install -y dataset-fashion-mnist`, "
+    f"or set {ENV_VAR} to a directory holding {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]"
+)
+NUM_CLASSES = 10
+DATA_SEED = 20_240_501  # fixed: the pool and validation subsets never depend on the run seed
+# Mean and standard deviation of the training pixels (in [0, 1]), the usual Fashion-MNIST constants.
+PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
+
+
+def data_dir() -> Path:
+    """Where the IDX files are read from: ``$GRACE_LIGHTNING_FASHION_MNIST`` if set, else the Debian path."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEBIAN_DIR
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise TaskUnavailable(f"fashion-mnist: {directory / stem}[.gz] not found; {INSTALL_HINT}.")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array: 2 zero bytes, a type byte (0x08 = uint8), the number of dims, big-endian int32 dims, data."""
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise TaskUnavailable(f"fashion-mnist: {path} is not a uint8 IDX file; {INSTALL_HINT}.")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise TaskUnavailable(f"fashion-mnist: {path} is truncated ({data.size} values for dims {dims}).")
+    return data.reshape(dims)
+
+
+@functools.lru_cache(maxsize=2)
+def load_fashion_mnist(directory: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(train_x, train_y, test_x, test_y)``: ``x`` float32 ``(N, 1, 28, 28)`` normalised, ``y`` int64 ``(N,)``.
+
+    Parsed once per directory and process (about a second); callers index into the cached tensors.
+    """
+    d = Path(directory)
+    arrays = {key: _read_idx(_find(d, stem)) for key, stem in _FILES.items()}
+
+    def images(a: np.ndarray) -> Tensor:
+        x = torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+        return (x - PIXEL_MEAN) / PIXEL_STD
+
+    out = (
+        images(arrays["train_images"]),
+        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        images(arrays["test_images"]),
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
+    for x, y in (out[:2], out[2:]):
+        if x.shape[1:] != (1, 28, 28) or x.shape[0] != y.shape[0]:
+            raise TaskUnavailable(f"fashion-mnist: unexpected shapes {tuple(x.shape)} / {tuple(y.shape)} in {d}.")
+    return out
+
+
+def _fixed_subset(n_total: int, n: int | None, salt: int) -> Tensor:
+    """The first ``n`` of a fixed permutation (so a smaller size's subset is inside a larger one's)."""
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    gen = torch.Generator().manual_seed(DATA_SEED + salt)
+    return torch.randperm(n_total, generator=gen)[:n].sort().values
+
+
+class FashionCNN(BenchModule):
+    """Conv(1->c1, 3x3, stride 2) -> ReLU -> Conv(c1->c2, 3x3, stride 2) -> ReLU -> Linear -> ReLU -> ``head``."""
+
+    def __init__(self, channels: tuple[int, int] = (16, 32), hidden: int = 128, lr: float = 2e-3) -> None:
+        super().__init__(lr=lr)
+        c1, c2 = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c1, 3, stride=2, padding=1),  # 28 -> 14
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),  # 14 -> 7
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, hidden),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, NUM_CLASSES)
+        self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def per_example_loss(self, batch) -> Tensor:
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(self(x), y, reduction="none")
+
+    def update_metric(self, batch) -> None:
+        x, y = batch[0], batch[1]
+        self.val_accuracy.update(self(x), y)
+
+    def compute_metric(self) -> float:
+        value = float(self.val_accuracy.compute())
+        self.val_accuracy.reset()
+        return value
+
+
+class FashionMNISTTask(BenchTask):
+    """Fashion-MNIST (Debian ``dataset-fashion-mnist`` or ``$GRACE_LIGHTNING_FASHION_MNIST``), small CNN, accuracy."""
+
+    name = "fashion-mnist"
+    description = "Fashion-MNIST 28x28 clothing images, 10 classes; 2-conv CNN; accuracy"
+    metric = "accuracy"
+    higher_is_better = True
+    tolerance = 0.005
+    batch_size = 128
+    val_batch_size = 1000
+    sizes = {
+        "quick": TaskSize(train_examples=20_000, val_examples=5_000, epochs=3),
+        "default": TaskSize(train_examples=None, val_examples=None, epochs=5),
+    }
+
+    def check_available(self) -> None:
+        d = data_dir()
+        if not d.is_dir():
+            raise TaskUnavailable(f"fashion-mnist: data directory {d} does not exist; {INSTALL_HINT}.")
+        for stem in _FILES.values():
+            _find(d, stem)
+
+    def make_data(self, size: TaskSize, seed: int) -> TaskData:
+        """The pool and validation set of ``size``; ``seed`` is unused (the subsets come from a fixed seed)."""
+        self.check_available()
+        train_x, train_y, test_x, test_y = load_fashion_mnist(str(data_dir().resolve()))
+        train_idx = _fixed_subset(len(train_y), size.train_examples, salt=0)
+        val_idx = _fixed_subset(len(test_y), size.val_examples, salt=1)
+        return TaskData(
+            train=TensorDataset(train_x[train_idx], train_y[train_idx]),
+            val=TensorDataset(test_x[val_idx], test_y[val_idx]),
+            info={"num_classes": NUM_CLASSES, "input_shape": (1, 28, 28)},
+        )
+
+    def build_model(self, data: TaskData, seed: int) -> FashionCNN:
+        return seeded_init(seed, FashionCNN)  # type: ignore[return-value]
