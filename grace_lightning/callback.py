@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from grace_lightning.distributed import gather_rows
 from grace_lightning.graph import set_faiss_threads
+from grace_lightning.probes import ProbeRequest, ProbeResults, ProbeRunner
 from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed
 from grace_lightning.schedule import Action, RefreshSchedule
 from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
@@ -38,6 +41,22 @@ def _non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"CoresetCallback: `{name}` must be an int >= 0, got {value!r}.")
     return value
+
+
+def _check_quality(quality: Any, pool_size: int) -> Optional[Tensor]:
+    if quality is None:
+        return None
+    try:
+        q = torch.as_tensor(quality, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"CoresetCallback: `quality` must be a sequence of {pool_size} numbers: {err}") from err
+    if q.shape != (pool_size,):
+        raise ValueError(
+            f"CoresetCallback: `quality` must have one score per pool example, shape ({pool_size},), got {tuple(q.shape)}."
+        )
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("CoresetCallback: `quality` contains NaN or infinite scores; give finite numbers.")
+    return q
 
 
 def _loaders(iterables: Any) -> list:
@@ -106,12 +125,19 @@ class CoresetCallback(Callback):
         max_selection_share: overhead budget, a share of the fit's wall clock in ``(0, 1)``. When selection
             exceeds it, later refreshes ask the strategy for proportionally less scoring work (``fidelity``).
             Selections then depend on measured time, so runs are no longer reproducible bit for bit.
+        reference: a reference set (a ``Dataset`` of items in the training format, or a ``DataLoader`` over
+            one), for strategies that measure influence or build queries on it (``group_mates``, ``gip``).
+            It is scored with the live model at every refresh (forward only, sharded over ranks); probes
+            measure their loss on it. Typically 64-256 held-out examples of the target task.
+        quality: ``(N,)`` user quality scores of the pool examples (any real numbers; higher is better), for
+            strategies that read them (``grip`` budgets, ``gip`` queries).
         log_prefix: prefix of the logged metric names.
 
     Raises:
         TypeError: if ``sampler`` is not a :class:`CoresetSampler`.
         ValueError: for an unknown strategy, non-positive intervals, both intervals at once, or negative
-            warm-up/anneal lengths; in ``setup``, for Trainer settings that fight the budget
+            warm-up/anneal lengths, a strategy that needs a reference set or quality scores and got none,
+            malformed ``quality``; in ``setup``, for Trainer settings that fight the budget
             (``limit_train_batches``, ``overfit_batches``) or an anneal without ``max_epochs``; at the start
             of training, if the sampler is not in the training DataLoader.
 
@@ -144,6 +170,8 @@ class CoresetCallback(Callback):
         max_embedding_dim: Optional[int] = 256,
         signal_memmap_dir: Optional[str] = None,
         max_selection_share: Optional[float] = None,
+        reference: Optional[Union[Dataset, DataLoader]] = None,
+        quality: Optional[Any] = None,
         log_prefix: str = "coreset/",
     ) -> None:
         if not isinstance(sampler, CoresetSampler):
@@ -162,6 +190,13 @@ class CoresetCallback(Callback):
             raise ValueError(f"CoresetCallback: `seed` must be an int, got {seed!r}.")
         self.sampler = sampler
         self.strategy = build_strategy(strategy, **(strategy_kwargs or {}))
+        if reference is not None and not isinstance(reference, (Dataset, DataLoader)):
+            raise TypeError(
+                f"CoresetCallback: `reference` must be a torch Dataset or DataLoader, got {type(reference).__name__}."
+            )
+        self.reference = reference
+        self.quality = _check_quality(quality, sampler.pool_size)
+        self.strategy.check_inputs(reference is not None, self.quality is not None)
         self.schedule = RefreshSchedule(
             every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
@@ -441,6 +476,20 @@ class CoresetCallback(Callback):
                     scoring_began = time.perf_counter()
                     scored = self._score(trainer, pl_module, to_score, now_batch)
                     scoring_seconds = time.perf_counter() - scoring_began
+        probe_seconds = 0.0
+        informed = self.store is None or bool(self.store.measured.any())
+        if score and informed:
+            inputs = replace(inputs, quality=self.quality)
+            if self.reference is not None and self.strategy.reference != "unused":
+                inputs = replace(inputs, reference=self._score_reference(trainer, pl_module))
+            request = self.strategy.to_probe(inputs) if trainer.is_global_zero else None
+            request = trainer.strategy.broadcast(request, src=0)
+            if request is not None:
+                probe_began = time.perf_counter()
+                inputs = replace(inputs, probe=self._run_probes(trainer, pl_module, request))
+                probe_seconds = time.perf_counter() - probe_began
+        elif informed:
+            inputs = replace(inputs, quality=self.quality)
         selection: Optional[Selection] = None
         if trainer.is_global_zero:
             select_began = time.perf_counter()
@@ -458,7 +507,8 @@ class CoresetCallback(Callback):
         self._refreshes += 1
         seconds = self._max_over_ranks(trainer, pl_module, time.perf_counter() - began)
         self._selection_seconds += seconds
-        self._record(trainer, seconds, scored, previous, start_batch, {"scoring_seconds": scoring_seconds, **selection.diagnostics})
+        phases = {"scoring_seconds": scoring_seconds, "probe_seconds": probe_seconds, **selection.diagnostics}
+        self._record(trainer, seconds, scored, previous, start_batch, phases)
         self._adapt_fidelity()
 
     def _adapt_fidelity(self) -> None:
@@ -531,14 +581,79 @@ class CoresetCallback(Callback):
     def _score(self, trainer: Trainer, pl_module: LightningModule, to_score: Tensor, now_batch: int) -> int:
         """Forward-only pass over this rank's shard of ``to_score``; gather; write every rank's store."""
         shard = to_score[trainer.global_rank :: trainer.world_size]
+        gathered = self._forward_signals(trainer, pl_module, self._scoring_loader(trainer, Subset(self.sampler.dataset, shard.tolist())), shard)
+        self.store.update(gathered["index"], self._signals_from_rows(gathered), step=now_batch)
+        return int(gathered["index"].numel())
+
+    def _scoring_loader(self, trainer: Trainer, dataset: Dataset) -> DataLoader:
         train_dl = self._train_loader(trainer)
-        loader = DataLoader(
-            Subset(self.sampler.dataset, shard.tolist()),
+        return DataLoader(
+            dataset,
             batch_size=self.scoring_batch_size or train_dl.batch_size or 1,
             shuffle=False,
             num_workers=self.scoring_num_workers,
             collate_fn=train_dl.collate_fn,
         )
+
+    def _reference_loader(self, trainer: Trainer) -> DataLoader:
+        if isinstance(self.reference, DataLoader):
+            return self.reference
+        return self._scoring_loader(trainer, self.reference)
+
+    def _score_reference(self, trainer: Trainer, pl_module: LightningModule) -> ExampleSignals:
+        """The reference set's signals under the live model, embeddings mapped into the store's space (unit rows)."""
+        n = len(self._reference_loader(trainer).dataset)
+        shard = torch.arange(n)[trainer.global_rank :: trainer.world_size]
+        dataset = self._reference_loader(trainer).dataset
+        gathered = self._forward_signals(trainer, pl_module, self._scoring_loader(trainer, Subset(dataset, shard.tolist())), shard)
+        order = torch.argsort(gathered["index"])
+        signals = self._signals_from_rows({k: None if v is None else v[order] for k, v in gathered.items()})
+        if signals.embedding is not None and self.store is not None:
+            signals.embedding = F.normalize(self.store._project(signals.embedding.float()), dim=1)
+        return signals
+
+    def _run_probes(self, trainer: Trainer, pl_module: LightningModule, request: ProbeRequest) -> ProbeResults:
+        """Run this rank's share of the probe tasks (task i on rank i % world), gather, return all results."""
+        extractor = self._extractor
+        if extractor is None:
+            raise RuntimeError("CoresetCallback: probes need the signal capture, which has not seen a batch yet.")
+        train_dl = self._train_loader(trainer)
+        reference = None
+        if self.reference is not None:
+            reference = list(self._reference_loader(trainer))
+        runner = ProbeRunner(
+            pl_module,
+            trainer.optimizers,
+            extractor.example_losses,
+            extractor.head,
+            self.sampler.dataset,
+            train_dl.collate_fn,
+            lambda batch: trainer.strategy.batch_to_device(batch, pl_module.device),
+            reference=reference,
+            eval_batch_size=self.scoring_batch_size or train_dl.batch_size or 256,
+            forward_context=trainer.precision_plugin.forward_context,
+        )
+        began = time.perf_counter()
+        mine = list(range(trainer.global_rank, len(request.tasks), trainer.world_size))
+        losses = runner.run(request, mine)
+        width = max((t.num_losses for t in request.tasks), default=1)
+        table = torch.full((len(mine), width), float("nan"), dtype=torch.float64)
+        for row, values in enumerate(losses):
+            table[row, : values.numel()] = values
+        gathered = gather_rows(
+            trainer.strategy,
+            {"task": torch.tensor(mine, dtype=torch.int64), "losses": table, "steps": torch.tensor([runner.steps_taken])},
+            pl_module.device,
+        )
+        by_task = dict(zip(gathered["task"].tolist(), gathered["losses"]))
+        results = tuple(by_task[i][: request.tasks[i].num_losses].clone() for i in range(len(request.tasks)))
+        seconds = self._max_over_ranks(trainer, pl_module, time.perf_counter() - began)
+        return ProbeResults(results, seconds=seconds, optimizer_steps=int(gathered["steps"].sum()))
+
+    def _forward_signals(
+        self, trainer: Trainer, pl_module: LightningModule, loader: DataLoader, shard: Tensor
+    ) -> dict[str, Optional[Tensor]]:
+        """Forward-only signals of this rank's ``loader`` (whose items are ``shard``), gathered over ranks."""
         collected: list[ExampleSignals] = []
         modes = _ModuleModes(pl_module)
         bar = ScoringProgressBar(trainer, total=len(loader))
@@ -553,9 +668,7 @@ class CoresetCallback(Callback):
             bar.close()
             modes.restore()
         rows = self._signal_rows(shard, collected)
-        gathered = gather_rows(trainer.strategy, rows, pl_module.device)
-        self.store.update(gathered["index"], self._signals_from_rows(gathered), step=now_batch)
-        return int(gathered["index"].numel())
+        return gather_rows(trainer.strategy, rows, pl_module.device)
 
     @staticmethod
     def _signal_rows(indices: Tensor, signals: list[ExampleSignals]) -> dict[str, Optional[Tensor]]:

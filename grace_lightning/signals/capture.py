@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -192,6 +193,45 @@ class SignalExtractor:
                 )
             assert recorder.head_input is not None and recorder.head_output is not None
             return self._signals(batch, recorder.head_input, recorder.head_output)
+
+    def example_losses(self, batch: Any) -> Tensor:
+        """``(B,)`` per-example losses of ``batch`` *with* autograd (for probe steps), same definition as ``loss``.
+
+        Classification: cross-entropy of the head's logits. Causal LM: mean next-token cross-entropy over each
+        sequence's supervised tokens. Custom mode: ``coreset_signals(batch).loss``, called with grad enabled
+        (so it must be differentiable there). The caller chooses train/eval mode and grad mode.
+        """
+        if self.mode == "custom":
+            return self._score_custom_raw(batch).loss
+        outputs: list[Tensor] = []
+        assert self.head is not None
+        handle = self.head.register_forward_hook(lambda _m, _args, out: outputs.append(out))
+        self._scoring = True  # not a training batch: keep it out of the free capture
+        try:
+            self._run_forward(batch)
+        finally:
+            handle.remove()
+            self._scoring = False
+        if not outputs:
+            raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
+        logits = outputs[-1]
+        if self.mode == "classification":
+            return F.cross_entropy(logits.float(), batch[1].to(logits.device), reduction="none")
+        labels = _lm_labels(batch).to(logits.device)[:, 1:]
+        token = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+            ignore_index=IGNORE_INDEX,
+        ).view(labels.shape)
+        supervised = (labels != IGNORE_INDEX).sum(dim=1)
+        return token.sum(dim=1) / supervised.clamp(min=1)
+
+    def _score_custom_raw(self, batch: Any) -> ExampleSignals:
+        out = self.pl_module.coreset_signals(batch)  # type: ignore[operator]
+        if not isinstance(out, ExampleSignals):
+            raise SignalCaptureError(
+                f"`coreset_signals` must return grace_lightning.ExampleSignals, got {type(out).__name__}."
+            )
+        return out
 
     def _score_custom(self, batch: Any) -> ExampleSignals:
         out = self.pl_module.coreset_signals(batch)  # type: ignore[operator]

@@ -8,7 +8,9 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
+from grace_lightning.probes import ProbeRequest, ProbeResults
 from grace_lightning.signals.store import SignalStore
+from grace_lightning.signals.types import ExampleSignals
 
 __all__ = ["Selection", "SelectionInput", "Strategy", "StrategyState", "register_strategy", "build_strategy", "available_strategies"]
 
@@ -59,6 +61,13 @@ class SelectionInput:
             Only the strategy reads or updates it; selection runs on rank 0, so only rank 0's copy is live.
         fidelity: in ``(0, 1]``; below 1 when the callback's overhead budget is exceeded, asking the strategy
             to spend proportionally less on scoring (e.g. fewer anchors).
+        reference: the reference set's signals measured by the live model at this refresh (``loss``,
+            ``grad_norm``, ``embedding`` in the store's space, i.e. projected like the pool's; float32, CPU), or
+            ``None`` when the callback has no reference set or the strategy does not read it.
+        quality: ``(N,)`` float32 user quality scores of the pool examples (``CoresetCallback(quality=...)``),
+            or ``None``.
+        probe: in :meth:`Strategy.select` only, the results of the probes :meth:`Strategy.to_probe` asked
+            for at this refresh (``None`` when it asked for none).
     """
 
     pool_size: int
@@ -71,18 +80,41 @@ class SelectionInput:
     now_batch: int = 0
     state: Any = None
     fidelity: float = 1.0
+    reference: Optional[ExampleSignals] = None
+    quality: Optional[Tensor] = None
+    probe: Optional[ProbeResults] = None
 
 
 class Strategy:
     """Base class of selection strategies: a pure function from :class:`SelectionInput` to :class:`Selection`.
 
     Subclasses set ``name``, list the signals they read in ``needs`` (``"loss"``, ``"grad_norm"``,
-    ``"embedding"``) and implement :meth:`select`. A strategy never touches the trainer, the sampler or any
-    global state; the callback validates and applies what it returns.
+    ``"embedding"``), say whether they read a reference set in ``reference`` (``"unused"``, ``"optional"``
+    or ``"required"``) and implement :meth:`select`. A strategy never touches the trainer, the sampler or
+    any global state; the callback validates and applies what it returns. Per refresh the callback calls
+    :meth:`to_score`, runs that scoring pass, calls :meth:`to_probe`, runs those probes, then calls
+    :meth:`select` with the probe results in ``inputs.probe``.
     """
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    reference: ClassVar[str] = "unused"
+
+    def check_inputs(self, has_reference: bool, has_quality: bool) -> None:
+        """Raise ``ValueError`` (saying how to fix it) if the callback lacks an input this strategy needs.
+
+        Called by the callback at ``setup``, before any training. The default enforces ``reference == "required"``.
+        """
+        if self.reference == "required" and not has_reference:
+            raise ValueError(
+                f"Strategy {self.name!r} measures influence on a reference set, and the callback has none: pass "
+                "CoresetCallback(..., reference=my_reference_dataset) (a Dataset or DataLoader of examples in the "
+                "training batch format, e.g. 64-256 held-out examples of the target task)."
+            )
+
+    def to_probe(self, inputs: SelectionInput) -> Optional[ProbeRequest]:
+        """Probes (optimizer steps on a restored snapshot) to run before :meth:`select`; None (default) for none."""
+        return None
 
     def create_state(self, pool_size: int) -> Optional[StrategyState]:
         """The memory this strategy keeps between refreshes, or None (the default: a memoryless strategy)."""
