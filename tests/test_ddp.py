@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from grace_lightning.distributed import gather_rows
 from tests.harness import TopLoss, fit, load_records
+from tests.toy import IndexedBlobs
 
 pytestmark = pytest.mark.timeout(180)  # a rank mismatch shows up as a hang; fail instead
 
@@ -25,16 +26,18 @@ def _epochs(record):
 
 # el2n scores the pool at the refresh before epoch 1, so epochs 1 and 2 train on its frozen top-budget.
 STRATEGY_KWARGS = {"el2n": {"score_epoch": 1}}
+NEEDS_REFERENCE = {"group_mates", "gip"}
 
 
 @pytest.mark.parametrize(
     "strategy",
-    ["random", "full", "grace", "infobatch", "el2n", TopLoss()],
-    ids=["random", "full", "grace", "infobatch", "el2n", "top_loss"],
+    ["random", "full", "grace", "infobatch", "el2n", "grip", "group_mates", TopLoss()],
+    ids=["random", "full", "grace", "infobatch", "el2n", "grip", "group_mates", "top_loss"],
 )
 def test_two_ranks_share_the_subset_and_split_it_disjointly(tmp_path, strategy):
     kwargs = STRATEGY_KWARGS.get(strategy) if isinstance(strategy, str) else None
-    fit(tmp_path, "run", devices=2, strategy=strategy, max_epochs=3, strategy_kwargs=kwargs)
+    extra = {"reference": IndexedBlobs(n=32, seed=1)} if strategy in NEEDS_REFERENCE else {}
+    fit(tmp_path, "run", devices=2, strategy=strategy, max_epochs=3, strategy_kwargs=kwargs, **extra)
     rank0, rank1 = load_records(tmp_path, "run", 2)
     assert rank0["selections"] == rank1["selections"], "ranks hold different subsets"
     assert rank0["num_training_batches"] == rank1["num_training_batches"] == [4, 4, 4]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.toy import IndexedBlobs
 from tests.harness import TopLoss, fit, load_records, load_weights
 
 BATCH_SIZE = 8
@@ -66,16 +67,20 @@ def test_resume_is_bit_exact(tmp_path, devices, num_workers, schedule):
 
 # el2n scores the pool in epoch 1 and again every second refresh, so every checkpoint holds a frozen selection.
 STRATEGY_KWARGS = {"el2n": {"score_epoch": 1, "rescore_every_n_refreshes": 2}}
+# Strategies that measure influence on (or build queries from) a reference set get one: 32 held-out examples.
+NEEDS_REFERENCE = {"group_mates", "gip"}
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-@pytest.mark.parametrize("strategy", ["top_loss", "grace", "infobatch", "el2n"])
+@pytest.mark.parametrize("strategy", ["top_loss", "grace", "infobatch", "el2n", "grip", "group_mates"])
 def test_resume_is_bit_exact_with_a_signal_strategy(tmp_path, devices, strategy):
-    """Free training signals, the scoring pass, the cross-rank gather and strategy state all survive a resume."""
+    """Free training signals, the scoring pass, probes, the cross-rank gather and strategy state all survive a resume."""
     kwargs = dict(
         devices=devices, num_workers=2, schedule="step", strategy=TopLoss() if strategy == "top_loss" else strategy,
         strategy_kwargs=STRATEGY_KWARGS.get(strategy),
     )
+    if strategy in NEEDS_REFERENCE:
+        kwargs["reference"] = IndexedBlobs(n=32, seed=1)
     fit(tmp_path, "full", save_checkpoints=True, **kwargs)
     for point, ckpt in _checkpoints(tmp_path, devices).items():
         fit(tmp_path, f"resumed_{point}", ckpt_path=ckpt, **kwargs)

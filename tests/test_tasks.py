@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from grace_lightning.bench.config import BenchConfig
 from grace_lightning.bench.runner import quiet_and_restored, run_one
 from grace_lightning.bench.tasks import TaskSize, TaskUnavailable, get_task
+from grace_lightning.bench.tasks.base import REFERENCE_EXAMPLES
 from grace_lightning.bench.tasks import fashion_mnist, shakespeare, tweets
 
 REAL_TASKS = ["fashion-mnist", "tweets", "shakespeare"]
@@ -32,11 +33,19 @@ def test_data_are_installed_and_fixed_across_run_seeds(name):
     for i in (0, 17, 299):  # the pool depends on the size only, never on the run seed
         for key_a, key_b in zip(_flat(a.train[i]), _flat(b.train[i])):
             assert torch.equal(key_a, key_b)
+    # the datasets hold the rows the source ids name
+    for split in ("train", "val", "reference"):
+        assert len(getattr(c, split)) == c.info["source_ids"][split].numel()
+    ids_a, ids_c = a.info["source_ids"], c.info["source_ids"]
     # a smaller pool is inside a larger one (the sizes take prefixes of one fixed order)
-    big = {_key(c.train[i]) for i in range(len(c.train))}
-    assert all(_key(a.train[i]) in big for i in range(len(a.train)))
-    # validation examples never appear in the pool
-    assert not big & {_key(c.val[i]) for i in range(len(c.val))}
+    assert set(ids_a["train"].tolist()) <= set(ids_c["train"].tolist())
+    # the reference set is the same for every size, and the pool, reference and validation sets are disjoint
+    # (fashion-mnist validates on the test file, so only its pool and reference share a source)
+    assert torch.equal(ids_a["reference"], ids_c["reference"]) and len(c.reference) == REFERENCE_EXAMPLES
+    assert not set(ids_c["train"].tolist()) & set(ids_c["reference"].tolist())
+    if name != "fashion-mnist":
+        assert not set(ids_c["val"].tolist()) & (set(ids_c["train"].tolist()) | set(ids_c["reference"].tolist()))
+    assert _key(c.reference[0]) == _key(a.reference[0])
 
 
 def _flat(item):

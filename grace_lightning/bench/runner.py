@@ -106,6 +106,7 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
         refresh_every_n_epochs=1,
         seed=seed,
         strategy_kwargs=config.strategy_kwargs.get(strategy) or None,
+        reference=data.reference,  # scored only by strategies that read it (group_mates, gip)
     )
     clock = EvalClock(callback)
     trainer = L.Trainer(

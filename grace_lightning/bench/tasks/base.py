@@ -27,7 +27,11 @@ from torch.utils.data import Dataset
 
 from grace_lightning.weights import batch_weights
 
-__all__ = ["BenchModule", "BenchTask", "TaskData", "TaskSize", "TaskUnavailable", "seeded_init"]
+__all__ = ["REFERENCE_EXAMPLES", "BenchModule", "BenchTask", "TaskData", "TaskSize", "TaskUnavailable", "seeded_init"]
+
+# The reference set of group_mates / gip: this many examples of the training split, held out of every pool and
+# disjoint from the validation set (influence measured on validation data would leak into the metric).
+REFERENCE_EXAMPLES = 256
 
 
 class TaskUnavailable(RuntimeError):
@@ -55,6 +59,7 @@ class TaskData:
 
     train: Dataset
     val: Dataset
+    reference: Optional[Dataset] = None  # held-out training-split examples for reference-set strategies
     collate_fn: Optional[Callable[[list], Any]] = None
     info: dict[str, Any] = field(default_factory=dict)  # e.g. vocabulary size, number of classes
 

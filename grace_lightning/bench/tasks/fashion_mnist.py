@@ -6,8 +6,9 @@ greyscale clothing in 10 balanced classes, read from the IDX files of the Debian
 environment variable ``GRACE_LIGHTNING_FASHION_MNIST`` (files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
 gzipped or not, e.g. a torchvision ``FashionMNIST/raw`` folder). Nothing is downloaded.
 
-Split: the training pool is a subset of the 60,000 training images and the validation set a subset of the
-10,000 test images, both drawn from a fixed data seed (never the run seed), so every run of a comparison
+Split: the training pool is a subset of the 60,000 training images (256 of which are held out as the
+reference set of ``group_mates`` / ``gip``, so the full pool is 59,744) and the validation set a subset of the
+10,000 test images, all drawn from a fixed data seed (never the run seed), so every run of a comparison
 trains from the same pool and is evaluated on the same images.
 
 Model: two stride-2 3x3 convolutions (no pooling, cheap on CPU), a hidden linear layer and a linear ``head``;
@@ -29,6 +30,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from grace_lightning.bench.tasks.base import (
+    REFERENCE_EXAMPLES,
     BenchModule,
     BenchTask,
     TaskData,
@@ -108,12 +110,11 @@ def load_fashion_mnist(directory: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return out
 
 
-def _fixed_subset(n_total: int, n: int | None, salt: int) -> Tensor:
-    """The first ``n`` of a fixed permutation (so a smaller size's subset is inside a larger one's)."""
-    if n is None or n >= n_total:
-        return torch.arange(n_total)
+def _fixed_subset(n_total: int, n: int | None, salt: int, skip: int = 0) -> Tensor:
+    """Entries ``skip : skip + n`` of a fixed permutation, sorted (a smaller size's subset is inside a larger one's)."""
     gen = torch.Generator().manual_seed(DATA_SEED + salt)
-    return torch.randperm(n_total, generator=gen)[:n].sort().values
+    order = torch.randperm(n_total, generator=gen)[skip:]
+    return order[:n].sort().values  # [:None] = all
 
 
 class FashionCNN(BenchModule):
@@ -177,12 +178,18 @@ class FashionMNISTTask(BenchTask):
         """The pool and validation set of ``size``; ``seed`` is unused (the subsets come from a fixed seed)."""
         self.check_available()
         train_x, train_y, test_x, test_y = load_fashion_mnist(str(data_dir().resolve()))
-        train_idx = _fixed_subset(len(train_y), size.train_examples, salt=0)
+        reference_idx = _fixed_subset(len(train_y), REFERENCE_EXAMPLES, salt=0)
+        train_idx = _fixed_subset(len(train_y), size.train_examples, salt=0, skip=REFERENCE_EXAMPLES)
         val_idx = _fixed_subset(len(test_y), size.val_examples, salt=1)
         return TaskData(
             train=TensorDataset(train_x[train_idx], train_y[train_idx]),
             val=TensorDataset(test_x[val_idx], test_y[val_idx]),
-            info={"num_classes": NUM_CLASSES, "input_shape": (1, 28, 28)},
+            reference=TensorDataset(train_x[reference_idx], train_y[reference_idx]),
+            info={
+                "num_classes": NUM_CLASSES, "input_shape": (1, 28, 28),
+                # rows of the IDX files (validation: of the test file)
+                "source_ids": {"train": train_idx, "val": val_idx, "reference": reference_idx},
+            },
         )
 
     def build_model(self, data: TaskData, seed: int) -> FashionCNN:

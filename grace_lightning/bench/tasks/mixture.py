@@ -35,10 +35,11 @@ class MixtureConfig:
     components_per_class: int = 3
     center_scale: float = 0.8
     val_fraction: float = 0.2
+    reference_examples: int = 256
 
 
 def make_mixture(config: MixtureConfig, seed: int) -> TaskData:
-    """Generate the train/validation split of the problem for ``seed`` (same seed, same tensors)."""
+    """Generate the train/validation split and the reference set of the problem for ``seed`` (same seed, same tensors)."""
     gen = torch.Generator().manual_seed(int(seed))
     n_comp = config.num_classes * config.components_per_class
     centers = torch.randn(n_comp, config.dim, generator=gen) * config.center_scale
@@ -48,9 +49,13 @@ def make_mixture(config: MixtureConfig, seed: int) -> TaskData:
     order = torch.randperm(config.num_examples, generator=gen)
     n_val = max(1, int(round(config.val_fraction * config.num_examples)))
     val_idx, train_idx = order[:n_val], order[n_val:]
+    # Drawn after everything else, so the pool and validation set do not depend on the reference size.
+    ref_component = torch.randint(0, n_comp, (config.reference_examples,), generator=gen)
+    ref_x = centers[ref_component] + torch.randn(config.reference_examples, config.dim, generator=gen)
     return TaskData(
         train=TensorDataset(x[train_idx], y[train_idx]),
         val=TensorDataset(x[val_idx], y[val_idx]),
+        reference=TensorDataset(ref_x, ref_component % config.num_classes),
         info={"num_classes": config.num_classes, "dim": config.dim},
     )
 

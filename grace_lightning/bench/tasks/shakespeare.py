@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchmetrics import MeanMetric
 
 from grace_lightning.bench.tasks.base import (
+    REFERENCE_EXAMPLES,
     BenchModule,
     BenchTask,
     TaskData,
@@ -162,12 +163,17 @@ class ShakespeareTask(BenchTask):
         path = str(plays_dir())
         chunks = load_chunks(path)
         train_order, val_order = _split(path)
-        pool = train_order[: size.train_examples].sort().values  # [:None] = all
+        reference = train_order[:REFERENCE_EXAMPLES].sort().values  # held out of every pool
+        pool = train_order[REFERENCE_EXAMPLES:][: size.train_examples].sort().values  # [:None] = all
         val_idx = val_order[: size.val_examples].sort().values
         return TaskData(
             train=ByteChunks(chunks[pool]),
             val=ByteChunks(chunks[val_idx]),
-            info={"vocab_size": VOCAB, "seq_len": CHUNK},
+            reference=ByteChunks(chunks[reference]),
+            info={
+                "vocab_size": VOCAB, "seq_len": CHUNK,
+                "source_ids": {"train": pool, "val": val_idx, "reference": reference},  # chunk numbers in the text
+            },
         )
 
     def build_model(self, data: TaskData, seed: int) -> ByteGPT:

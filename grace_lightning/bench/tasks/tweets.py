@@ -8,7 +8,8 @@ is cp1252 with a few bytes cp1252 leaves undefined, which are decoded as U+FFFD.
 
 Preprocessing, all deterministic and offline: texts that occur more than once are kept once (first
 occurrence; retweets repeat up to 303 times and would otherwise leak between training and validation); a
-fixed data seed (never the run seed) splits off the validation set and draws the training pool; tokens are
+fixed data seed (never the run seed) splits off the validation set, holds out 256 training texts as the
+reference set of ``group_mates`` / ``gip`` and draws the training pool from the rest; tokens are
 lowercase words, ``#tags``, ``@names`` and single punctuation marks, URLs become one ``<url>`` token; the
 vocabulary is every token seen at least twice in the whole training split (so it does not depend on the
 pool size); each text is padded/truncated to a fixed number of token ids (0 = padding, 1 = unknown), so the
@@ -34,6 +35,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from grace_lightning.bench.tasks.base import (
+    REFERENCE_EXAMPLES,
     BenchModule,
     BenchTask,
     TaskData,
@@ -163,12 +165,17 @@ class TweetsTask(BenchTask):
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
         """The pool and validation set of ``size``; ``seed`` is unused (the split comes from a fixed seed)."""
         ids, labels, train_order, val_order, vocab_size = _encoded(str(corpus_path()))
-        pool = train_order[: size.train_examples].sort().values  # [:None] = all
+        reference = train_order[:REFERENCE_EXAMPLES].sort().values  # held out of every pool
+        pool = train_order[REFERENCE_EXAMPLES:][: size.train_examples].sort().values  # [:None] = all
         val_idx = val_order[: size.val_examples].sort().values
         return TaskData(
             train=TensorDataset(ids[pool], labels[pool]),
             val=TensorDataset(ids[val_idx], labels[val_idx]),
-            info={"num_classes": len(LABELS), "vocab_size": vocab_size, "max_tokens": MAX_TOKENS},
+            reference=TensorDataset(ids[reference], labels[reference]),
+            info={
+                "num_classes": len(LABELS), "vocab_size": vocab_size, "max_tokens": MAX_TOKENS,
+                "source_ids": {"train": pool, "val": val_idx, "reference": reference},  # rows of the deduplicated corpus
+            },
         )
 
     def build_model(self, data: TaskData, seed: int) -> BagOfEmbeddings:

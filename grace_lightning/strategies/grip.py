@@ -1,0 +1,727 @@
+"""``grip``: cluster budgets from a Rapid Adaptation Probe, then density- and length-aware sampling inside clusters.
+
+Reconstructed from GRIP (Wang, Yang, Yao, et al., *GRIP: Geometric Refinement and Adaptive Information
+Potential for Data Efficiency*, arXiv:2603.00031, 2026). The paper has no public code and its method section
+was not readable; the pieces come from its abstract and two third-party notes, and what they leave open is a
+parameter here, with the interpretation documented (see ``research/papers.md`` §2 of the project notes).
+The paper curates a static pool once with an external embedder and a proxy model; here every refresh runs
+in-loop on the live model's embeddings, and the probe trains a snapshot of the live model.
+
+The pure pieces (:func:`neyman_allocation`, :func:`cluster_base_weights`, :func:`replay_multipliers`,
+:func:`allocate_budgets`, :func:`intra_cluster_probabilities`, ...) are module-level functions on numpy
+arrays, usable and testable without a trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from grace_lightning.clustering import spherical_kmeans
+from grace_lightning.probes import ProbeRequest, ProbeTask
+from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
+
+__all__ = [
+    "Grip",
+    "GripState",
+    "adaptation_delta",
+    "allocate_budgets",
+    "cluster_base_weights",
+    "cluster_dispersion",
+    "default_cluster_count",
+    "gumbel_top_k",
+    "intra_cluster_probabilities",
+    "length_feature",
+    "local_density",
+    "neyman_allocation",
+    "rank01",
+    "replay_multipliers",
+]
+
+
+# ---------------------------------------------------------------------- pure pieces
+def default_cluster_count(measured: int) -> int:
+    """``round(sqrt(M) / 4)`` clipped to ``[2, 256]`` and to ``M``: the number of clusters for ``M`` examples.
+
+    The notes suggest ``sqrt(N)/10`` for web-scale pools; in-loop pools are small (10^3-10^6), where that
+    gives too few clusters for the budget re-allocation to matter, hence ``/4``.
+
+    Example::
+
+        >>> default_cluster_count(10_000), default_cluster_count(10), default_cluster_count(10**8)
+        (25, 2, 256)
+    """
+    if measured <= 1:
+        return max(int(measured), 1)
+    return int(min(measured, min(256, max(2, round(math.sqrt(measured) / 4)))))
+
+
+def cluster_dispersion(similarity: np.ndarray, assignment: np.ndarray, k: int) -> np.ndarray:
+    """``o_k = sqrt(1 - mean cos(x, mu_k))`` over each cluster's members (0 for an empty cluster).
+
+    The notes' reading of GRIP's "geometric consistency": Neyman allocation needs a dispersion, and on the
+    unit sphere ``1 - cos`` is half the squared distance to the centroid, so ``o_k`` is a standard deviation.
+    """
+    sums = np.bincount(assignment, weights=np.asarray(similarity, dtype=np.float64), minlength=k)
+    counts = np.bincount(assignment, minlength=k)
+    mean = np.divide(sums, counts, out=np.ones(k, dtype=np.float64), where=counts > 0)
+    return np.sqrt(np.clip(1.0 - mean, 0.0, None))
+
+
+def _water_fill(weights: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: float) -> np.ndarray:
+    """Real shares ``x_k = clip(lam * w_k, lower_k, upper_k)`` with ``sum x = total``.
+
+    Requires ``sum lower <= total <= sum upper``. When the positive-weight entries are all at their upper
+    bound and budget is left, the rest goes to the zero-weight entries in proportion to their room.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    lo = np.asarray(lower, dtype=np.float64)
+    hi = np.asarray(upper, dtype=np.float64)
+    if total <= lo.sum():
+        return lo.copy()
+    positive = w > 0
+    top = np.where(positive, hi, lo)
+    if top.sum() <= total:
+        rest = total - top.sum()
+        room = np.where(positive, 0.0, hi - lo)
+        return top + (rest * room / room.sum() if rest > 0 and room.sum() > 0 else 0.0)
+    w = w / w.max()
+
+    def filled(lam: float) -> float:
+        return float(np.clip(lam * w, lo, hi).sum())
+
+    lam_lo, lam_hi = 0.0, max(total / w.sum(), 1e-12)
+    while filled(lam_hi) < total:
+        lam_lo, lam_hi = lam_hi, lam_hi * 2.0
+    for _ in range(100):  # f(lam) is monotone and piecewise linear: bisection to float precision
+        mid = 0.5 * (lam_lo + lam_hi)
+        if filled(mid) < total:
+            lam_lo = mid
+        else:
+            lam_hi = mid
+    return np.clip(lam_hi * w, lo, hi)
+
+
+def _round_to_total(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int) -> np.ndarray:
+    """Integers within ``[lower, upper]`` summing exactly to ``total``: floors, then largest remainders first.
+
+    Ties between equal remainders go to the lower cluster id (deterministic, no randomness needed).
+    """
+    lo = np.asarray(lower, dtype=np.int64)
+    hi = np.asarray(upper, dtype=np.int64)
+    out = np.clip(np.floor(x + 1e-9).astype(np.int64), lo, hi)
+    frac = x - out
+    need = int(total - out.sum())
+    order = np.argsort(-frac, kind="stable") if need > 0 else np.argsort(frac, kind="stable")
+    while need != 0:
+        moved = False
+        for i in order:
+            if need > 0 and out[i] < hi[i]:
+                out[i] += 1
+                need -= 1
+                moved = True
+            elif need < 0 and out[i] > lo[i]:
+                out[i] -= 1
+                need += 1
+                moved = True
+            if need == 0:
+                break
+        if not moved:
+            raise ValueError(f"cannot place {total} units within the bounds (sum of upper bounds {int(hi.sum())}).")
+    return out
+
+
+def neyman_allocation(sizes: np.ndarray, dispersion: np.ndarray, total: int, minimum: int = 4) -> np.ndarray:
+    """Probe examples per cluster, ``n_k ∝ N_k · o_k`` (Neyman), at least ``min(minimum, N_k)``, at most ``N_k``.
+
+    Clusters whose proportional share falls below the minimum are raised to it and the rest re-shared in
+    proportion (water-filling), so the others stay proportional to ``N_k o_k``. ``total`` is raised to the
+    sum of the minimums and lowered to the pool size when out of that range. Rounding: floors, then the
+    largest remainders; the result sums exactly to the (clipped) total.
+
+    Example::
+
+        >>> neyman_allocation(np.array([100, 100, 10]), np.array([0.2, 0.4, 0.3]), 30, minimum=4).tolist()
+        [9, 17, 4]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    lo = np.minimum(int(minimum), sizes)
+    total = int(min(max(int(total), int(lo.sum())), int(sizes.sum())))
+    weights = sizes * np.clip(np.asarray(dispersion, dtype=np.float64), 0.0, None)
+    return _round_to_total(_water_fill(weights, lo, sizes, total), lo, sizes, total)
+
+
+def cluster_base_weights(
+    sizes: np.ndarray,
+    tau: float = 0.5,
+    quality: Optional[np.ndarray] = None,
+    temperature: float = 1.0,
+    quality_gate: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GRIP's static budget weights ``w0_k = N_k^tau · softmax_k(Q_k / T)`` and the quality gate.
+
+    With ``quality=None`` every ``Q_k`` is equal and ``w0_k ∝ N_k^tau`` (``tau = 0.5`` is the paper's
+    square-root sampling, ``tau = 1`` is proportional). With quality, clusters whose ``Q_k`` is strictly
+    below the ``quality_gate`` quantile of the ``Q_k`` get weight 0 (the paper's gate ``τ_th``, value
+    unspecified there); the best cluster always survives. Empty clusters get weight 0.
+
+    Returns:
+        ``(w0, gated)``: float64 weights and the bool mask of gated clusters.
+    """
+    n = np.asarray(sizes, dtype=np.float64)
+    if quality is None:
+        soft = np.full(n.shape, 1.0 / max(n.size, 1))
+    else:
+        z = np.asarray(quality, dtype=np.float64) / temperature
+        z = np.exp(z - z.max())
+        soft = z / z.sum()
+    weights = np.where(n > 0, np.power(n, tau, where=n > 0, out=np.zeros_like(n)), 0.0) * soft
+    gated = np.zeros(n.shape, dtype=bool)
+    if quality is not None and quality_gate > 0 and n.size > 1:
+        q = np.asarray(quality, dtype=np.float64)
+        gated = q < np.quantile(q, quality_gate)
+        weights[gated] = 0.0
+    return weights, gated
+
+
+def rank01(values: np.ndarray) -> np.ndarray:
+    """Ranks scaled to ``[0, 1]`` (smallest 0, largest 1), ties sharing their mean rank; 0.5 for a single value."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size <= 1:
+        return np.full(v.shape, 0.5)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size, dtype=np.float64)
+    ranks[order] = np.arange(v.size)
+    _, inverse = np.unique(v, return_inverse=True)
+    ranks = (np.bincount(inverse, weights=ranks) / np.bincount(inverse))[inverse]
+    return ranks / (v.size - 1)
+
+
+def adaptation_delta(losses: Sequence[Tensor], signal: str = "ratio") -> np.ndarray:
+    """Each probe's loss drop from ``[L_init, ..., L_final]``: ``(L_init - L_final) / L_init`` or ``L_init - L_final``.
+
+    ``signal="ratio"`` is the paper's ``δL_k``; ``"absolute"`` is the reducible loss the notes offer as an
+    alternative. A probe with a non-finite loss gives NaN (treated as not probed); ``L_init <= 0`` gives 0.
+    """
+    out = np.full(len(losses), np.nan)
+    for i, curve in enumerate(losses):
+        curve = torch.as_tensor(curve, dtype=torch.float64).reshape(-1)
+        if curve.numel() < 2:
+            continue
+        first, last = float(curve[0]), float(curve[-1])
+        if not (math.isfinite(first) and math.isfinite(last)):
+            continue
+        drop = first - last
+        out[i] = drop if signal == "absolute" else (drop / first if first > 0 else 0.0)
+    return out
+
+
+def replay_multipliers(
+    delta: np.ndarray, alpha: float = 1.0, sign: int = 1, probed: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """``r_k = 1 + alpha · rank01(sign · δL_k)`` over the probed clusters; unprobed clusters get the middle rank.
+
+    Ranks rather than raw deltas keep the multiplier in ``[1, 1 + alpha]`` whatever the loss scale. With no
+    finite probed delta every ``r_k`` is 1 (budgets from the static weights alone).
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    valid = np.isfinite(delta) if probed is None else (np.asarray(probed, dtype=bool) & np.isfinite(delta))
+    r = np.ones(delta.shape, dtype=np.float64)
+    if valid.any():
+        r[:] = 1.0 + alpha * 0.5
+        r[valid] = 1.0 + alpha * rank01(sign * delta[valid])
+    return r
+
+
+def allocate_budgets(weights: np.ndarray, caps: np.ndarray, budget: int) -> np.ndarray:
+    """Integer budgets ``B_k ∝ weights_k``, capped at ``caps_k``, summing exactly to ``budget``.
+
+    Water-filling: a cluster whose share exceeds its cap takes its cap and the excess is re-shared among the
+    others in proportion to their weights; if every positive-weight cluster is full, the remainder goes to
+    zero-weight (gated) clusters in proportion to their size. Rounding: floors, then largest remainders.
+
+    Raises:
+        ValueError: if ``budget`` is negative or exceeds ``sum(caps)``.
+
+    Example::
+
+        >>> allocate_budgets(np.array([1.0, 1.0, 2.0]), np.array([100, 5, 100]), 40).tolist()
+        [12, 5, 23]
+    """
+    caps = np.asarray(caps, dtype=np.int64)
+    if budget < 0 or budget > int(caps.sum()):
+        raise ValueError(
+            f"allocate_budgets: `budget` must be in [0, {int(caps.sum())}] (the clusters' total size), got {budget}."
+        )
+    lo = np.zeros_like(caps)
+    return _round_to_total(_water_fill(weights, lo, caps, budget), lo, caps, int(budget))
+
+
+def local_density(embeddings: np.ndarray, knn: int = 10) -> np.ndarray:
+    """k-NN Gaussian kernel density of unit rows: ``p(x) = mean_{j in kNN+(x)} exp(-||e_x - e_j||² / 2h²)``.
+
+    ``kNN+(x)`` is ``x`` with its ``knn`` nearest rows (exact inner-product search); counting ``x`` itself
+    keeps ``p(x)`` in ``[1/(knn+1), 1]``, so ``1 / p`` is bounded and one isolated point cannot take a
+    cluster's whole budget. The bandwidth ``h`` (unspecified in the paper) is the median distance from
+    each row to its ``knn`` nearest neighbours.
+    """
+    x = np.ascontiguousarray(embeddings, dtype=np.float32).copy()
+    n = x.shape[0]
+    if n <= 1:
+        return np.ones(n)
+    faiss.normalize_L2(x)
+    kk = min(int(knn), n - 1)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, _ = index.search(x, kk + 1)  # column 0 is the row itself (or an exact duplicate: also distance 0)
+    sq = np.clip(2.0 - 2.0 * sims.astype(np.float64), 0.0, None)
+    dist = np.sqrt(sq[:, 1:])
+    h = float(np.median(dist))
+    if h <= 0:
+        positive = dist[dist > 0]
+        h = float(positive.mean()) if positive.size else 1.0
+    return np.exp(-sq / (2.0 * h * h)).mean(axis=1)
+
+
+def length_feature(lengths: np.ndarray) -> np.ndarray:
+    """``l(x)``: ``log(length)`` z-scored within the group; all zeros when every length is equal."""
+    log_len = np.log(np.maximum(np.asarray(lengths, dtype=np.float64), 1.0))
+    std = float(log_len.std())
+    if std < 1e-12:
+        return np.zeros_like(log_len)
+    return (log_len - log_len.mean()) / std
+
+
+def intra_cluster_probabilities(
+    embeddings: np.ndarray, lengths: np.ndarray, beta: float = 0.3, knn: int = 10, length_clip: float = 10.0
+) -> np.ndarray:
+    """GRIP's length-rectified geometric prior inside one cluster: ``pi(x) ∝ exp(beta · l(x)) / p(x)``, normalised.
+
+    ``1 / p(x)`` (:func:`local_density`) favours sparse regions; ``exp(beta · l(x))`` (:func:`length_feature`,
+    clipped to ``[1/length_clip, length_clip]``) pulls long sequences back, which the paper says collapse
+    into dense cones of embedding space and would otherwise look redundant.
+    """
+    prior = np.clip(np.exp(beta * length_feature(lengths)), 1.0 / length_clip, length_clip)
+    pi = prior / local_density(embeddings, knn)
+    return pi / pi.sum()
+
+
+def gumbel_top_k(probabilities: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """Positions of ``count`` draws without replacement ∝ ``probabilities`` (Gumbel-top-k on ``generator`` noise)."""
+    n = len(probabilities)
+    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-12, 1.0 - 1e-12).numpy()
+    with np.errstate(divide="ignore"):
+        keys = np.log(np.asarray(probabilities, dtype=np.float64)) - np.log(-np.log(u))
+    return np.argsort(-keys, kind="stable")[:count]
+
+
+# ---------------------------------------------------------------------- state
+class GripState:
+    """GRIP's memory within and between refreshes (rank 0 only).
+
+    :meth:`Grip.to_probe` clusters the pool and draws the probe slices; :meth:`Grip.select`, called at the
+    same refresh with the probes' losses, reads them back from here. ``refresh`` identifies that refresh;
+    a ``select`` at another refresh re-clusters.
+
+    Attributes:
+        refresh: ``[epoch, step, now_batch]`` of the refresh the clusters belong to, or ``None``.
+        assignment: ``(N,)`` int64 cluster of each example, -1 for examples without an embedding then.
+        centroids: ``(K, d)`` float32 unit centroids (new examples are assigned to the nearest).
+        dispersion: ``(K,)`` float64 ``o_k``.
+        probe_clusters: ``(T,)`` int64 cluster of each probe task, aligned with the request's tasks.
+        probe_train / probe_heldout: per task, the pool indices trained on / evaluated.
+        cluster_seconds: wall clock of the last clustering.
+        last_delta / last_budgets: ``(K,)`` adaptation deltas and budgets of the last selection (diagnostics).
+    """
+
+    def __init__(self, pool_size: int) -> None:
+        self.pool_size = int(pool_size)
+        self.refresh: Optional[list[int]] = None
+        self.assignment: Optional[Tensor] = None
+        self.centroids: Optional[Tensor] = None
+        self.dispersion: Optional[Tensor] = None
+        self.probe_clusters = torch.zeros(0, dtype=torch.int64)
+        self.probe_train: list[Tensor] = []
+        self.probe_heldout: list[Tensor] = []
+        self.cluster_seconds = 0.0
+        self.last_delta: Optional[Tensor] = None
+        self.last_budgets: Optional[Tensor] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pool_size": self.pool_size,
+            "refresh": None if self.refresh is None else list(self.refresh),
+            "assignment": self.assignment,
+            "centroids": self.centroids,
+            "dispersion": self.dispersion,
+            "probe_clusters": self.probe_clusters,
+            "probe_train": list(self.probe_train),
+            "probe_heldout": list(self.probe_heldout),
+            "cluster_seconds": self.cluster_seconds,
+            "last_delta": self.last_delta,
+            "last_budgets": self.last_budgets,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["pool_size"]) != self.pool_size:
+            raise ValueError(
+                f"GripState: the checkpoint covers {state['pool_size']} examples, the pool has {self.pool_size}."
+            )
+
+        def copy(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.clone()
+
+        self.refresh = None if state["refresh"] is None else [int(v) for v in state["refresh"]]
+        self.assignment = copy(state["assignment"])
+        self.centroids = copy(state["centroids"])
+        self.dispersion = copy(state["dispersion"])
+        self.probe_clusters = state["probe_clusters"].clone()
+        self.probe_train = [t.clone() for t in state["probe_train"]]
+        self.probe_heldout = [t.clone() for t in state["probe_heldout"]]
+        self.cluster_seconds = float(state["cluster_seconds"])
+        self.last_delta = copy(state["last_delta"])
+        self.last_budgets = copy(state["last_budgets"])
+
+
+# ---------------------------------------------------------------------- strategy
+@register_strategy("grip")
+class Grip(Strategy):
+    r"""Cluster-level budgets re-allocated by a Rapid Adaptation Probe; density- and length-aware sampling inside.
+
+    Each refresh, on the live model's embeddings of the measured examples:
+
+    1. **Clusters.** Spherical k-means into ``K`` clusters (``clusters``, default
+       :func:`default_cluster_count`); dispersion ``o_k = sqrt(1 − mean cos to centroid)``.
+    2. **Probe set** (:meth:`to_probe`): ``probe_fraction`` of the measured examples (× the callback's
+       fidelity) allocated by Neyman allocation ``n_k ∝ N_k o_k`` (at least ``probe_min_per_cluster``, at
+       most ``N_k``), drawn at random and split into a train half and a held-out half.
+    3. **Rapid Adaptation Probe**, run by the callback on a snapshot of the live model: per cluster,
+       ``rap_steps`` optimizer steps on the train half, loss on the held-out half before and after;
+       ``δL_k = (L_init − L_final) / L_init`` (``replay_signal="absolute"``: ``L_init − L_final``).
+    4. **Budgets**: ``B_k ∝ N_k^tau · softmax_k(Q_k / T) · r_k`` with the replay multiplier
+       ``r_k = 1 + alpha · rank01(replay_sign · δL_k)``; ``Q_k`` is the mean user quality of the cluster
+       (constant without ``CoresetCallback(quality=...)``); with quality, clusters below the
+       ``quality_gate`` quantile of ``Q_k`` get nothing. ``B_k`` is capped at the cluster's size, the excess
+       re-shared (water-filling), and rounded by largest remainders to sum exactly to the budget. Without
+       probe results (``inputs.probe is None``) ``r_k = 1``.
+    5. **Inside a cluster**: ``B_k`` examples without replacement with probability
+       ``pi(x) ∝ exp(beta · l(x)) / p(x)`` (:func:`intra_cluster_probabilities`): ``p`` the k-NN Gaussian
+       density (``knn`` neighbours, bandwidth = the cluster's median k-NN distance), ``l`` the z-scored
+       log length (``store.length``), ``exp(beta · l)`` clipped to ``[1/length_clip, length_clip]``.
+
+    Examples never measured (no embedding yet) are candidates only when the measured ones cannot fill the
+    budget; then the rest is drawn uniformly among them. Weights are ``None``: GRIP curates a subset, it
+    does not reweight.
+
+    Interpretations where the paper is silent (notes §2.6): the paper's replay lets ``B_k`` exceed the
+    cluster (repetition); a subset cannot repeat an example, so the excess is re-shared instead. The paper
+    resets a fresh proxy's head for the probe (Partial Reset Protocol); in-loop the live head is the natural
+    starting point, so ``rap_reset_head=False`` by default. The paper probes 0.5% of a web-scale pool; in-loop
+    pools are small, so the default is 2%. ``alpha``, ``quality_gate`` and the bandwidth are unspecified in
+    the paper (1, 10% and the median k-NN distance here).
+
+    Args:
+        clusters: number of k-means clusters ``K`` (``None``: ``round(sqrt(M)/4)`` clipped to ``[2, 256]``).
+        kmeans_iters: k-means iterations.
+        probe_fraction: share of the measured examples in the probe set, in ``[0, 1]``; 0 disables the
+            probe (budgets from size and quality only). The paper uses 0.005.
+        probe_min_per_cluster: minimum probe examples per cluster (>= 2: one to train, one to evaluate).
+        rap_steps: optimizer steps per probe (the paper's ``K = 10``).
+        rap_trainable: ``"head"`` (the paper's ``N = 0`` partial reset: head only) or ``"all"``.
+        rap_reset_head: re-initialise the head before each probe, as the paper's proxy does.
+        alpha: strength of the replay multiplier (>= 0; 0 ignores the probe).
+        replay_sign: ``+1``: clusters whose loss drops more get more budget (the paper's "representation
+            deficit"); ``-1``: less ("learned instantly = too easy").
+        replay_signal: ``"ratio"`` (relative drop, the paper's) or ``"absolute"`` loss drop.
+        tau: cluster-size exponent (0.5 = square-root sampling, 1 = proportional).
+        temperature: ``T`` of the quality softmax (> 0), in the units of the user's quality scores.
+        quality_gate: share (quantile) of clusters by ``Q_k`` dropped when quality scores are given, in
+            ``[0, 1)``.
+        beta: length recovery coefficient (>= 0; 0 = density prior only).
+        knn: neighbours of the density estimate.
+        length_clip: bound ``c`` on the length prior, clipped to ``[1/c, c]`` (>= 1).
+
+    Raises:
+        ValueError: on a parameter outside the ranges above, naming it.
+
+    Example::
+
+        CoresetCallback(sampler, strategy="grip", strategy_kwargs={"probe_fraction": 0.02, "beta": 0.3})
+    """
+
+    needs = frozenset({"loss", "embedding"})
+    reference = "unused"
+
+    def __init__(
+        self,
+        clusters: Optional[int] = None,
+        kmeans_iters: int = 20,
+        probe_fraction: float = 0.02,
+        probe_min_per_cluster: int = 4,
+        rap_steps: int = 10,
+        rap_trainable: str = "head",
+        rap_reset_head: bool = False,
+        alpha: float = 1.0,
+        replay_sign: int = 1,
+        replay_signal: str = "ratio",
+        tau: float = 0.5,
+        temperature: float = 1.0,
+        quality_gate: float = 0.1,
+        beta: float = 0.3,
+        knn: int = 10,
+        length_clip: float = 10.0,
+    ) -> None:
+        if clusters is not None and not _is_int(clusters, 1):
+            raise ValueError(f"grip: `clusters` must be a positive int, or None (round(sqrt(N)/4)); got {clusters!r}.")
+        if not _is_int(kmeans_iters, 1):
+            raise ValueError(f"grip: `kmeans_iters` must be a positive int, got {kmeans_iters!r}.")
+        if not _is_real(probe_fraction) or not 0.0 <= probe_fraction <= 1.0:
+            raise ValueError(f"grip: `probe_fraction` must be in [0, 1] (0: no probe), got {probe_fraction!r}.")
+        if not _is_int(probe_min_per_cluster, 2):
+            raise ValueError(
+                "grip: `probe_min_per_cluster` must be an int >= 2 (one example to train, one to evaluate), "
+                f"got {probe_min_per_cluster!r}."
+            )
+        if not _is_int(rap_steps, 1):
+            raise ValueError(f"grip: `rap_steps` must be a positive int (the paper uses 10), got {rap_steps!r}.")
+        if rap_trainable not in ("head", "all"):
+            raise ValueError(f"grip: `rap_trainable` must be 'head' or 'all', got {rap_trainable!r}.")
+        if not isinstance(rap_reset_head, bool):
+            raise ValueError(f"grip: `rap_reset_head` must be True or False, got {rap_reset_head!r}.")
+        if not _is_real(alpha) or alpha < 0:
+            raise ValueError(f"grip: `alpha` must be a number >= 0, got {alpha!r}.")
+        if isinstance(replay_sign, bool) or replay_sign not in (1, -1):
+            raise ValueError(f"grip: `replay_sign` must be 1 or -1, got {replay_sign!r}.")
+        if replay_signal not in ("ratio", "absolute"):
+            raise ValueError(f"grip: `replay_signal` must be 'ratio' or 'absolute', got {replay_signal!r}.")
+        if not _is_real(tau) or tau < 0:
+            raise ValueError(f"grip: `tau` must be a number >= 0 (0.5 = square-root sampling), got {tau!r}.")
+        if not _is_real(temperature) or temperature <= 0:
+            raise ValueError(f"grip: `temperature` must be a number > 0, got {temperature!r}.")
+        if not _is_real(quality_gate) or not 0.0 <= quality_gate < 1.0:
+            raise ValueError(f"grip: `quality_gate` must be in [0, 1) (0 drops no cluster), got {quality_gate!r}.")
+        if not _is_real(beta) or beta < 0:
+            raise ValueError(f"grip: `beta` must be a number >= 0 (the paper uses 0.3), got {beta!r}.")
+        if not _is_int(knn, 1):
+            raise ValueError(f"grip: `knn` must be a positive int, got {knn!r}.")
+        if not _is_real(length_clip) or length_clip < 1:
+            raise ValueError(f"grip: `length_clip` must be a number >= 1, got {length_clip!r}.")
+        self.clusters = clusters
+        self.kmeans_iters = kmeans_iters
+        self.probe_fraction = float(probe_fraction)
+        self.probe_min_per_cluster = probe_min_per_cluster
+        self.rap_steps = rap_steps
+        self.rap_trainable = rap_trainable
+        self.rap_reset_head = rap_reset_head
+        self.alpha = float(alpha)
+        self.replay_sign = int(replay_sign)
+        self.replay_signal = replay_signal
+        self.tau = float(tau)
+        self.temperature = float(temperature)
+        self.quality_gate = float(quality_gate)
+        self.beta = float(beta)
+        self.knn = knn
+        self.length_clip = float(length_clip)
+
+    def __repr__(self) -> str:
+        return (
+            f"Grip(clusters={self.clusters}, probe_fraction={self.probe_fraction}, rap_steps={self.rap_steps}, "
+            f"alpha={self.alpha}, tau={self.tau}, beta={self.beta})"
+        )
+
+    def create_state(self, pool_size: int) -> GripState:
+        return GripState(pool_size)
+
+    # ------------------------------------------------------------------ probes
+    def to_probe(self, inputs: SelectionInput) -> Optional[ProbeRequest]:
+        """Cluster the measured pool and ask for one Rapid Adaptation Probe per cluster (None when nothing to probe).
+
+        Needs ``inputs.state`` (where the clusters wait for :meth:`select`); without it, asks for none.
+        """
+        state, store = inputs.state, inputs.store
+        if state is None or self.probe_fraction == 0 or store is None or store.embedding is None:
+            return None
+        ids = store.measured.nonzero().squeeze(1).numpy()
+        if ids.size < 2:
+            return None
+        self._cluster(inputs, state, ids)
+        assignment = state.assignment.numpy()[ids]
+        k = int(state.dispersion.numel())
+        sizes = np.bincount(assignment, minlength=k)
+        probeable = np.where(sizes >= 2, sizes, 0)  # a probe needs one example to train and one to evaluate
+        target = round(self.probe_fraction * inputs.fidelity * ids.size)
+        counts = neyman_allocation(probeable, state.dispersion.numpy(), target, self.probe_min_per_cluster)
+        tasks, clusters, train, heldout = [], [], [], []
+        for c in np.flatnonzero(counts >= 2):
+            members = torch.from_numpy(ids[assignment == c])
+            drawn = members[torch.randperm(members.numel(), generator=inputs.generator)[: int(counts[c])]]
+            half = drawn.numel() // 2
+            train_slice, heldout_slice = drawn[:half].sort().values, drawn[half:].sort().values
+            steps = (train_slice,) * self.rap_steps
+            tasks.append(ProbeTask(steps=steps, eval_indices=heldout_slice, eval_every_step=False))
+            clusters.append(int(c))
+            train.append(train_slice)
+            heldout.append(heldout_slice)
+        state.probe_clusters = torch.tensor(clusters, dtype=torch.int64)
+        state.probe_train, state.probe_heldout = train, heldout
+        if not tasks:
+            return None
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
+        return ProbeRequest(tuple(tasks), trainable=self.rap_trainable, reset_head=self.rap_reset_head, seed=seed)
+
+    def _cluster(self, inputs: SelectionInput, state: GripState, ids: np.ndarray) -> None:
+        """Spherical k-means on the measured embeddings; writes the clusters (non-empty, renumbered) to ``state``."""
+        began = time.perf_counter()
+        x = inputs.store.embedding.numpy()[ids].astype(np.float32)
+        k = self.clusters if self.clusters is not None else default_cluster_count(ids.size)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
+        found = spherical_kmeans(x, int(min(k, ids.size)), niter=self.kmeans_iters, seed=seed)
+        used, assignment = np.unique(found.assignment, return_inverse=True)  # faiss may leave clusters empty
+        full = np.full(inputs.pool_size, -1, dtype=np.int64)
+        full[ids] = assignment
+        state.assignment = torch.from_numpy(full)
+        state.centroids = torch.from_numpy(np.ascontiguousarray(found.centroids[used], dtype=np.float32))
+        state.dispersion = torch.from_numpy(cluster_dispersion(found.similarity, assignment, used.size))
+        state.refresh = _refresh_key(inputs)
+        state.probe_clusters = torch.zeros(0, dtype=torch.int64)
+        state.probe_train, state.probe_heldout = [], []
+        state.cluster_seconds = time.perf_counter() - began
+
+    # ------------------------------------------------------------------ selection
+    def select(self, inputs: SelectionInput) -> Selection:
+        store = inputs.store
+        if store is None or store.embedding is None:
+            raise ValueError(
+                "grip: no embeddings were measured; the module's signal capture must return `embedding` "
+                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
+            )
+        state = inputs.state if inputs.state is not None else GripState(inputs.pool_size)
+        budget = min(int(inputs.budget), inputs.pool_size)
+        measured = store.measured.numpy()
+        ids = np.flatnonzero(measured)
+        diagnostics: dict[str, float] = {}
+        clustered_now = 0.0
+        if state.refresh != _refresh_key(inputs) or state.assignment is None:
+            if inputs.probe is not None:
+                raise ValueError(
+                    "grip: `select` got probe results, but `inputs.state` does not hold the clusters `to_probe` "
+                    "drew them from at this refresh; call `to_probe` and `select` with the same state and refresh."
+                )
+            if ids.size:
+                self._cluster(inputs, state, ids)
+                clustered_now = state.cluster_seconds
+        else:
+            self._assign_new(store, state, ids)
+        diagnostics["cluster_seconds"] = clustered_now
+
+        picks: list[np.ndarray] = []
+        take = min(budget, ids.size)
+        if take > 0:
+            picks.append(self._select_measured(inputs, state, ids, take, diagnostics))
+        filled = budget - take
+        if filled > 0:  # too few measured examples: the rest uniformly among the unmeasured
+            unmeasured = torch.from_numpy(np.flatnonzero(~measured))
+            picks.append(unmeasured[torch.randperm(unmeasured.numel(), generator=inputs.generator)[:filled]].numpy())
+        diagnostics["filled_unmeasured"] = float(filled)
+        indices = torch.from_numpy(np.sort(np.concatenate(picks or [np.zeros(0, dtype=np.int64)])).astype(np.int64))
+        if take > 0:
+            length = store.length.numpy().astype(np.float64)
+            diagnostics["length_ratio"] = float(length[indices.numpy()].mean() / max(length[ids].mean(), 1e-12))
+        return Selection(indices=indices, weights=None, diagnostics=diagnostics)
+
+    def _assign_new(self, store, state: GripState, ids: np.ndarray) -> None:
+        """Examples measured after :meth:`to_probe` clustered join their most similar centroid."""
+        assignment = state.assignment.numpy()
+        new = ids[assignment[ids] < 0]
+        if new.size:
+            x = store.embedding.numpy()[new].astype(np.float32)
+            faiss.normalize_L2(x)
+            assignment = assignment.copy()
+            assignment[new] = np.argmax(x @ state.centroids.numpy().T, axis=1)
+            state.assignment = torch.from_numpy(assignment)
+
+    def _select_measured(
+        self, inputs: SelectionInput, state: GripState, ids: np.ndarray, take: int, diagnostics: dict[str, float]
+    ) -> np.ndarray:
+        store = inputs.store
+        assignment = state.assignment.numpy()[ids]
+        k = int(state.dispersion.numel())
+        sizes = np.bincount(assignment, minlength=k)
+
+        delta = np.full(k, np.nan)
+        if inputs.probe is not None:
+            if len(inputs.probe.losses) != state.probe_clusters.numel():
+                raise ValueError(
+                    f"grip: got {len(inputs.probe.losses)} probe results for {state.probe_clusters.numel()} probe "
+                    "tasks; `inputs.probe` must answer the request `to_probe` returned at this refresh."
+                )
+            delta[state.probe_clusters.numpy()] = adaptation_delta(inputs.probe.losses, self.replay_signal)
+        replay = replay_multipliers(delta, self.alpha, self.replay_sign)
+
+        quality = None
+        if inputs.quality is not None:
+            quality = _cluster_quality(inputs.quality.numpy().astype(np.float64)[ids], assignment, k)
+        weights, gated = cluster_base_weights(sizes, self.tau, quality, self.temperature, self.quality_gate)
+        budgets = allocate_budgets(weights * replay, sizes, take)
+
+        density_began = time.perf_counter()
+        embedding, length = store.embedding.numpy(), store.length.numpy()
+        picks = []
+        for c in np.flatnonzero(budgets):
+            members = ids[assignment == c]
+            if budgets[c] >= members.size:
+                picks.append(members)
+                continue
+            pi = intra_cluster_probabilities(
+                embedding[members], length[members], self.beta, self.knn, self.length_clip
+            )
+            picks.append(members[gumbel_top_k(pi, int(budgets[c]), inputs.generator)])
+        diagnostics["density_seconds"] = time.perf_counter() - density_began
+
+        state.last_delta = torch.from_numpy(delta)
+        state.last_budgets = torch.from_numpy(budgets)
+        finite = delta[np.isfinite(delta)]
+        share = budgets[budgets > 0] / budgets.sum()
+        diagnostics.update(
+            clusters=float(k),
+            probed_clusters=float(finite.size),
+            probe_examples=float(sum(t.numel() for t in [*state.probe_train, *state.probe_heldout])),
+            delta_mean=float(finite.mean()) if finite.size else float("nan"),
+            delta_min=float(finite.min()) if finite.size else float("nan"),
+            delta_max=float(finite.max()) if finite.size else float("nan"),
+            replay_max=float(replay.max()),
+            gated_clusters=float(gated.sum()),
+            capped_clusters=float(((budgets == sizes) & (sizes > 0)).sum()),
+            budget_entropy=float(-(share * np.log(share)).sum()),
+        )
+        return np.concatenate(picks)
+
+
+def _cluster_quality(quality: np.ndarray, assignment: np.ndarray, k: int) -> np.ndarray:
+    """Mean finite quality per cluster; a cluster without any takes the mean of the others."""
+    finite = np.isfinite(quality)
+    sums = np.bincount(assignment[finite], weights=quality[finite], minlength=k)
+    counts = np.bincount(assignment[finite], minlength=k)
+    means = np.divide(sums, counts, out=np.zeros(k), where=counts > 0)
+    if (counts == 0).any():
+        means[counts == 0] = means[counts > 0].mean() if (counts > 0).any() else 0.0
+    return means
+
+
+def _refresh_key(inputs: SelectionInput) -> list[int]:
+    return [int(inputs.epoch), int(inputs.step), int(inputs.now_batch)]
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_real(value: object) -> bool:
+    real = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    return real and math.isfinite(value)
