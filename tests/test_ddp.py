@@ -31,8 +31,8 @@ NEEDS_REFERENCE = {"group_mates", "gip"}
 
 @pytest.mark.parametrize(
     "strategy",
-    ["random", "full", "grace", "infobatch", "el2n", "grip", "group_mates", TopLoss()],
-    ids=["random", "full", "grace", "infobatch", "el2n", "grip", "group_mates", "top_loss"],
+    ["random", "full", "grace", "infobatch", "el2n", "grip", "group_mates", "gip", TopLoss()],
+    ids=["random", "full", "grace", "infobatch", "el2n", "grip", "group_mates", "gip", "top_loss"],
 )
 def test_two_ranks_share_the_subset_and_split_it_disjointly(tmp_path, strategy):
     kwargs = STRATEGY_KWARGS.get(strategy) if isinstance(strategy, str) else None
@@ -63,7 +63,15 @@ def test_two_ranks_share_the_subset_and_split_it_disjointly(tmp_path, strategy):
 
 def test_ddp_spawn_pickles_sampler_and_callback(tmp_path):
     """Spawned ranks get pickled copies: the sampler must re-bind in each process and still shard correctly."""
-    fit(tmp_path, "run", devices=2, ddp="ddp_spawn", max_epochs=2)
+    try:
+        fit(tmp_path, "run", devices=2, ddp="ddp_spawn", max_epochs=2)
+    except torch.multiprocessing.ProcessExitedException as error:
+        # Seen rarely on a loaded 2-core machine: a spawned rank aborts *at interpreter exit*, after its fit
+        # ended and its record was written ("terminate called without an active exception" from a C++ thread
+        # torch.distributed leaves behind). The records below still decide the test; any earlier failure
+        # leaves a record missing and fails it.
+        if "SIGABRT" not in str(error) or not all((tmp_path / f"run_rank{r}.json").exists() for r in (0, 1)):
+            raise
     rank0, rank1 = load_records(tmp_path, "run", 2)
     assert rank0["selections"] == rank1["selections"]
     for epoch, shard0 in _epochs(rank0).items():

@@ -72,7 +72,7 @@ NEEDS_REFERENCE = {"group_mates", "gip"}
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-@pytest.mark.parametrize("strategy", ["top_loss", "grace", "infobatch", "el2n", "grip", "group_mates"])
+@pytest.mark.parametrize("strategy", ["top_loss", "grace", "infobatch", "el2n", "grip", "group_mates", "gip"])
 def test_resume_is_bit_exact_with_a_signal_strategy(tmp_path, devices, strategy):
     """Free training signals, the scoring pass, probes, the cross-rank gather and strategy state all survive a resume."""
     kwargs = dict(

@@ -8,6 +8,6 @@ from grace_lightning.strategies.base import (
     build_strategy,
     register_strategy,
 )
-from grace_lightning.strategies import el2n, full, grace, grip, group_mates, infobatch, random  # noqa: F401  (registers the built-in strategies)
+from grace_lightning.strategies import el2n, full, gip, grace, grip, group_mates, infobatch, random  # noqa: F401  (registers the built-in strategies)
 
 __all__ = ["Selection", "SelectionInput", "Strategy", "available_strategies", "build_strategy", "register_strategy"]

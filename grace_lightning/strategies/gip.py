@@ -1,0 +1,542 @@
+"""``gip``: Greedy Information Projection, the examples whose span best captures a set of query embeddings.
+
+After Dong, Lee, Shuai, Liu, Liu, Jiao, *Greedy Information Projection for LLM Data Selection*, DATA-FM
+workshop @ ICLR 2026 (arXiv:2603.13790). Only the abstract is public and there is no code; the objective
+below is the reconstruction of ``research/papers.md`` §3.3 of the project notes (a latent-task linear-Gaussian
+model), and every choice the paper leaves open is a parameter, documented in :class:`GIP`.
+
+The functional core works on plain numpy arrays and can be used without any trainer:
+
+* :func:`greedy_projection` maximises ``J(S) = ‖Q P_S‖_F²`` by orthogonal matching pursuit;
+* :func:`greedy_logdet` maximises the mutual information ``I(u_S; v)`` of the Gaussian model by exact greedy
+  in ``O(N d)`` a pick, on top of :class:`QueryPosterior`, which keeps ``Σ_S`` and ``Q^T A_S^{-1} Q`` by
+  rank-one updates.
+
+Example::
+
+    >>> import numpy as np
+    >>> X = np.eye(4)[[0, 1, 2, 3, 0]]              # four axes and a duplicate of the first
+    >>> Q = np.array([[3.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    >>> result = greedy_projection(X, Q, budget=3)
+    >>> result.picks.tolist(), result.values.tolist()  # the span saturates after the two query axes
+    ([0, 1], [9.0, 10.0])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
+
+__all__ = ["GIP", "GreedyResult", "QueryPosterior", "compress_queries", "greedy_logdet", "greedy_projection"]
+
+# Squared residual norm, relative to the row's own squared norm, below which a candidate is taken to lie in
+# the chosen span already. A unit row stored in fp16 carries ~6e-4 of rounding noise in norm at d = 128
+# (~4e-7 squared), so a residual below ~3e-3 is storage noise, not a new direction.
+_RESIDUAL_FLOOR = 1e-5
+# The projection objective is saturated when the best gain is below this share of ‖Q‖_F² (float32 noise
+# in the incremental correlations is ~1e-7 relative).
+_SATURATION_TOL = 1e-6
+# Σ_S and M are rebuilt from X_S^T X_S this often, so rank-one round-off cannot accumulate over thousands of picks.
+_REFACTOR_EVERY = 128
+# The candidates' quadratic forms are recomputed exactly this often (two (N, d) x (d, d) products).
+_RESCORE_EVERY = 512
+# Rows handled at once when gains are computed for the whole pool (bounds the float64 temporaries).
+_CHUNK = 8192
+
+
+def _matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x @ y`` in ``x``'s dtype, returned as float64.
+
+    Through torch: numpy's multithreaded OpenBLAS matrix-vector products slow down tenfold or more when the
+    CPUs are shared (measured during training-time selection on 2 busy cores), torch's do not.
+    """
+    out = torch.from_numpy(x) @ torch.from_numpy(np.ascontiguousarray(y, dtype=x.dtype))
+    return out.numpy().astype(np.float64, copy=False)
+
+
+def _rows(rows: np.ndarray) -> np.ndarray:
+    """``rows`` as a C-contiguous, writeable float32 or float64 array (torch shares its memory); copies only if needed."""
+    x = np.asarray(rows)
+    return np.require(x, x.dtype if x.dtype in (np.float32, np.float64) else np.float64, ["C", "W"])
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    """What the greedy procedures return.
+
+    Attributes:
+        picks: ``(k,)`` int64 row indices of the candidates, in the order they were chosen (``k <= budget``;
+            fewer when the candidates run out or, for the projection, when the span saturates).
+        values: ``(k,)`` float64 objective after each pick (``J(S)`` for the projection, the mutual information
+            in nats for the log-det objective, counting any ``initial`` rows).
+    """
+
+    picks: np.ndarray
+    values: np.ndarray
+
+
+def compress_queries(queries: np.ndarray) -> np.ndarray:
+    """An ``(min(m, d), d)`` matrix ``T`` with ``T^T T = Q^T Q``: both objectives depend on ``Q`` only through it.
+
+    ``‖Q P‖_F² = tr(P Q^T Q P)`` for any projector ``P``, and the eigenvalues of ``Q Σ Q^T + σ_q² I_m`` are those
+    of ``T Σ T^T + σ_q² I_d`` plus ``m − d`` copies of ``σ_q²``, so log-det gains are unchanged. With ``m > d``
+    this is the ``R`` factor of a QR decomposition; otherwise ``Q`` itself. It keeps the ``(N, m)`` correlations
+    at ``(N, d)`` whatever the number of queries.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    if q.ndim != 2:
+        raise ValueError(f"gip: queries must be an (m, d) matrix, got shape {q.shape}.")
+    if q.shape[0] > q.shape[1]:
+        return np.linalg.qr(q, mode="r")
+    return q
+
+
+def greedy_projection(
+    candidates: np.ndarray,
+    queries: np.ndarray,
+    budget: int,
+    *,
+    residual_floor: float = _RESIDUAL_FLOOR,
+    saturation_tol: float = _SATURATION_TOL,
+) -> GreedyResult:
+    """Greedy maximisation of ``J(S) = ‖Q P_S‖_F²`` by orthogonal matching pursuit with rank-one residual updates.
+
+    ``P_S`` is the orthogonal projector onto the span of the chosen rows. Adding candidate ``i`` adds
+    ``‖R z_i‖² / ‖z_i‖²`` to ``J``, where ``z_i`` is ``x_i`` minus its projection on the chosen span and
+    ``R = Q (I − P_S)`` the query residual; after each pick, candidates' residuals ``Z``, the query residual
+    ``R`` and their correlations ``G = Z R^T`` are deflated along the new unit direction
+    (modified Gram-Schmidt), so a step costs ``O(N (d + m'))`` with ``m' = min(m, d)`` (see
+    :func:`compress_queries`). Runs in the dtype of ``candidates`` when it is float32 or float64.
+
+    Stops before ``budget`` picks once the span saturates: every remaining candidate's residual is below
+    ``residual_floor`` of its squared norm (it lies in the span; always the case after ``d`` picks), or
+    the best gain is at most ``saturation_tol * ‖Q‖_F²`` (the span already holds the queries).
+
+    Args:
+        candidates: ``(N, d)`` candidate rows ``X``.
+        queries: ``(m, d)`` query rows ``Q``.
+        budget: most picks.
+        residual_floor: see above.
+        saturation_tol: see above.
+
+    Returns:
+        :class:`GreedyResult` with ``values[t] = J`` after ``t + 1`` picks.
+    """
+    z = np.array(_rows(candidates), copy=True)
+    dtype = z.dtype
+    r = compress_queries(queries).astype(dtype)
+    if z.ndim != 2 or r.shape[1] != z.shape[1]:
+        raise ValueError(f"gip: candidates {z.shape} and queries {np.shape(queries)} must share the dimension d.")
+    total = float(np.square(r, dtype=np.float64).sum())
+    g = _matmul(z, r.T).astype(dtype)
+    norms0 = np.einsum("ij,ij->i", z, z, dtype=np.float64)
+    nz = norms0.copy()
+    available = norms0 > 0
+    picks: list[int] = []
+    values: list[float] = []
+    for _ in range(min(int(budget), z.shape[0])):
+        if total <= 0 or not available.any():
+            break
+        gain = np.einsum("ij,ij->i", g, g, dtype=np.float64) / np.where(available, nz, 1.0)
+        gain[~available] = -1.0
+        best = int(np.argmax(gain))
+        if gain[best] <= saturation_tol * total:
+            break
+        u = (z[best] / math.sqrt(nz[best])).astype(dtype)
+        a = _matmul(z, u).astype(dtype)
+        ru = r @ u
+        z -= np.outer(a, u)
+        r -= np.outer(ru, u)
+        g -= np.outer(a, ru)
+        # Recomputed rather than deflated (nz -= a²): the subtraction loses the small residuals that decide saturation.
+        nz = np.einsum("ij,ij->i", z, z, dtype=np.float64)
+        available &= nz > residual_floor * norms0
+        available[best] = False
+        picks.append(best)
+        values.append(total - float(np.square(r, dtype=np.float64).sum()))
+    return GreedyResult(np.asarray(picks, dtype=np.int64), np.asarray(values, dtype=np.float64))
+
+
+class QueryPosterior:
+    r"""The Gaussian model's state after observing a set ``S``: marginal gains and rank-one updates in ``O(d²)``.
+
+    Model (``research/papers.md`` §3.3): latent ``θ ~ N(0, I_d)``; a chosen example gives ``u_i = x_i·θ + ε_i``,
+    ``ε_i ~ N(0, σ²)``; the queries are ``v = Q θ + N(0, σ_q² I_m)``. Then
+
+    ``I(u_S; v) = ½ log det(Q Q^T + σ_q² I) − ½ log det(A_S)``,  ``A_S = Q Σ_S Q^T + σ_q² I``,
+    ``Σ_S = (I + σ^{-2} X_S^T X_S)^{-1}``,
+
+    and by the matrix determinant lemma the gain of adding ``x`` is
+    ``Δ(x) = −½ log(1 − v^T M v / (σ² + x^T v))`` with ``v = Σ_S x`` and ``M = Q^T A_S^{-1} Q`` (``d × d``).
+    Adding ``x`` updates ``Σ`` by Sherman-Morrison and ``M`` by ``M += (M v)(M v)^T / (σ² + x^T v − v^T M v)``;
+    every ``refactor_every`` additions both are rebuilt from ``X_S^T X_S`` to shed round-off.
+
+    Args:
+        queries: ``(m, d)`` query rows ``Q``.
+        sigma2: observation noise ``σ² > 0``.
+        sigma_q2: query noise ``σ_q² > 0``.
+        refactor_every: additions between exact rebuilds (``None``: every 128).
+
+    Example::
+
+        posterior = QueryPosterior(Q, sigma2=0.1, sigma_q2=1e-3)
+        gains = posterior.gains(X)          # marginal gains of every row of X given S = {}
+        posterior.add(X[int(gains.argmax())])
+    """
+
+    def __init__(
+        self, queries: np.ndarray, sigma2: float, sigma_q2: float, refactor_every: Optional[int] = None
+    ) -> None:
+        self.t = compress_queries(queries)
+        self.dim = self.t.shape[1]
+        self.sigma2 = float(sigma2)
+        self.sigma_q2 = float(sigma_q2)
+        self.refactor_every = int(refactor_every) if refactor_every is not None else _REFACTOR_EVERY
+        self.gram = np.zeros((self.dim, self.dim))
+        self.size = 0
+        self._logdet0 = self._logdet_a(np.eye(self.dim))
+        self.mutual_information = 0.0
+        self._rebuild()
+
+    def _logdet_a(self, sigma: np.ndarray) -> float:
+        a = self.t @ sigma @ self.t.T + self.sigma_q2 * np.eye(self.t.shape[0])
+        return float(np.linalg.slogdet(a)[1])
+
+    def _rebuild(self) -> None:
+        sigma = np.linalg.inv(np.eye(self.dim) + self.gram / self.sigma2)
+        self.sigma = (sigma + sigma.T) / 2
+        a = self.t @ self.sigma @ self.t.T + self.sigma_q2 * np.eye(self.t.shape[0])
+        m = self.t.T @ np.linalg.solve(a, self.t)
+        self.m = (m + m.T) / 2
+        self.mutual_information = 0.5 * (self._logdet0 - float(np.linalg.slogdet(a)[1]))
+
+    def quadratic_forms(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(num, den)``, float64 ``(b,)``: ``num_i = v_i^T M v_i`` and ``den_i = σ² + x_i^T v_i``, ``v_i = Σ_S x_i``."""
+        x = _rows(rows).reshape(-1, self.dim)
+        kernel = self.sigma @ self.m @ self.sigma
+        num = np.empty(x.shape[0])
+        den = np.empty(x.shape[0])
+        for lo in range(0, x.shape[0], _CHUNK):
+            part = x[lo : lo + _CHUNK]
+            num[lo : lo + _CHUNK] = np.einsum("ij,ij->i", _matmul(part, kernel), part)
+            den[lo : lo + _CHUNK] = self.sigma2 + np.einsum("ij,ij->i", _matmul(part, self.sigma), part)
+        return num, den
+
+    def gains(self, rows: np.ndarray) -> np.ndarray:
+        """``(b,)`` marginal gains ``Δ`` (nats) of adding each of ``rows`` (``(b, d)``) alone to the current ``S``."""
+        num, den = self.quadratic_forms(np.asarray(rows, dtype=np.float64))
+        # num < den exactly (A_{S+i} stays positive definite); the clip only guards round-off.
+        return -0.5 * np.log1p(-np.clip(num / den, 0.0, 1.0 - 1e-15))
+
+    def add(self, row: np.ndarray) -> float:
+        """Add ``row`` to ``S``; return its gain (nats)."""
+        x = np.asarray(row, dtype=np.float64).reshape(self.dim)
+        v = self.sigma @ x
+        s = self.sigma2 + float(x @ v)
+        w = self.m @ v
+        tau = s - float(v @ w)  # = s (1 − ρ) > 0
+        gain = -0.5 * math.log(max(tau / s, 1e-15))
+        self.gram += np.outer(x, x)
+        self.size += 1
+        if self.size % self.refactor_every == 0:
+            self._rebuild()
+        else:
+            self.sigma -= np.outer(v, v) / s
+            self.m += np.outer(w, w) / tau
+            self.mutual_information += gain
+        return gain
+
+
+def greedy_logdet(
+    candidates: np.ndarray,
+    queries: np.ndarray,
+    budget: int,
+    *,
+    sigma2: float = 0.1,
+    sigma_q2: float = 1e-3,
+    initial: Optional[Sequence[int]] = None,
+) -> GreedyResult:
+    """Plain greedy maximisation of the mutual information ``I(u_S; v)`` of :class:`QueryPosterior`, in ``O(N d)`` a pick.
+
+    Every candidate's gain is ``½ log(den_i / (den_i − num_i))`` with the quadratic forms
+    ``num_i = x_i^T Σ_S M Σ_S x_i`` and ``den_i = σ² + x_i^T Σ_S x_i``. Adding ``x*`` changes ``Σ_S`` by rank one
+    and ``Σ_S M Σ_S`` by rank three, all within the span of ``v = Σ_S x*`` and ``p = Σ_S M v``, so both forms
+    are updated for every candidate from the two products ``X v`` and ``X p``:
+
+    ``den_i −= α_i² / s``;  ``num_i += −2 α_i β_i / s + n α_i² / s² + (β_i − α_i n / s)² / τ``
+
+    (``α = X v``, ``β = X p``, ``s = σ² + x*·v``, ``n = v^T M v``, ``τ = s − n``). The forms are recomputed
+    exactly every 512 picks so that float32 products cannot accumulate round-off.
+
+    This is the exact greedy, not lazy greedy: the MI is monotone but not submodular in general (with
+    low-rank queries, a candidate can gain value once another pick has explained away a nuisance direction),
+    so stale gains are not upper bounds; and on embeddings, where gains shrink together, lazy greedy
+    re-evaluates a large share of the pool at each pick anyway. Ties go to the smallest index.
+
+    Args:
+        candidates: ``(N, d)`` candidate rows ``X`` (float32 or float64; other dtypes are cast to float64).
+        queries: ``(m, d)`` query rows ``Q``.
+        budget: picks to make beyond ``initial`` (fewer only when the candidates run out).
+        sigma2: observation noise ``σ² > 0``.
+        sigma_q2: query noise ``σ_q² > 0``.
+        initial: rows of ``candidates`` already chosen (conditioned on, never picked again).
+
+    Returns:
+        :class:`GreedyResult`; ``values[t]`` is the MI (nats) after the ``t + 1``-th pick, counting ``initial``.
+    """
+    x = _rows(candidates)
+    n = x.shape[0]
+    posterior = QueryPosterior(queries, sigma2, sigma_q2)
+    if x.ndim != 2 or posterior.dim != x.shape[1]:
+        raise ValueError(f"gip: candidates {x.shape} and queries {np.shape(queries)} must share the dimension d.")
+    chosen = np.zeros(n, dtype=bool)
+    for i in initial if initial is not None else ():
+        if not chosen[i]:
+            chosen[i] = True
+            posterior.add(x[i])
+    count = min(int(budget), int((~chosen).sum()))
+    picks: list[int] = []
+    values: list[float] = []
+    if count <= 0:
+        return GreedyResult(np.zeros(0, dtype=np.int64), np.zeros(0))
+    num, den = posterior.quadratic_forms(x)
+    for step in range(count):
+        # den/(den − num) is monotone in the gain; it spares N logarithms per pick.
+        score = den / np.maximum(den - num, 1e-300)
+        score[chosen] = -np.inf
+        best = int(np.argmax(score))
+        row = x[best].astype(np.float64)
+        v = posterior.sigma @ row
+        w = posterior.m @ v
+        p = posterior.sigma @ w
+        s = posterior.sigma2 + float(row @ v)
+        quad = float(v @ w)
+        tau = s - quad
+        alpha = _matmul(x, v)
+        beta = _matmul(x, p)
+        num += (-2.0 / s) * alpha * beta + (quad / (s * s)) * alpha * alpha + np.square(beta - (quad / s) * alpha) / tau
+        den -= alpha * alpha / s
+        posterior.add(row)
+        chosen[best] = True
+        picks.append(best)
+        values.append(posterior.mutual_information)
+        if (step + 1) % _RESCORE_EVERY == 0:
+            num, den = posterior.quadratic_forms(x)
+    return GreedyResult(np.asarray(picks, dtype=np.int64), np.asarray(values))
+
+
+_OBJECTIVES = ("auto", "projection", "logdet")
+_QUERIES = ("auto", "reference", "quality")
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"gip: `{name}` must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+@register_strategy("gip")
+class GIP(Strategy):
+    r"""The examples whose embeddings best explain a set of query embeddings (quality and diversity at once).
+
+    Each refresh re-embeds the pool (and the reference set) with the live model, builds the query matrix
+    ``Q`` and runs a greedy over the measured examples:
+
+    * ``objective="projection"``: maximise ``J(S) = ‖Q P_S‖_F²``, the query energy in the span of the chosen
+      embeddings (the Gaussian MI's ``σ² → 0`` limit; :func:`greedy_projection`). An example scores when it is
+      aligned with the queries (quality) and not already in the span of the picks (diversity). The span
+      saturates after at most ``rank(Q) <= d`` picks; **the rest of the budget is then filled by the log-det
+      greedy, conditioned on the projection's picks** (:func:`greedy_logdet` with ``initial=``): once the
+      queries lie in the span, the MI keeps rewarding repeated evidence along the query directions, which is
+      the regularised version of the same objective rather than an unrelated filler.
+    * ``objective="logdet"``: maximise the mutual information ``I(u_S; v)`` of the latent-task Gaussian model
+      with noise ``sigma2`` on examples and ``sigma_q2`` on queries, by greedy with rank-one updates of every
+      candidate's gain (:func:`greedy_logdet`; exact greedy, not lazy: see there why).
+    * ``objective="auto"`` (default): the projection when ``budget <= d`` (the embedding dimension), the
+      log-det objective otherwise, as the notes propose.
+
+    Queries (the paper's "task-specific query signals"):
+
+    * ``queries="reference"``: ``Q`` = the reference set's embeddings under the live model
+      (``CoresetCallback(reference=...)``), rows re-normalised to unit length.
+    * ``queries="quality"``: a quality-weighted self-query ``Q = diag(√q) X_P``. Scores are clipped at 0 and
+      divided by their maximum over the measured pool (so the scale of the user's scores does not change
+      ``Q``'s balance against ``sigma_q2``); ``P`` is every measured example with a positive score when there
+      are at most ``max_queries`` of them, otherwise ``max_queries`` of them drawn uniformly without
+      replacement with the refresh's generator (so ``Q^T Q`` is an unbiased, rescaled estimate of the
+      whole pool's ``Σ_i q_i x_i x_i^T``). ``J(S)`` is then a quality-weighted coverage of ``P``.
+    * ``queries="auto"`` (default): the reference set when the refresh has one, else the quality scores.
+
+    Candidates are the measured examples (``store.measured``), with their stored unit embeddings. Unmeasured
+    examples have no embedding and are never chosen by the greedy; only when fewer examples are measured than
+    the budget is the rest filled with unmeasured examples drawn uniformly with the generator. The selection is
+    unweighted. Diagnostics: ``objective_value`` (``J(S)`` for the projection, with ``projection_share =
+    J / ‖Q‖_F²``; the MI in nats for the log-det objective), ``queries`` (rows of ``Q``), ``projection_picks``,
+    ``logdet_picks``, ``filled_unmeasured``, ``selection_seconds``.
+
+    Args:
+        objective: ``"auto"``, ``"projection"`` or ``"logdet"`` (see above).
+        queries: ``"auto"``, ``"reference"`` or ``"quality"`` (see above).
+        sigma2: example noise ``σ² > 0`` of the log-det objective (on unit embeddings; smaller tends to the
+            projection objective, larger to a plain quality ranking).
+        sigma_q2: query noise ``σ_q² > 0`` of the log-det objective. It sets which query directions count: one
+            whose query energy (its eigenvalue of ``Q^T Q``) is well below ``σ_q²`` is ignored, and above it a
+            direction's worth grows only with the log of its energy, so the small default spends picks on weak
+            directions too (diversity). With noisy queries, raise it (0.1-1 for unit-row queries) to concentrate
+            the picks on the queries' dominant directions.
+        max_queries: most pool examples in a quality self-query, or ``None`` for all with a positive score
+            (``Q`` is compressed to ``d`` rows, so the greedy's cost does not grow with it; the QR does, as
+            ``O(|P| d²)``).
+
+    Raises:
+        ValueError: for a parameter outside the values above; in :meth:`check_inputs`, when the callback has
+            neither a reference set nor quality scores (or lacks the one ``queries`` names).
+
+    Example::
+
+        CoresetCallback(sampler, strategy="gip", reference=heldout_examples)
+        CoresetCallback(sampler, strategy="gip", quality=judge_scores, strategy_kwargs={"objective": "logdet"})
+    """
+
+    needs = frozenset({"embedding"})
+    reference = "optional"
+
+    def __init__(
+        self,
+        objective: str = "auto",
+        queries: str = "auto",
+        sigma2: float = 0.1,
+        sigma_q2: float = 1e-3,
+        max_queries: Optional[int] = 1024,
+    ) -> None:
+        if objective not in _OBJECTIVES:
+            raise ValueError(f"gip: `objective` must be 'auto', 'projection' or 'logdet', got {objective!r}.")
+        if queries not in _QUERIES:
+            raise ValueError(f"gip: `queries` must be 'auto', 'reference' or 'quality', got {queries!r}.")
+        if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1):
+            raise ValueError(f"gip: `max_queries` must be a positive int (e.g. 1024) or None for all, got {max_queries!r}.")
+        self.objective = objective
+        self.queries = queries
+        self.sigma2 = _positive("sigma2", sigma2)
+        self.sigma_q2 = _positive("sigma_q2", sigma_q2)
+        self.max_queries = max_queries
+
+    def __repr__(self) -> str:
+        return (
+            f"GIP(objective={self.objective!r}, queries={self.queries!r}, sigma2={self.sigma2}, "
+            f"sigma_q2={self.sigma_q2}, max_queries={self.max_queries})"
+        )
+
+    def check_inputs(self, has_reference: bool, has_quality: bool) -> None:
+        how_reference = (
+            "CoresetCallback(..., reference=dataset) (a Dataset or DataLoader of examples of the target task in the "
+            "training batch format, e.g. 64-1024 held-out examples)"
+        )
+        how_quality = "CoresetCallback(..., quality=scores) (one score per pool example, higher is better)"
+        if self.queries == "reference" and not has_reference:
+            raise ValueError(f"gip: queries='reference' needs a reference set; pass {how_reference}.")
+        if self.queries == "quality" and not has_quality:
+            raise ValueError(f"gip: queries='quality' needs quality scores; pass {how_quality}.")
+        if self.queries == "auto" and not (has_reference or has_quality):
+            raise ValueError(
+                f"gip: GIP selects the examples that best explain a set of queries, and the callback has none: pass "
+                f"{how_reference}, or {how_quality}."
+            )
+
+    # ------------------------------------------------------------------ queries
+    def _query_matrix(self, inputs: SelectionInput, measured: torch.Tensor, x: np.ndarray) -> tuple[np.ndarray, str]:
+        """``Q`` (float64) and where it came from."""
+        use_reference = self.queries == "reference" or (self.queries == "auto" and inputs.reference is not None)
+        if use_reference:
+            if inputs.reference is None or inputs.reference.embedding is None:
+                raise ValueError(
+                    "gip: the reference set's embeddings are missing at this refresh; pass "
+                    "CoresetCallback(..., reference=dataset) and a signal capture that returns `embedding`."
+                )
+            emb = inputs.reference.embedding.detach().float().cpu()
+            emb = emb[torch.isfinite(emb).all(dim=1)]
+            if emb.ndim != 2 or emb.shape[1] != x.shape[1]:
+                raise ValueError(
+                    f"gip: reference embeddings have shape {tuple(emb.shape)}, the pool's dimension is {x.shape[1]}."
+                )
+            return F.normalize(emb, dim=1).double().numpy(), "reference"
+        if inputs.quality is None:
+            raise ValueError(
+                "gip: no queries at this refresh: pass CoresetCallback(..., reference=dataset) or "
+                "CoresetCallback(..., quality=scores)."
+            )
+        q = inputs.quality.detach().double().cpu()[measured].clamp_min(0.0)
+        top = float(q.max()) if q.numel() else 0.0
+        if not top > 0:
+            raise ValueError(
+                "gip: no measured example has a positive quality score, so the quality queries are empty; give "
+                "higher scores to the examples to favour (scores <= 0 count as 0)."
+            )
+        positive = (q > 0).nonzero().squeeze(1)
+        if self.max_queries is not None and positive.numel() > self.max_queries:
+            draw = torch.randperm(positive.numel(), generator=inputs.generator)[: self.max_queries]
+            positive = positive[draw.sort().values]
+        weights = (q[positive] / top).sqrt().numpy()
+        return weights[:, None] * x[positive.numpy()].astype(np.float64), "quality"
+
+    # ------------------------------------------------------------------ selection
+    def select(self, inputs: SelectionInput) -> Selection:
+        store = inputs.store
+        if store is None or store.embedding is None:
+            raise ValueError(
+                "gip: no embeddings were measured; the module's signal capture must return `embedding` "
+                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
+            )
+        began = time.perf_counter()
+        budget = min(int(inputs.budget), inputs.pool_size)
+        measured = store.measured.nonzero().squeeze(1)
+        x = store.embedding[measured].float().numpy()
+        q, source = self._query_matrix(inputs, measured, x)
+        dim = x.shape[1]
+        objective = self.objective if self.objective != "auto" else ("projection" if budget <= dim else "logdet")
+        want = min(budget, measured.numel())
+        diagnostics = {
+            "queries": float(q.shape[0]),
+            "reference_queries": 1.0 if source == "reference" else 0.0,
+            "candidates": float(measured.numel()),
+            "query_energy": float(np.square(q).sum()),
+            "logdet_picks": 0.0,
+        }
+        picks = np.zeros(0, dtype=np.int64)
+        if objective == "projection":
+            projected = greedy_projection(x, q, want)
+            picks = projected.picks
+            value = float(projected.values[-1]) if picks.size else 0.0
+            diagnostics.update(
+                objective_value=value,
+                projection_share=value / diagnostics["query_energy"] if diagnostics["query_energy"] > 0 else 0.0,
+                projection_picks=float(picks.size),
+            )
+        if picks.size < want:
+            filled = greedy_logdet(
+                x, q, want - picks.size, sigma2=self.sigma2, sigma_q2=self.sigma_q2, initial=picks.tolist()
+            )
+            if objective == "logdet":
+                diagnostics["objective_value"] = float(filled.values[-1]) if filled.picks.size else 0.0
+            diagnostics["logdet_picks"] = float(filled.picks.size)
+            picks = np.concatenate([picks, filled.picks])
+        chosen = measured[torch.from_numpy(picks)]
+        unmeasured = (~store.measured).nonzero().squeeze(1)
+        missing = budget - chosen.numel()
+        if missing > 0:  # fewer measured examples than the budget: fill uniformly from the rest
+            fill = unmeasured[torch.randperm(unmeasured.numel(), generator=inputs.generator)[:missing]]
+            chosen = torch.cat([chosen, fill])
+        diagnostics.update(
+            objective_logdet=1.0 if objective == "logdet" else 0.0,
+            filled_unmeasured=float(max(missing, 0)),
+            selection_seconds=time.perf_counter() - began,
+        )
+        return Selection(chosen.sort().values.to(torch.int64), None, diagnostics)
