@@ -265,3 +265,49 @@ def test_gip_is_registered_and_rejects_a_pool_without_embeddings():
     store.update(torch.arange(10), ExampleSignals(loss=torch.ones(10), grad_norm=torch.ones(10)), step=0)
     with pytest.raises(ValueError, match="embedding"):
         strategy.select(_inputs(store, 5, quality=torch.ones(10)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stochastic greedy (the default for large picks x candidates)
+
+
+def test_stochastic_greedy_reaches_the_exact_greedys_value_and_is_seeded():
+    from grace_lightning.strategies.gip import greedy_logdet, greedy_logdet_stochastic
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 24))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((48, 24))
+    for budget in (100, 600):
+        exact = greedy_logdet(x, q, budget)
+        fast = greedy_logdet_stochastic(x, q, budget, seed=1)
+        assert fast.picks.size == budget == np.unique(fast.picks).size
+        assert fast.values[-1] >= 0.99 * exact.values[-1]
+        assert np.array_equal(fast.picks, greedy_logdet_stochastic(x, q, budget, seed=1).picks)
+        assert not np.array_equal(fast.picks, greedy_logdet_stochastic(x, q, budget, seed=2).picks)
+    # it is a greedy, not a draw: far better than a uniform subset of the same size
+    uniform = rng.choice(3000, size=100, replace=False)
+    from grace_lightning.strategies.gip import QueryPosterior
+
+    post = QueryPosterior(q, 0.1, 1e-3)
+    for i in uniform:
+        post.add(x[i])
+    assert greedy_logdet_stochastic(x, q, 100, seed=1).values[-1] > post.mutual_information + 0.5  # nats
+
+
+def test_auto_switches_to_the_stochastic_greedy_for_large_problems():
+    n, d = 2000, 16
+    g = torch.Generator().manual_seed(0)
+    store = SignalStore(n, max_embedding_dim=None)
+    store.update(torch.arange(n), ExampleSignals(loss=torch.rand(n), grad_norm=torch.rand(n), embedding=torch.randn(n, d, generator=g)), step=0)
+    ref = ExampleSignals(loss=torch.rand(32), grad_norm=torch.rand(32), embedding=torch.randn(32, d, generator=g))
+    inputs = SelectionInput(pool_size=n, budget=500, store=store, generator=torch.Generator().manual_seed(1), reference=ref)
+    small = GIP(exact_limit=1e9).select(inputs)
+    large = GIP(exact_limit=1e3).select(SelectionInput(pool_size=n, budget=500, store=store, generator=torch.Generator().manual_seed(1), reference=ref))
+    assert small.diagnostics["stochastic_greedy"] == 0.0 and large.diagnostics["stochastic_greedy"] == 1.0
+    assert large.indices.numel() == 500 == torch.unique(large.indices).numel()
+    assert large.diagnostics["objective_value"] >= 0.99 * small.diagnostics["objective_value"]
+    with pytest.raises(ValueError, match="`greedy` must be"):
+        GIP(greedy="lazy")
+    with pytest.raises(ValueError, match="`epsilon` must be"):
+        GIP(epsilon=0.0)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from grace_lightning.bench.config import BenchConfig
 from grace_lightning.bench.runner import quiet_and_restored, run_one
 from grace_lightning.bench.tasks import TaskSize, TaskUnavailable, get_task
-from grace_lightning.bench.tasks.base import REFERENCE_EXAMPLES
 from grace_lightning.bench.tasks import fashion_mnist, shakespeare, tweets
 
 REAL_TASKS = ["fashion-mnist", "tweets", "shakespeare"]
@@ -41,7 +40,7 @@ def test_data_are_installed_and_fixed_across_run_seeds(name):
     assert set(ids_a["train"].tolist()) <= set(ids_c["train"].tolist())
     # the reference set is the same for every size, and the pool, reference and validation sets are disjoint
     # (fashion-mnist validates on the test file, so only its pool and reference share a source)
-    assert torch.equal(ids_a["reference"], ids_c["reference"]) and len(c.reference) == REFERENCE_EXAMPLES
+    assert torch.equal(ids_a["reference"], ids_c["reference"]) and len(c.reference) == task.reference_examples
     assert not set(ids_c["train"].tolist()) & set(ids_c["reference"].tolist())
     if name != "fashion-mnist":
         assert not set(ids_c["val"].tolist()) & (set(ids_c["train"].tolist()) | set(ids_c["reference"].tolist()))

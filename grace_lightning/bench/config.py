@@ -29,7 +29,7 @@ from typing import Any, Optional
 __all__ = ["BenchConfig", "DEFAULT_TASK", "add_arguments", "resolve"]
 
 DEFAULT_TASK = "fashion-mnist"
-DEFAULT_STRATEGIES = ["full", "random", "infobatch", "el2n", "grace"]
+DEFAULT_STRATEGIES = ["full", "random", "infobatch", "el2n", "grace", "grip", "group_mates", "gip"]
 DEFAULT_FRACTIONS = {"quick": [0.3], "default": [0.1, 0.3, 0.5]}
 DEFAULT_SEEDS = {"quick": [0], "default": [0, 1, 2]}
 _FILE_KEYS = {"task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "strategy_kwargs"}

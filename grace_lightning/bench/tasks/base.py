@@ -124,6 +124,7 @@ class BenchTask:
         tolerance: "reached the full-data metric" means within this many metric units of it (time-to-target).
         batch_size: training batch size.
         sizes: ``{"quick": TaskSize, "default": TaskSize}``; ``--quick`` picks the first.
+        reference_examples: size of the reference set held out of the training split.
     """
 
     name: ClassVar[str] = ""
@@ -134,6 +135,7 @@ class BenchTask:
     batch_size: ClassVar[int] = 128
     val_batch_size: ClassVar[int] = 512
     sizes: ClassVar[dict[str, TaskSize]] = {}
+    reference_examples: ClassVar[int] = REFERENCE_EXAMPLES
 
     def check_available(self) -> None:
         """Raise :class:`TaskUnavailable` (saying how to install the data) if the task cannot run here."""

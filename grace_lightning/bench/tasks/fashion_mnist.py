@@ -30,7 +30,6 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from grace_lightning.bench.tasks.base import (
-    REFERENCE_EXAMPLES,
     BenchModule,
     BenchTask,
     TaskData,
@@ -178,8 +177,8 @@ class FashionMNISTTask(BenchTask):
         """The pool and validation set of ``size``; ``seed`` is unused (the subsets come from a fixed seed)."""
         self.check_available()
         train_x, train_y, test_x, test_y = load_fashion_mnist(str(data_dir().resolve()))
-        reference_idx = _fixed_subset(len(train_y), REFERENCE_EXAMPLES, salt=0)
-        train_idx = _fixed_subset(len(train_y), size.train_examples, salt=0, skip=REFERENCE_EXAMPLES)
+        reference_idx = _fixed_subset(len(train_y), self.reference_examples, salt=0)
+        train_idx = _fixed_subset(len(train_y), size.train_examples, salt=0, skip=self.reference_examples)
         val_idx = _fixed_subset(len(test_y), size.val_examples, salt=1)
         return TaskData(
             train=TensorDataset(train_x[train_idx], train_y[train_idx]),

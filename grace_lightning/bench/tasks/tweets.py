@@ -35,7 +35,6 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from grace_lightning.bench.tasks.base import (
-    REFERENCE_EXAMPLES,
     BenchModule,
     BenchTask,
     TaskData,
@@ -165,8 +164,8 @@ class TweetsTask(BenchTask):
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
         """The pool and validation set of ``size``; ``seed`` is unused (the split comes from a fixed seed)."""
         ids, labels, train_order, val_order, vocab_size = _encoded(str(corpus_path()))
-        reference = train_order[:REFERENCE_EXAMPLES].sort().values  # held out of every pool
-        pool = train_order[REFERENCE_EXAMPLES:][: size.train_examples].sort().values  # [:None] = all
+        reference = train_order[:self.reference_examples].sort().values  # held out of every pool
+        pool = train_order[self.reference_examples:][: size.train_examples].sort().values  # [:None] = all
         val_idx = val_order[: size.val_examples].sort().values
         return TaskData(
             train=TensorDataset(ids[pool], labels[pool]),
