@@ -229,3 +229,26 @@ def test_console_script_needs_the_bench_command(capsys):
     with pytest.raises(SystemExit) as excinfo:
         main([])
     assert excinfo.value.code == 2
+
+
+@pytest.mark.slow
+def test_quick_preset_through_the_console_script_on_the_default_task(tmp_path):
+    """What the README's demo runs: the installed `grace-lightning` command, `--quick`, default task and strategies."""
+    import shutil
+    import subprocess
+
+    from grace_lightning.bench.config import DEFAULT_STRATEGIES, DEFAULT_TASK
+
+    exe = shutil.which("grace-lightning")
+    assert exe, "the console script is not installed (pip install -e .)"
+    out = tmp_path / "quick"
+    done = subprocess.run([exe, "bench", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("strategy"))
+    assert "final accuracy" in header and "selection s" in header and "time to" in header
+    _, rows = _read_csv(out / "runs.csv")
+    assert {r["task"] for r in rows} == {DEFAULT_TASK}
+    assert [r["strategy"] for r in rows] == DEFAULT_STRATEGIES  # one seed, one fraction (0.3; full at 1.0)
+    assert all(float(r["fraction"]) == (1.0 if r["strategy"] == "full" else 0.3) and r["seed"] == "0" for r in rows)
+    for name in ("evals.csv", "summary.csv", "runs.json", *PLOT_FILES):
+        assert (out / name).stat().st_size > 0, name

@@ -258,6 +258,20 @@ class QueryPosterior:
         return gain
 
 
+def _conditioned(candidates, queries, sigma2: float, sigma_q2: float, initial: Optional[Sequence[int]]):
+    """``(X, posterior, chosen)`` for a log-det greedy: the candidate rows, the posterior after ``initial``, its mask."""
+    x = _rows(candidates)
+    posterior = QueryPosterior(queries, sigma2, sigma_q2)
+    if x.ndim != 2 or posterior.dim != x.shape[1]:
+        raise ValueError(f"gip: candidates {x.shape} and queries {np.shape(queries)} must share the dimension d.")
+    chosen = np.zeros(x.shape[0], dtype=bool)
+    for i in initial if initial is not None else ():
+        if not chosen[i]:
+            chosen[i] = True
+            posterior.add(x[i])
+    return x, posterior, chosen
+
+
 def greedy_logdet(
     candidates: np.ndarray,
     queries: np.ndarray,
@@ -295,16 +309,8 @@ def greedy_logdet(
     Returns:
         :class:`GreedyResult`; ``values[t]`` is the MI (nats) after the ``t + 1``-th pick, counting ``initial``.
     """
-    x = _rows(candidates)
+    x, posterior, chosen = _conditioned(candidates, queries, sigma2, sigma_q2, initial)
     n = x.shape[0]
-    posterior = QueryPosterior(queries, sigma2, sigma_q2)
-    if x.ndim != 2 or posterior.dim != x.shape[1]:
-        raise ValueError(f"gip: candidates {x.shape} and queries {np.shape(queries)} must share the dimension d.")
-    chosen = np.zeros(n, dtype=bool)
-    for i in initial if initial is not None else ():
-        if not chosen[i]:
-            chosen[i] = True
-            posterior.add(x[i])
     count = min(int(budget), int((~chosen).sum()))
     picks: list[int] = []
     values: list[float] = []
@@ -358,16 +364,8 @@ def greedy_logdet_stochastic(
     ``B x N``, and it is measured against the exact greedy in the tests. Same arguments and result as
     :func:`greedy_logdet`, plus ``epsilon`` and ``seed``.
     """
-    x = _rows(candidates)
+    x, posterior, chosen = _conditioned(candidates, queries, sigma2, sigma_q2, initial)
     n = x.shape[0]
-    posterior = QueryPosterior(queries, sigma2, sigma_q2)
-    if x.ndim != 2 or posterior.dim != x.shape[1]:
-        raise ValueError(f"gip: candidates {x.shape} and queries {np.shape(queries)} must share the dimension d.")
-    chosen = np.zeros(n, dtype=bool)
-    for i in initial if initial is not None else ():
-        if not chosen[i]:
-            chosen[i] = True
-            posterior.add(x[i])
     remaining = np.flatnonzero(~chosen)  # swap-remove keeps it dense: position lookups stay O(1)
     count = min(int(budget), remaining.size)
     if count <= 0:

@@ -22,12 +22,13 @@ from typing import Any, Callable, ClassVar, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from grace_lightning.weights import batch_weights
 
-__all__ = ["REFERENCE_EXAMPLES", "BenchModule", "BenchTask", "TaskData", "TaskSize", "TaskUnavailable", "seeded_init"]
+__all__ = ["REFERENCE_EXAMPLES", "BenchModule", "BenchTask", "ClassifierModule", "TaskData", "TaskSize", "TaskUnavailable", "seeded_init"]
 
 # The reference set of group_mates / gip: this many examples of the training split, held out of every pool and
 # disjoint from the validation set (influence measured on validation data would leak into the metric).
@@ -104,6 +105,31 @@ class BenchModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class ClassifierModule(BenchModule):
+    """A :class:`BenchModule` for ``(inputs, labels)`` batches: cross-entropy of ``self(inputs)``, micro accuracy.
+
+    Subclasses build their layers (the output layer named ``head``) and ``forward``; call
+    ``super().__init__(num_classes, lr=..., weight_decay=...)`` first.
+    """
+
+    def __init__(self, num_classes: int, lr: float = 2e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def per_example_loss(self, batch: Any) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    def update_metric(self, batch: Any) -> None:
+        self.val_accuracy.update(self(batch[0]), batch[1])
+
+    def compute_metric(self) -> float:
+        value = float(self.val_accuracy.compute())
+        self.val_accuracy.reset()
+        return value
 
 
 def seeded_init(seed: int, make: Callable[[], L.LightningModule]) -> L.LightningModule:

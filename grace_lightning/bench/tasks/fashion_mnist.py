@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
 from grace_lightning.bench.tasks.base import (
-    BenchModule,
     BenchTask,
+    ClassifierModule,
     TaskData,
     TaskSize,
     TaskUnavailable,
@@ -116,11 +115,11 @@ def _fixed_subset(n_total: int, n: int | None, salt: int, skip: int = 0) -> Tens
     return order[:n].sort().values  # [:None] = all
 
 
-class FashionCNN(BenchModule):
+class FashionCNN(ClassifierModule):
     """Conv(1->c1, 3x3, stride 2) -> ReLU -> Conv(c1->c2, 3x3, stride 2) -> ReLU -> Linear -> ReLU -> ``head``."""
 
     def __init__(self, channels: tuple[int, int] = (16, 32), hidden: int = 128, lr: float = 2e-3) -> None:
-        super().__init__(lr=lr)
+        super().__init__(NUM_CLASSES, lr=lr)
         c1, c2 = channels
         self.body = nn.Sequential(
             nn.Conv2d(1, c1, 3, stride=2, padding=1),  # 28 -> 14
@@ -132,23 +131,9 @@ class FashionCNN(BenchModule):
             nn.ReLU(),
         )
         self.head = nn.Linear(hidden, NUM_CLASSES)
-        self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
-
-    def per_example_loss(self, batch) -> Tensor:
-        x, y = batch[0], batch[1]
-        return F.cross_entropy(self(x), y, reduction="none")
-
-    def update_metric(self, batch) -> None:
-        x, y = batch[0], batch[1]
-        self.val_accuracy.update(self(x), y)
-
-    def compute_metric(self) -> float:
-        value = float(self.val_accuracy.compute())
-        self.val_accuracy.reset()
-        return value
 
 
 class FashionMNISTTask(BenchTask):

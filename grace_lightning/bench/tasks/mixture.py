@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
-from grace_lightning.bench.tasks.base import BenchModule, BenchTask, TaskData, TaskSize, seeded_init
+from grace_lightning.bench.tasks.base import BenchTask, ClassifierModule, TaskData, TaskSize, seeded_init
 
 __all__ = ["MixtureConfig", "MixtureTask", "MLPClassifier", "build_model", "make_mixture"]
 
@@ -60,30 +59,16 @@ def make_mixture(config: MixtureConfig, seed: int) -> TaskData:
     )
 
 
-class MLPClassifier(BenchModule):
+class MLPClassifier(ClassifierModule):
     """Two hidden ReLU layers and a linear ``head``; metric: validation accuracy."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 128, lr: float = 2e-3) -> None:
-        super().__init__(lr=lr)
+        super().__init__(num_classes, lr=lr)
         self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, num_classes)
-        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
-
-    def per_example_loss(self, batch) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y, reduction="none")
-
-    def update_metric(self, batch) -> None:
-        x, y = batch
-        self.val_accuracy.update(self(x), y)
-
-    def compute_metric(self) -> float:
-        value = float(self.val_accuracy.compute())
-        self.val_accuracy.reset()
-        return value
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
 from grace_lightning.bench.tasks.base import (
-    BenchModule,
     BenchTask,
+    ClassifierModule,
     TaskData,
     TaskSize,
     TaskUnavailable,
@@ -112,7 +111,7 @@ def _encoded(path: str) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     return ids, labels, train_order, val_order, len(vocab) + 2
 
 
-class BagOfEmbeddings(BenchModule):
+class BagOfEmbeddings(ClassifierModule):
     """Mean of the token embeddings (padding excluded) -> Linear -> ReLU -> ``head`` (3 logits)."""
 
     def __init__(
@@ -120,27 +119,13 @@ class BagOfEmbeddings(BenchModule):
     ) -> None:
         # lr 1e-3 and some weight decay: validation accuracy still climbs at epoch 9 of 10 on the full pool
         # (2e-3 peaks at epoch 5, then the embeddings overfit).
-        super().__init__(lr=lr, weight_decay=weight_decay)
+        super().__init__(len(LABELS), lr=lr, weight_decay=weight_decay)
         self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=PAD)
         self.body = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, len(LABELS))
-        self.val_accuracy = MulticlassAccuracy(num_classes=len(LABELS), average="micro")
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.head(self.body(self.embed(ids)))
-
-    def per_example_loss(self, batch) -> Tensor:
-        ids, y = batch[0], batch[1]
-        return F.cross_entropy(self(ids), y, reduction="none")
-
-    def update_metric(self, batch) -> None:
-        ids, y = batch[0], batch[1]
-        self.val_accuracy.update(self(ids), y)
-
-    def compute_metric(self) -> float:
-        value = float(self.val_accuracy.compute())
-        self.val_accuracy.reset()
-        return value
 
 
 class TweetsTask(BenchTask):
