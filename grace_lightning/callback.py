@@ -465,6 +465,7 @@ class CoresetCallback(Callback):
             now_batch=now_batch,
             state=self._strategy_state,
             fidelity=self._fidelity,
+            quality=self.quality,
         )
         scored, scoring_seconds = 0, 0.0
         if self.store is not None:
@@ -477,9 +478,7 @@ class CoresetCallback(Callback):
                     scored = self._score(trainer, pl_module, to_score, now_batch)
                     scoring_seconds = time.perf_counter() - scoring_began
         probe_seconds = 0.0
-        informed = self.store is None or bool(self.store.measured.any())
-        if score and informed:
-            inputs = replace(inputs, quality=self.quality)
+        if score and (self.store is None or bool(self.store.measured.any())):
             if self.reference is not None and self.strategy.reference != "unused":
                 inputs = replace(inputs, reference=self._score_reference(trainer, pl_module))
             request = self.strategy.to_probe(inputs) if trainer.is_global_zero else None
@@ -488,8 +487,6 @@ class CoresetCallback(Callback):
                 probe_began = time.perf_counter()
                 inputs = replace(inputs, probe=self._run_probes(trainer, pl_module, request))
                 probe_seconds = time.perf_counter() - probe_began
-        elif informed:
-            inputs = replace(inputs, quality=self.quality)
         selection: Optional[Selection] = None
         if trainer.is_global_zero:
             select_began = time.perf_counter()
@@ -581,31 +578,34 @@ class CoresetCallback(Callback):
     def _score(self, trainer: Trainer, pl_module: LightningModule, to_score: Tensor, now_batch: int) -> int:
         """Forward-only pass over this rank's shard of ``to_score``; gather; write every rank's store."""
         shard = to_score[trainer.global_rank :: trainer.world_size]
-        gathered = self._forward_signals(trainer, pl_module, self._scoring_loader(trainer, Subset(self.sampler.dataset, shard.tolist())), shard)
+        loader = self._scoring_loader(trainer, Subset(self.sampler.dataset, shard.tolist()))
+        gathered = self._forward_signals(trainer, pl_module, loader, shard)
         self.store.update(gathered["index"], self._signals_from_rows(gathered), step=now_batch)
         return int(gathered["index"].numel())
 
-    def _scoring_loader(self, trainer: Trainer, dataset: Dataset) -> DataLoader:
-        train_dl = self._train_loader(trainer)
+    def _scoring_loader(self, trainer: Trainer, dataset: Dataset, like: Optional[DataLoader] = None) -> DataLoader:
+        """A forward-only loader over ``dataset`` that batches like ``like`` (default: the training loader)."""
+        like = like or self._train_loader(trainer)
         return DataLoader(
             dataset,
-            batch_size=self.scoring_batch_size or train_dl.batch_size or 1,
+            batch_size=self.scoring_batch_size or like.batch_size or 1,
             shuffle=False,
             num_workers=self.scoring_num_workers,
-            collate_fn=train_dl.collate_fn,
+            collate_fn=like.collate_fn,
         )
 
     def _reference_loader(self, trainer: Trainer) -> DataLoader:
+        """The user's reference DataLoader, or one over the reference Dataset batched like the training loader."""
         if isinstance(self.reference, DataLoader):
             return self.reference
         return self._scoring_loader(trainer, self.reference)
 
     def _score_reference(self, trainer: Trainer, pl_module: LightningModule) -> ExampleSignals:
         """The reference set's signals under the live model, embeddings mapped into the store's space (unit rows)."""
-        n = len(self._reference_loader(trainer).dataset)
-        shard = torch.arange(n)[trainer.global_rank :: trainer.world_size]
-        dataset = self._reference_loader(trainer).dataset
-        gathered = self._forward_signals(trainer, pl_module, self._scoring_loader(trainer, Subset(dataset, shard.tolist())), shard)
+        full = self._reference_loader(trainer)
+        shard = torch.arange(len(full.dataset))[trainer.global_rank :: trainer.world_size]
+        loader = self._scoring_loader(trainer, Subset(full.dataset, shard.tolist()), like=full)
+        gathered = self._forward_signals(trainer, pl_module, loader, shard)
         order = torch.argsort(gathered["index"])
         signals = self._signals_from_rows({k: None if v is None else v[order] for k, v in gathered.items()})
         if signals.embedding is not None and self.store is not None:
