@@ -484,9 +484,8 @@ class CoresetCallback(Callback):
             request = self.strategy.to_probe(inputs) if trainer.is_global_zero else None
             request = trainer.strategy.broadcast(request, src=0)
             if request is not None:
-                probe_began = time.perf_counter()
                 inputs = replace(inputs, probe=self._run_probes(trainer, pl_module, request))
-                probe_seconds = time.perf_counter() - probe_began
+                probe_seconds = inputs.probe.seconds  # max over ranks, like the refresh's own seconds
         selection: Optional[Selection] = None
         if trainer.is_global_zero:
             select_began = time.perf_counter()

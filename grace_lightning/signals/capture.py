@@ -234,12 +234,7 @@ class SignalExtractor:
         return out
 
     def _score_custom(self, batch: Any) -> ExampleSignals:
-        out = self.pl_module.coreset_signals(batch)  # type: ignore[operator]
-        if not isinstance(out, ExampleSignals):
-            raise SignalCaptureError(
-                f"`coreset_signals` must return grace_lightning.ExampleSignals, got {type(out).__name__}."
-            )
-        return _as_float32(out)
+        return _as_float32(self._score_custom_raw(batch))
 
     def _run_forward(self, batch: Any) -> None:
         if self.mode == "classification":

@@ -172,6 +172,21 @@ def build_strategy(strategy: Union[str, Strategy], **kwargs) -> Strategy:
         raise ValueError(f"`strategy_kwargs` do not fit strategy {strategy!r}: {err}") from err
 
 
+def require_embeddings(store: Optional[SignalStore], strategy: str) -> None:
+    """Raise the error that says how to provide embeddings when ``store`` holds none (for strategies that read them)."""
+    if store is None or store.embedding is None:
+        raise ValueError(
+            f"{strategy}: no embeddings were measured; the module's signal capture must return `embedding` "
+            "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
+        )
+
+
+def uniform_draw(items: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` distinct entries of ``items`` drawn uniformly, in draw order (how strategies fill a budget
+    their informed picks cannot cover, e.g. with unmeasured examples)."""
+    return items[torch.randperm(items.numel(), generator=generator)[:count]]
+
+
 def uniform_sample(pool_size: int, count: int, generator: torch.Generator) -> Tensor:
     """``count`` distinct pool indices drawn uniformly (sorted, int64): the shared cold-start draw."""
     return torch.randperm(pool_size, generator=generator)[:count].sort().values

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
+from grace_lightning.strategies.base import (
+    Selection,
+    SelectionInput,
+    Strategy,
+    register_strategy,
+    require_embeddings,
+    uniform_draw,
+)
 
 __all__ = [
     "GIP", "GreedyResult", "QueryPosterior", "compress_queries", "greedy_logdet", "greedy_logdet_stochastic",
@@ -310,7 +317,6 @@ def greedy_logdet(
         :class:`GreedyResult`; ``values[t]`` is the MI (nats) after the ``t + 1``-th pick, counting ``initial``.
     """
     x, posterior, chosen = _conditioned(candidates, queries, sigma2, sigma_q2, initial)
-    n = x.shape[0]
     count = min(int(budget), int((~chosen).sum()))
     picks: list[int] = []
     values: list[float] = []
@@ -566,11 +572,7 @@ class GIP(Strategy):
     # ------------------------------------------------------------------ selection
     def select(self, inputs: SelectionInput) -> Selection:
         store = inputs.store
-        if store is None or store.embedding is None:
-            raise ValueError(
-                "gip: no embeddings were measured; the module's signal capture must return `embedding` "
-                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
-            )
+        require_embeddings(store, "gip")
         began = time.perf_counter()
         budget = min(int(inputs.budget), inputs.pool_size)
         measured = store.measured.nonzero().squeeze(1)
@@ -616,7 +618,7 @@ class GIP(Strategy):
         unmeasured = (~store.measured).nonzero().squeeze(1)
         missing = budget - chosen.numel()
         if missing > 0:  # fewer measured examples than the budget: fill uniformly from the rest
-            fill = unmeasured[torch.randperm(unmeasured.numel(), generator=inputs.generator)[:missing]]
+            fill = uniform_draw(unmeasured, missing, inputs.generator)
             chosen = torch.cat([chosen, fill])
         diagnostics.update(
             objective_logdet=1.0 if objective == "logdet" else 0.0,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from grace_lightning.graph import KnnGraph, edge_weights, neighbour_mean, propagate, propagate_drift
-from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
+from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, require_embeddings
 from grace_lightning.submodular import select_facility_location
 
 
@@ -194,11 +194,7 @@ class Grace(Strategy):
 
     def select(self, inputs: SelectionInput) -> Selection:
         store, state = inputs.store, inputs.state
-        if store.embedding is None:
-            raise ValueError(
-                "grace: no embeddings were measured; the module's signal capture must return `embedding` "
-                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
-            )
+        require_embeddings(store, "grace")
         diagnostics: dict[str, float] = {}
         measured_embedding = store.embedding.numpy()
         began = time.perf_counter()

@@ -25,7 +25,14 @@ from torch import Tensor
 
 from grace_lightning.clustering import spherical_kmeans
 from grace_lightning.probes import ProbeRequest, ProbeTask
-from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
+from grace_lightning.strategies.base import (
+    Selection,
+    SelectionInput,
+    Strategy,
+    register_strategy,
+    require_embeddings,
+    uniform_draw,
+)
 
 __all__ = [
     "Grip",
@@ -596,11 +603,7 @@ class Grip(Strategy):
     # ------------------------------------------------------------------ selection
     def select(self, inputs: SelectionInput) -> Selection:
         store = inputs.store
-        if store is None or store.embedding is None:
-            raise ValueError(
-                "grip: no embeddings were measured; the module's signal capture must return `embedding` "
-                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
-            )
+        require_embeddings(store, "grip")
         state = inputs.state if inputs.state is not None else GripState(inputs.pool_size)
         budget = min(int(inputs.budget), inputs.pool_size)
         measured = store.measured.numpy()
@@ -627,7 +630,7 @@ class Grip(Strategy):
         filled = budget - take
         if filled > 0:  # too few measured examples: the rest uniformly among the unmeasured
             unmeasured = torch.from_numpy(np.flatnonzero(~measured))
-            picks.append(unmeasured[torch.randperm(unmeasured.numel(), generator=inputs.generator)[:filled]].numpy())
+            picks.append(uniform_draw(unmeasured, filled, inputs.generator).numpy())
         diagnostics["filled_unmeasured"] = float(filled)
         indices = torch.from_numpy(np.sort(np.concatenate(picks or [np.zeros(0, dtype=np.int64)])).astype(np.int64))
         if take > 0:

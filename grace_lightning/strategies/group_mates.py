@@ -21,7 +21,15 @@ from torch import Tensor
 
 from grace_lightning.clustering import spherical_kmeans
 from grace_lightning.probes import ProbeRequest, ProbeTask
-from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, uniform_sample
+from grace_lightning.strategies.base import (
+    Selection,
+    SelectionInput,
+    Strategy,
+    register_strategy,
+    require_embeddings,
+    uniform_draw,
+    uniform_sample,
+)
 
 __all__ = [
     "GroupMates",
@@ -578,11 +586,7 @@ class GroupMates(Strategy):
     # ------------------------------------------------------------------ selection
     def select(self, inputs: SelectionInput) -> Selection:
         state, store = _state(inputs), inputs.store
-        if store is None or store.embedding is None:
-            raise ValueError(
-                "group_mates: no embeddings were measured; the module's signal capture must return `embedding` "
-                "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
-            )
+        require_embeddings(store, "group_mates")
         oracle_steps = self._absorb_probe(inputs, state)
         diagnostics = {"oracle_steps": float(oracle_steps), "buffer_trajectories": float(state.buffer_indices.shape[0])}
         if state.buffer_indices.shape[0] == 0:
@@ -610,7 +614,7 @@ class GroupMates(Strategy):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
         if candidates.numel() <= budget:
             others = (~mask).nonzero().squeeze(1)
-            fill = others[torch.randperm(others.numel(), generator=inputs.generator)[: budget - candidates.numel()]]
+            fill = uniform_draw(others, budget - candidates.numel(), inputs.generator)
             return torch.cat([candidates, fill]).sort().values, 0, int(fill.numel())
         h = _unit_rows(store.embedding[candidates])
         scores = (h @ fit.w).numpy()
