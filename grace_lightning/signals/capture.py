@@ -10,7 +10,20 @@
 3. ``"classification"``: the batch is a tuple/list ``(inputs, targets, ...)`` with integer ``targets`` of
    shape ``(B,)`` and the module has an ``nn.Linear``. The head is the module's ``head``, ``fc``,
    ``classifier`` or ``lm_head`` attribute if that is an ``nn.Linear``, else the last ``nn.Linear`` in
-   ``named_modules()`` order. The head's output is assumed to be the logits of a cross-entropy loss.
+   ``named_modules()`` order. The head's output must be the logits of the cross-entropy loss, and that is
+   verified at the first batch, not assumed (see below).
+
+``for_module`` then calls ``verify(example_batch)``: one forward of the batch in eval mode under
+``torch.no_grad()`` (every submodule's ``training`` flag is restored afterwards, and the global RNG state is
+left as it was, so resumed runs stay bit-exact) must show that the hooked head produced what the module
+returns. Classification: some tensor ``pl_module(inputs)`` returns (a Tensor, a tuple/list of them, or a
+Mapping/``ModelOutput`` with ``"logits"``) must equal the head's output, or its ``log_softmax`` along the last
+dim (a module returning ``log_softmax(head(h))`` has the same cross-entropy), and the head must have more
+outputs than the largest target. Causal LM: the Hugging Face model's ``.logits`` must equal the output
+embedding's output, by the same rule. An output layer applied functionally (``F.linear(h, W)``, a cosine head)
+would otherwise get a body layer hooked and silently wrong signals; ``verify`` raises ``SignalCaptureError``
+naming the hooked module, its output shape and what the module returned. (A head that does not run at all is
+reported by the scoring pass.)
 
 Otherwise ``SignalCaptureError`` explains how to write ``coreset_signals``.
 
@@ -135,20 +148,28 @@ class SignalExtractor:
     def for_module(cls, pl_module: nn.Module, example_batch: Any) -> "SignalExtractor":
         """Pick the capture mode for ``pl_module`` given one training batch (see the module docstring).
 
+        ``example_batch`` is exactly what ``training_step`` receives, on the model's device; the chosen head is
+        checked against the module's output on it with :meth:`verify`.
+
         Raises:
-            SignalCaptureError: no mode applies; the message names the batch type and shows how to write
-                ``coreset_signals``.
+            SignalCaptureError: no mode applies (the message names the batch type and shows how to write
+                ``coreset_signals``), or the hooked head is not what the module outputs (see :meth:`verify`).
         """
         if callable(getattr(pl_module, "coreset_signals", None)):
             return cls(pl_module, "custom")
         reasons: list[str] = []
+        extractor: Optional[SignalExtractor] = None
         found_lm = _find_causal_lm(pl_module, example_batch, reasons)
         if found_lm is not None:
             hf_model, lm_head = found_lm
-            return cls(pl_module, "causal_lm", head=lm_head, hf_model=hf_model)
-        head = _find_classification_head(pl_module, example_batch, reasons)
-        if head is not None:
-            return cls(pl_module, "classification", head=head)
+            extractor = cls(pl_module, "causal_lm", head=lm_head, hf_model=hf_model)
+        else:
+            head = _find_classification_head(pl_module, example_batch, reasons)
+            if head is not None:
+                extractor = cls(pl_module, "classification", head=head)
+        if extractor is not None:
+            extractor.verify(example_batch)
+            return extractor
         raise SignalCaptureError(
             f"grace_lightning cannot infer per-example signals for {type(pl_module).__name__} from a batch of "
             f"type {_describe_batch(example_batch)}.\n"
@@ -160,6 +181,90 @@ class SignalExtractor:
     def has_bias(self) -> bool:
         """Whether the head has a bias (its gradient is part of ``grad_norm``)."""
         return self.head is not None and self.head.bias is not None
+
+    # ------------------------------------------------------------------ verification
+
+    def verify(self, batch: Any) -> None:
+        """Prove on ``batch`` that the hooked head's output is what the module outputs (no-op in custom mode).
+
+        Runs one forward of ``batch`` (on the model's device, as ``training_step`` receives it) with the whole
+        module in eval mode under ``torch.no_grad()``; every submodule's ``training`` flag and the global RNG
+        state (CPU, and the model's CUDA device) are restored afterwards, also on errors, and eval mode keeps
+        BatchNorm statistics unchanged. See the module docstring for what counts as a match.
+
+        If the head does not run at all nothing is proven here; :meth:`score_batch` reports that case.
+
+        Raises:
+            SignalCaptureError: the head's output matches nothing the module returns, the module returns no
+                tensor, or (classification) the head has no more outputs than the largest target.
+        """
+        if self.mode == "custom":
+            return
+        assert self.head is not None
+        recorder = _HeadRecorder()
+        flags = [(m, m.training) for m in self.pl_module.modules()]
+        handle = self.head.register_forward_hook(
+            lambda _m, args, kwargs, out: recorder.record(args, kwargs, out), with_kwargs=True
+        )
+        self._scoring = True
+        try:
+            with torch.random.fork_rng(devices=_cuda_devices(self.pl_module)), torch.no_grad():
+                self.pl_module.eval()
+                returned = self._run_forward(batch)
+        finally:
+            handle.remove()
+            self._scoring = False
+            for module, training in flags:
+                module.training = training
+        if recorder.head_output is None:
+            return  # the head did not run: score_batch raises with the fix
+        hooked = recorder.head_output
+        if self.mode == "classification":
+            candidates = _returned_tensors(returned)
+            what = "the module's forward (pl_module(batch[0]))"
+        else:
+            candidates = _lm_logits(returned)
+            what = f"the Hugging Face model {type(self.hf_model).__name__}'s `.logits`"
+        if not candidates:
+            raise self._verify_error(
+                hooked, returned, f"{what} returned no tensor, so the hooked head cannot be verified against it."
+            )
+        if not any(_same_logits(hooked, c) for c in candidates):
+            raise self._verify_error(
+                hooked, returned,
+                f"the hooked head's output is not what {what} returned (nor its log_softmax), so it is not the "
+                "layer that produces the logits.",
+            )
+        if self.mode == "classification":
+            targets = batch[1]
+            if targets.numel() and hooked.ndim >= 1 and int(targets.max()) >= hooked.shape[-1]:
+                raise self._verify_error(
+                    hooked, returned,
+                    f"the targets go up to {int(targets.max())} but the hooked head has only {hooked.shape[-1]} "
+                    "outputs, so it cannot be the classifier of these targets.",
+                )
+
+    def _head_name(self) -> str:
+        for name, module in self.pl_module.named_modules():
+            if module is self.head:
+                return name or "<the module itself>"
+        return "<not a submodule>"
+
+    def _verify_error(self, hooked: Tensor, returned: Any, problem: str) -> SignalCaptureError:
+        assert self.head is not None
+        if self.mode == "classification":
+            fix = (
+                "If the output layer is an nn.Linear, name it via an attribute `head`, `fc` or `classifier` of the "
+                "LightningModule. If it is applied functionally (F.linear, a cosine/normalised head, a weight-tied "
+                "matmul) or is not an nn.Linear, grace_lightning cannot hook it: "
+            )
+        else:
+            fix = "The output embedding does not produce the model's logits: "
+        return SignalCaptureError(
+            f"grace_lightning {self.mode} capture hooked `{self._head_name()}` ({self.head!r}), whose output has "
+            f"shape {tuple(hooked.shape)}, but {problem} The module returned {_describe_output(returned)}.\n"
+            + fix + _CUSTOM_HINT
+        )
 
     # ------------------------------------------------------------------ scoring pass
 
@@ -236,17 +341,17 @@ class SignalExtractor:
     def _score_custom(self, batch: Any) -> ExampleSignals:
         return _as_float32(self._score_custom_raw(batch))
 
-    def _run_forward(self, batch: Any) -> None:
+    def _run_forward(self, batch: Any) -> Any:
+        """The mode's forward of ``batch``; returns what it returned (only ``verify`` looks at it)."""
         if self.mode == "classification":
-            self.pl_module(batch[0])  # logits come from the hook, whatever forward returns
-            return
+            return self.pl_module(batch[0])  # logits come from the hook, whatever forward returns
         assert self.hf_model is not None
         kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             kwargs["attention_mask"] = batch["attention_mask"]
         if _accepts_kwarg(self.hf_model, "use_cache"):
             kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
-        self.hf_model(**kwargs)
+        return self.hf_model(**kwargs)
 
     def _signals(self, batch: Any, head_input: Tensor, head_output: Tensor) -> ExampleSignals:
         """Closed-form signals from the head's input/output; SignalCaptureError if shapes don't match."""
@@ -406,6 +511,73 @@ def _shape_error(mode: str, head_input: Tensor, head_output: Tensor, what: str) 
         f"not match the batch's {what} (the head ran on something other than this batch's examples). "
         + _CUSTOM_HINT
     )
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    """CUDA device indices of ``module``'s parameters/buffers (whose RNG state ``verify`` must preserve)."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    return sorted(d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda")
+
+
+def _returned_tensors(returned: Any, depth: int = 0) -> list[Tensor]:
+    """The tensors a classification forward returned: the Tensor, a tuple/list's, or a Mapping's ``"logits"``."""
+    if isinstance(returned, Tensor):
+        return [returned]
+    if isinstance(returned, Mapping):
+        if "logits" in returned:
+            return _returned_tensors(returned["logits"], depth + 1)
+        items: Any = list(returned.values())
+    elif isinstance(returned, (tuple, list)):
+        items = returned
+    else:
+        return []
+    if depth >= 2:
+        return [t for t in items if isinstance(t, Tensor)]
+    return [t for item in items for t in _returned_tensors(item, depth + 1)]
+
+
+def _lm_logits(returned: Any) -> list[Tensor]:
+    """A Hugging Face output's ``.logits`` (or its first item)."""
+    logits = getattr(returned, "logits", None)
+    if logits is None and isinstance(returned, Mapping):
+        logits = returned.get("logits")
+    if logits is None and isinstance(returned, (tuple, list)) and returned:
+        logits = returned[0]
+    if logits is None and isinstance(returned, Tensor):
+        logits = returned
+    return [logits] if isinstance(logits, Tensor) else []
+
+
+def _same_logits(hooked: Tensor, returned: Tensor) -> bool:
+    """Equal values, or equal ``log_softmax`` along the last dim (same cross-entropy), up to rounding."""
+    if returned.shape != hooked.shape or hooked.ndim == 0:
+        return False
+    if returned.is_complex() or not (returned.is_floating_point() and hooked.is_floating_point()):
+        return False
+    eps = max(torch.finfo(hooked.dtype).eps, torch.finfo(returned.dtype).eps)
+    tol = max(1e-4, 4 * eps)
+    a, b = hooked.float(), returned.to(device=hooked.device, dtype=torch.float32)
+    if torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True):
+        return True
+    return torch.allclose(
+        torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1), rtol=tol, atol=tol, equal_nan=True
+    )
+
+
+def _describe_output(returned: Any, depth: int = 0) -> str:
+    """A short description of what a forward returned, for error messages."""
+    if isinstance(returned, Tensor):
+        return f"Tensor(shape={tuple(returned.shape)}, dtype={str(returned.dtype).replace('torch.', '')})"
+    if isinstance(returned, Mapping):
+        keys = list(returned.keys())[:8]
+        logits = returned.get("logits") if "logits" in returned else None
+        extra = f", logits={_describe_output(logits, depth + 1)}" if logits is not None else ""
+        return f"{type(returned).__name__} with keys {keys}{extra}"
+    if isinstance(returned, (tuple, list)) and depth == 0:
+        items = ", ".join(_describe_output(r, depth + 1) for r in returned[:4])
+        more = ", ..." if len(returned) > 4 else ""
+        return f"{type(returned).__name__} of ({items}{more})"
+    return "None" if returned is None else type(returned).__name__
 
 
 def _describe_batch(batch: Any, depth: int = 0) -> str:
