@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from grace_lightning import rng
 from grace_lightning.distributed import gather_rows
 from grace_lightning.graph import set_faiss_threads
 from grace_lightning.probes import ProbeRequest, ProbeResults, ProbeRunner
-from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed
+from grace_lightning.loaders import (
+    batch_part,
+    flatten_loaders,
+    loader_path,
+    loader_sampler,
+    replace_loader,
+    with_sampler,
+    wrap_train_source,
+)
+from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed, resolve_budget
 from grace_lightning.schedule import Action, RefreshSchedule
 from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
 from grace_lightning.strategies import Selection, SelectionInput, Strategy, build_strategy
@@ -59,13 +72,40 @@ def _check_quality(quality: Any, pool_size: int) -> Optional[Tensor]:
     return q
 
 
-def _loaders(iterables: Any) -> list:
-    """Flatten what ``trainer.train_dataloader`` returns (a loader, or lists/dicts of them)."""
-    if isinstance(iterables, dict):
-        return [dl for value in iterables.values() for dl in _loaders(value)]
-    if isinstance(iterables, (list, tuple)):
-        return [dl for value in iterables for dl in _loaders(value)]
-    return [iterables]
+def _item_layout(item: Any) -> str:
+    """The shape of one dataset item's structure: a tuple's length, a mapping's keys."""
+    if isinstance(item, Mapping):
+        return f"a mapping with keys {sorted(map(str, item))}"
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of {len(item)} items"
+    return f"a {type(item).__name__}"
+
+
+def _check_reference_format(reference: Union[Dataset, DataLoader], train_set: Dataset) -> None:
+    """The reference set's items must be laid out like the training set's (labels included): fail at setup."""
+    reference_set = reference.dataset if isinstance(reference, DataLoader) else reference
+    if len(reference_set) == 0:
+        raise ValueError("CoresetCallback: `reference` is empty; give it 64-256 held-out examples of the target task.")
+    mine, theirs = _item_layout(reference_set[0]), _item_layout(train_set[0])
+    if mine != theirs:
+        raise ValueError(
+            f"CoresetCallback: the reference set's items are {mine}, the training set's are {theirs}. The reference "
+            "set is scored and probed like training batches, so its items need the training format, labels included."
+        )
+
+
+def _warn_unused_inputs(strategy: Strategy, has_reference: bool, has_quality: bool) -> None:
+    """Say once, at construction, that an input the user gave is ignored by this strategy."""
+    if has_reference and strategy.reference == "unused":
+        rank_zero_warn(
+            f"CoresetCallback: strategy {strategy.name!r} does not read a reference set, so `reference` is ignored "
+            "(group_mates and gip use one; grace reads none). Drop `reference` or pick a strategy that uses it."
+        )
+    if has_quality and not strategy.uses_quality:
+        rank_zero_warn(
+            f"CoresetCallback: strategy {strategy.name!r} does not read quality scores, so `quality` is ignored "
+            "(grip and gip use them). Drop `quality` or pick a strategy that uses it."
+        )
 
 
 class _ModuleModes:
@@ -103,11 +143,17 @@ class CoresetCallback(Callback):
     propagation, graph update and selection). The same records are kept in :attr:`history`.
 
     Args:
-        sampler: the :class:`CoresetSampler` given to the training DataLoader.
+        sampler: the :class:`CoresetSampler` given to the training DataLoader. ``None`` (one-line adoption):
+            the callback finds the CoresetSampler in the training DataLoader, or, given ``fraction`` or ``size``,
+            re-creates the training DataLoader with one (the way Lightning injects its ``DistributedSampler``;
+            its ``shuffle`` is then the sampler's own order). The sampler's seed is ``seed``.
         strategy: a registered name (``"grace"``, the default; ``"random"``, ``"full"``, ...) or a
             :class:`Strategy` instance.
+        fraction: share of the pool trained per epoch, for one-line adoption (no ``sampler``).
+        size: examples trained per epoch, for one-line adoption (instead of ``fraction``).
         refresh_every_n_epochs: re-select at the end of every n-th epoch (None: never by epochs).
-        refresh_every_n_steps: re-select every k training batches (None: never by steps). Mutually
+        refresh_every_n_steps: re-select every k optimizer steps, i.e. every ``k * accumulate_grad_batches``
+            training batches (None: never by steps). Mutually
             exclusive with ``refresh_every_n_epochs``; with neither, the first selection is kept.
         warmup_epochs: train this many epochs on the whole pool (streamed at the budget's epoch length)
             before the first selection.
@@ -131,7 +177,17 @@ class CoresetCallback(Callback):
             measure their loss on it. Typically 64-256 held-out examples of the target task.
         quality: ``(N,)`` user quality scores of the pool examples (any real numbers; higher is better), for
             strategies that read them (``grip`` budgets, ``gip`` queries).
+        max_invalid_share: a refresh fails (``RuntimeError``, with the likely cause) when more than this share
+            of the signals measured since the last refresh were NaN or infinite, typically a diverged loss:
+            selecting from such a store would silently use stale or missing data.
         log_prefix: prefix of the logged metric names.
+        restore_rng: save every rank's random streams of the training process (torch CPU, CUDA when
+            initialised, numpy's global generator, python's ``random``) in the checkpoint, and restore each
+            rank's own on resume, at the point where the uninterrupted run's streams stood (so dropout and other
+            draws in the training process match it bit for bit). Augmentation randomness inside DataLoader
+            worker processes is not covered: workers reseed themselves from a base seed drawn when each iterator
+            is created, and a resumed run creates its iterator at a different time. Resuming needs the saving
+            run's number of ranks. ``restore_rng=False`` neither saves nor restores them.
 
     Raises:
         TypeError: if ``sampler`` is not a :class:`CoresetSampler`.
@@ -147,6 +203,11 @@ class CoresetCallback(Callback):
         from torch.utils.data import DataLoader
         from grace_lightning import CoresetCallback, CoresetSampler
 
+        # one line: the callback puts a CoresetSampler into the training DataLoader itself
+        trainer = L.Trainer(max_epochs=20, callbacks=[CoresetCallback(fraction=0.3)])
+        trainer.fit(model, DataLoader(train_set, batch_size=128, shuffle=True))
+
+        # explicit: the sampler is yours to build and inspect
         sampler = CoresetSampler(train_set, fraction=0.3, seed=0)
         loader = DataLoader(train_set, batch_size=128, sampler=sampler)
         trainer = L.Trainer(max_epochs=20, callbacks=[CoresetCallback(sampler, strategy="random")])
@@ -155,9 +216,11 @@ class CoresetCallback(Callback):
 
     def __init__(
         self,
-        sampler: CoresetSampler,
+        sampler: Optional[CoresetSampler] = None,
         strategy: Union[str, Strategy] = "grace",
         *,
+        fraction: Optional[float] = None,
+        size: Optional[int] = None,
         refresh_every_n_epochs: Optional[int] = 1,
         refresh_every_n_steps: Optional[int] = None,
         warmup_epochs: int = 0,
@@ -170,15 +233,25 @@ class CoresetCallback(Callback):
         max_embedding_dim: Optional[int] = 256,
         signal_memmap_dir: Optional[str] = None,
         max_selection_share: Optional[float] = None,
+        max_invalid_share: float = 0.5,
         reference: Optional[Union[Dataset, DataLoader]] = None,
         quality: Optional[Any] = None,
         log_prefix: str = "coreset/",
+        restore_rng: bool = True,
     ) -> None:
-        if not isinstance(sampler, CoresetSampler):
+        if sampler is not None and not isinstance(sampler, CoresetSampler):
             raise TypeError(
-                f"CoresetCallback: `sampler` must be the CoresetSampler given to the training DataLoader, "
-                f"got {type(sampler).__name__}."
+                f"CoresetCallback: `sampler` must be the CoresetSampler given to the training DataLoader (or None, "
+                f"to find or put one in the training DataLoader), got {type(sampler).__name__}."
             )
+        if sampler is not None and (fraction is not None or size is not None):
+            raise ValueError(
+                "CoresetCallback: the budget is the sampler's; give `fraction`/`size` only without a `sampler` "
+                "(CoresetCallback(fraction=0.3) puts a CoresetSampler into the training DataLoader itself)."
+            )
+        if fraction is not None or size is not None:
+            resolve_budget(fraction, size, None, owner="CoresetCallback")
+        self._budget_args = {"fraction": fraction, "size": size}
         every_n_epochs = _positive_int_or_none("refresh_every_n_epochs", refresh_every_n_epochs)
         every_n_steps = _positive_int_or_none("refresh_every_n_steps", refresh_every_n_steps)
         if every_n_epochs is not None and every_n_steps is not None:
@@ -188,15 +261,17 @@ class CoresetCallback(Callback):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"CoresetCallback: `seed` must be an int, got {seed!r}.")
-        self.sampler = sampler
+        self.sampler: Optional[CoresetSampler] = None
         self.strategy = build_strategy(strategy, **(strategy_kwargs or {}))
         if reference is not None and not isinstance(reference, (Dataset, DataLoader)):
             raise TypeError(
                 f"CoresetCallback: `reference` must be a torch Dataset or DataLoader, got {type(reference).__name__}."
             )
         self.reference = reference
-        self.quality = _check_quality(quality, sampler.pool_size)
-        self.strategy.check_inputs(reference is not None, self.quality is not None)
+        self._quality_input = quality
+        self.quality: Optional[Tensor] = None
+        self.strategy.check_inputs(reference is not None, quality is not None)
+        _warn_unused_inputs(self.strategy, reference is not None, quality is not None)
         self.schedule = RefreshSchedule(
             every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
@@ -204,6 +279,7 @@ class CoresetCallback(Callback):
             anneal_epochs=_non_negative_int("anneal_epochs", anneal_epochs),
         )
         self.seed = seed
+        self._every_n_steps = every_n_steps
         self.scoring_batch_size = _positive_int_or_none("scoring_batch_size", scoring_batch_size)
         self.scoring_num_workers = _non_negative_int("scoring_num_workers", scoring_num_workers)
         self.capture_training_signals = bool(capture_training_signals)
@@ -213,12 +289,15 @@ class CoresetCallback(Callback):
                 f"got {max_selection_share!r}."
             )
         self.max_selection_share = max_selection_share
+        if isinstance(max_invalid_share, bool) or not isinstance(max_invalid_share, (int, float)) or not 0.0 <= max_invalid_share < 1.0:
+            raise ValueError(
+                f"CoresetCallback: `max_invalid_share` must be in [0, 1) (e.g. 0.5), got {max_invalid_share!r}."
+            )
+        self.max_invalid_share = float(max_invalid_share)
         self.log_prefix = log_prefix
-        self.store = (
-            SignalStore(sampler.pool_size, max_embedding_dim=max_embedding_dim, seed=seed, memmap_dir=signal_memmap_dir)
-            if self.strategy.needs
-            else None
-        )
+        self.restore_rng, self._rng_pending = bool(restore_rng), None  # _rng_pending: restored at the next batch
+        self._store_args = {"max_embedding_dim": max_embedding_dim, "seed": seed, "memmap_dir": signal_memmap_dir}
+        self.store: Optional[SignalStore] = None
         self._strategy_state: Any = None
         self._fidelity = 1.0
         self.history: list[dict[str, float]] = []
@@ -234,6 +313,21 @@ class CoresetCallback(Callback):
         self._loader_cache: Optional[tuple[Any, DataLoader]] = None
         self._checked_iterator = False
         self._state_key = self._generate_state_key(strategy=self.strategy.name)
+        self._loaded_state: Optional[dict[str, Any]] = None  # a checkpoint read before the sampler was known
+        self._weights_read = False  # whether this batch's training step asked for its weights
+        self._signals_seen = (0, 0)  # the store's (invalid, offered) counts at the last refresh
+        self._batch_path: tuple = ()  # where the coreset loader's part sits in a combined training batch
+        self._warned_unread_weights = False
+        self._fit_started = False
+        if sampler is not None:
+            self._attach_sampler(sampler)
+
+    def _attach_sampler(self, sampler: CoresetSampler) -> None:
+        """Take ``sampler`` as the coreset's and size everything that depends on the pool to it."""
+        self.sampler = sampler
+        self.quality = _check_quality(self._quality_input, sampler.pool_size)
+        if self.strategy.needs:
+            self.store = SignalStore(sampler.pool_size, **self._store_args)
 
     @property
     def state_key(self) -> str:
@@ -265,25 +359,115 @@ class CoresetCallback(Callback):
                 f"CoresetCallback: warmup_epochs={self.schedule.warmup_epochs} + anneal_epochs="
                 f"{self.schedule.anneal_epochs} exceed Trainer(max_epochs={max_epochs}); shorten them."
             )
-        self.schedule = RefreshSchedule(**{**self.schedule.__dict__, "max_epochs": max_epochs})
+        # Steps are optimizer steps, as in Lightning's own `every_n_train_steps`: k of them span k * accumulation batches.
+        every_n_batches = None if self._every_n_steps is None else self._every_n_steps * trainer.accumulate_grad_batches
+        self.schedule = RefreshSchedule(
+            **{**self.schedule.__dict__, "max_epochs": max_epochs, "every_n_steps": every_n_batches}
+        )
         if trainer.world_size > 1:
             # faiss ignores Lightning's per-rank torch threads; without this the ranks oversubscribe the cores.
             set_faiss_threads(trainer.world_size)
         self._trainer = trainer
+        self._fit_started = False
+        # Every training loader Lightning requests passes through `_adopt_loaders`: it finds the CoresetSampler,
+        # or puts one in, before Lightning measures the epoch and creates the first iterator.
+        wrap_train_source(trainer, self._adopt_loaders)
+        if self.sampler is not None:
+            self._bind(trainer)
+
+    def _bind(self, trainer: Trainer) -> None:
+        """The set-up that needs the sampler: rank, restored state, the strategy's memory."""
+        others = [c for c in trainer.callbacks if isinstance(c, CoresetCallback) and c is not self and c.sampler is self.sampler]
+        if others:
+            raise ValueError(
+                "CoresetCallback: two CoresetCallbacks drive the same CoresetSampler, so both would refresh it and "
+                "the last one would win. Keep one CoresetCallback per sampler."
+            )
+        if self.reference is not None:
+            _check_reference_format(self.reference, self.sampler.dataset)
         self.sampler.bind(trainer.global_rank, trainer.world_size, self._loader_position)
         # Selection runs on rank 0 only, so only rank 0 keeps the strategy's memory (a graph can be large).
         self._strategy_state = self.strategy.create_state(self.sampler.pool_size) if trainer.is_global_zero else None
+        if self._loaded_state is not None:
+            state, self._loaded_state = self._loaded_state, None
+            self.load_state_dict(state)
+
+    def _adopt_loaders(self, iterables: Any) -> Any:
+        """Find the CoresetSampler in the training loaders Lightning got, or put one into the training DataLoader."""
+        trainer = self._trainer
+        loaders = flatten_loaders(iterables)
+        if self.sampler is not None and not self._budget_args_given():
+            return iterables  # the explicit form: `_train_loader` checks that the sampler is there
+        found = [dl for dl in loaders if isinstance(loader_sampler(dl), CoresetSampler)]
+        if self.sampler is not None and any(loader_sampler(dl) is self.sampler for dl in loaders):
+            return iterables  # a reload of loaders that already draw from our sampler
+        if found:
+            if self._budget_args_given():
+                raise ValueError(
+                    "CoresetCallback: the training DataLoader already has a CoresetSampler, and the callback was given "
+                    "`fraction`/`size` too. Give the budget once: CoresetCallback() finds the loader's sampler."
+                )
+            if len(found) > 1:
+                raise ValueError(
+                    "CoresetCallback: several training DataLoaders have a CoresetSampler; pass the one this callback "
+                    "drives: CoresetCallback(sampler)."
+                )
+            sampler = loader_sampler(found[0])
+        else:
+            if not self._budget_args_given():
+                raise ValueError(
+                    "CoresetCallback: no CoresetSampler in the training DataLoader and no budget to build one. Give "
+                    "the budget, CoresetCallback(fraction=0.3), or the sampler: CoresetCallback(sampler)."
+                )
+            candidates = [dl for dl in loaders if isinstance(dl, DataLoader)]
+            if len(loaders) != 1 or len(candidates) != 1:
+                raise ValueError(
+                    f"CoresetCallback: the training data is {len(loaders)} loaders; the callback puts a CoresetSampler "
+                    "into a single DataLoader only. Give the loader to subset its own sampler: "
+                    "DataLoader(train_set, batch_size=..., sampler=CoresetSampler(train_set, fraction=...)) and "
+                    "CoresetCallback(sampler)."
+                )
+            dl = candidates[0]
+            if self.sampler is not None and len(dl.dataset) == self.sampler.pool_size:
+                sampler = self.sampler  # a reloaded loader over the same pool keeps the coreset
+            else:
+                if dl.batch_size is None:
+                    raise ValueError(
+                        "CoresetCallback: the training DataLoader uses a custom batch_sampler; the coreset fixes the "
+                        "batches per epoch, so give it DataLoader(train_set, batch_size=..., shuffle=True) instead."
+                    )
+                sampler = CoresetSampler(dl.dataset, **self._budget_args, seed=self.seed)
+            iterables = replace_loader(iterables, dl, with_sampler(dl, sampler))
+        if self.sampler is None:
+            self._attach_sampler(sampler)
+            self._bind(trainer)
+            if self._fit_started:
+                self._start(trainer, trainer.lightning_module)
+        elif sampler is not self.sampler:
+            raise ValueError(
+                "CoresetCallback: the training DataLoader changed its pool after the coreset was built; a "
+                "CoresetCallback keeps one pool for the whole fit."
+            )
+        return iterables
+
+    def _budget_args_given(self) -> bool:
+        return any(v is not None for v in self._budget_args.values())
 
     def _train_loader(self, trainer: Trainer) -> DataLoader:
         iterables = trainer.train_dataloader
         if self._loader_cache is not None and self._loader_cache[0] is iterables:
             return self._loader_cache[1]
         self._checked_iterator = False  # a new loader: cross-check its first batch again
-        for dl in _loaders(iterables):
-            if getattr(dl, "sampler", None) is self.sampler or (
-                getattr(getattr(dl, "batch_sampler", None), "sampler", None) is self.sampler
-            ):
+        for dl in flatten_loaders(iterables):
+            if loader_sampler(dl) is self.sampler:
+                if len(dl.dataset) != self.sampler.pool_size:
+                    raise ValueError(
+                        f"CoresetCallback: the CoresetSampler was built on a pool of {self.sampler.pool_size} examples "
+                        f"but its DataLoader's dataset has {len(dl.dataset)}. Build the sampler on the loader's own "
+                        "dataset: DataLoader(train_set, sampler=CoresetSampler(train_set, ...))."
+                    )
                 self._loader_cache = (iterables, dl)
+                self._batch_path = loader_path(iterables, dl) or ()
                 return dl
         raise ValueError(
             "CoresetCallback: the CoresetSampler given to the callback is not the sampler of the training "
@@ -292,6 +476,13 @@ class CoresetCallback(Callback):
 
     def _loader_position(self) -> LoaderPosition:
         trainer = self._trainer
+        stage = trainer.state.stage
+        if stage is not None and stage not in (RunningStage.TRAINING,):
+            raise ValueError(
+                f"CoresetCallback: the CoresetSampler is iterated by a {stage.value} DataLoader. It yields the training "
+                "coreset only; evaluation must see every example: give that loader a plain order, e.g. "
+                "DataLoader(val_set, batch_size=..., shuffle=False)."
+            )
         dl = self._train_loader(trainer)
         batch_size = dl.batch_size if dl.batch_size is not None else getattr(dl.batch_sampler, "batch_size", None)
         if batch_size is None:
@@ -312,30 +503,93 @@ class CoresetCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}  # no training loader was ever requested: nothing to resume
         self._flush_pending_signals()
         return {
             "sampler": self.sampler.state_dict(),
+            "rng": self._rng_state_dict(),  # a collective: state_dict runs on every rank
             "store": None if self.store is None else self.store.state_dict(),
             "refreshes": self._refreshes,
             "selection_seconds": self._selection_seconds,
             "fidelity": self._fidelity,
+            "signals_seen": list(self._signals_seen),
             "strategy_state": None if self._strategy_state is None else self._strategy_state.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.sampler is None:  # one-line adoption: the sampler is built when Lightning requests the loader
+            self._loaded_state = state_dict
+            self._restored = True
+            return
         self.sampler.load_state_dict(state_dict["sampler"])
         if self.store is not None and state_dict["store"] is not None:
             self.store.load_state_dict(state_dict["store"])
         self._refreshes = int(state_dict["refreshes"])
         self._selection_seconds = float(state_dict["selection_seconds"])
         self._fidelity = float(state_dict["fidelity"])
+        self._signals_seen = tuple(int(v) for v in state_dict.get("signals_seen", (0, 0)))
         if self._strategy_state is not None and state_dict["strategy_state"] is not None:
             self._strategy_state.load_state_dict(state_dict["strategy_state"])
+        self._load_rng_state(state_dict.get("rng"))
         self._restored = True
+
+    def _rng_state_dict(self) -> Optional[dict[str, Any]]:
+        """Every rank's RNG streams (rank 0 writes the checkpoint) and what tells when to put them back."""
+        if not self.restore_rng or self._trainer is None:
+            return None
+        trainer = self._trainer
+        loaders = flatten_loaders(trainer.train_dataloader) if trainer.train_dataloader is not None else []
+        next_epoch_draws, resume_draws = rng.fresh_iterator_draws(loaders)
+        return {
+            "ranks": rng.gather(trainer.strategy, trainer.world_size, trainer.lightning_module.device),
+            # Saved on an epoch's last batch (or at its end): the running fit made the next epoch's iterator after.
+            "epoch_boundary": bool(trainer.is_last_batch),
+            "next_epoch_draws": next_epoch_draws,
+            "resume_draws": resume_draws,
+        }
+
+    def _load_rng_state(self, saved: Optional[dict[str, Any]]) -> None:
+        """Restore this rank's streams now, or arm them for the first training batch (see the timing below)."""
+        self._rng_pending = None
+        if not self.restore_rng:
+            return
+        if saved is None:
+            rank_zero_warn(
+                "CoresetCallback: the checkpoint holds no RNG state (saved with restore_rng=False or by an older "
+                "version), so dropout and other random draws will differ from the uninterrupted run."
+            )
+            return
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        state = rng.for_rank(saved, rank, world)
+        # A resumed fit creates its training iterator (a global draw per DataLoader, its base seed) in
+        # FitLoop.setup_data, before on_train_start. Mid-epoch, the running fit had already made it: restore
+        # after it, at the first batch. At an epoch boundary the running fit made the next epoch's iterator
+        # after saving: when it drew exactly as the resumed one will, restore now (before it; the base seed,
+        # hence non-persistent workers' seeds, then match too); else restore at the first batch and replay.
+        boundary = bool(saved["epoch_boundary"])
+        if boundary and int(saved["next_epoch_draws"]) == int(saved["resume_draws"]):
+            rng.restore(state)
+            return
+        self._rng_pending = (state, int(saved["next_epoch_draws"]) if boundary else 0)
+
+    def _restore_pending_rng(self) -> None:
+        if self._rng_pending is None:
+            return
+        (state, replay), self._rng_pending = self._rng_pending, None
+        rng.restore(state)
+        rng.replay_iterator_draws(replay)
 
     # ------------------------------------------------------------------ the schedule
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started_at = time.perf_counter()
+        self._fit_started = True
+        if self.sampler is not None:  # else the first training loader request builds it, then starts
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The first selection, before the first training iterator exists."""
         if self._restored:
             return  # the checkpoint's selections are already in the sampler
         # Before the first iterator exists (pitfall: with workers, later changes miss the first batches).
@@ -345,6 +599,7 @@ class CoresetCallback(Callback):
         self._refresh(trainer, pl_module, start_batch=0, now_batch=0, score=False)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._explain_resume_warning(trainer)
         position = self._loader_position()  # raises with the fix when the sampler is not in the loader
         expected = self.sampler.batches_per_epoch(position.batch_size, position.drop_last)
         if trainer.num_training_batches != expected:
@@ -354,12 +609,30 @@ class CoresetCallback(Callback):
                 "Leave Trainer(limit_train_batches=1.0) and do not wrap the training DataLoader."
             )
 
+    @staticmethod
+    def _explain_resume_warning(trainer: Trainer) -> None:
+        """Say once why Lightning's 'dataloader is not resumable' warning of a mid-epoch resume does not apply."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        batches = trainer.num_training_batches
+        if not trainer.fit_loop.restarting or batches in (0, float("inf")):
+            return
+        if trainer.global_step % math.ceil(batches / trainer.accumulate_grad_batches) == 0:
+            return  # the same test as Lightning's (training_epoch_loop.py): no warning comes
+        rank_zero_info(
+            "CoresetCallback: Lightning's warning below, \"You're resuming from a checkpoint that ended before the "
+            "epoch ended and your dataloader is not resumable\", does not apply to the CoresetSampler's loader: the "
+            "sampler resumes from Lightning's restored batch counter, so the resumed epoch trains the remaining "
+            "batches of the uninterrupted run. Other training loaders are not covered."
+        )
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._restore_pending_rng()  # a mid-epoch checkpoint's streams: after the resumed run's new iterator
         # Indices and weights are looked up lazily: most steps of an unweighted strategy need neither.
         self._position = self._loader_position()
         self._batch = None
         if batch_idx == 0 or not self._checked_iterator:  # a wiring error shows on the first batch; keep steps cheap
-            self._check_batch_matches(batch, self.batch_indices)
+            self._check_batch_matches(batch_part(batch, self._batch_path), self.batch_indices)
         if self._capturing():
             self._signal_extractor(pl_module, batch).arm()
 
@@ -384,6 +657,7 @@ class CoresetCallback(Callback):
             signals = self._extractor.training_batch_signals(batch)
             if signals is not None and len(signals) == self.batch_indices.numel():
                 self._pending.append((self.batch_indices, position.batches_done, signals.detach_cpu()))
+        self._check_weights_were_read(position)
         self._position = self._batch = None
         action = self.schedule.decide(position.batches_done, trainer.current_epoch, bool(trainer.is_last_batch))
         if action is None:
@@ -419,7 +693,9 @@ class CoresetCallback(Callback):
         return self._extractor
 
     def _capturing(self) -> bool:
-        return self.store is not None and self.capture_training_signals
+        # With several training loaders the head also runs on the other loaders' batches, so a hooked forward
+        # cannot be attributed to the coreset's examples: signals then come from scoring passes only.
+        return self.store is not None and self.capture_training_signals and not self._batch_path
 
     # ------------------------------------------------------------------ weights for the user's loss
     @property
@@ -429,9 +705,26 @@ class CoresetCallback(Callback):
         Also None when no selection in force carries weights (all ones): :func:`~grace_lightning.batch_weights`
         then returns a scalar 1.
         """
+        self._weights_read = True
         if self._position is None or not self.sampler.batch_is_weighted(*self._position):
             return None
         return self._current_batch()[1]
+
+    def _check_weights_were_read(self, position: LoaderPosition) -> None:
+        """Warn once when a batch carried non-uniform weights that the training step never asked for."""
+        read, self._weights_read = self._weights_read, False
+        if read or self._warned_unread_weights or not self.sampler.batch_is_weighted(*position):
+            return
+        weights = self._current_batch()[1]
+        if weights is None or bool((weights == weights[0]).all()):
+            return  # uniform weights change nothing when the loss is a mean
+        self._warned_unread_weights = True
+        rank_zero_warn(
+            f"CoresetCallback: strategy {self.strategy.name!r} gives per-example weights (this batch: "
+            f"{float(weights.min()):.3g} to {float(weights.max()):.3g}), but training_step never read them, so the "
+            "strategy is not trained as designed (InfoBatch without its rescaling is not InfoBatch). Weight the "
+            "per-example loss: `(losses * grace_lightning.batch_weights(self)).mean()`."
+        )
 
     @property
     def batch_indices(self) -> Optional[Tensor]:
@@ -477,6 +770,7 @@ class CoresetCallback(Callback):
                     scoring_began = time.perf_counter()
                     scored = self._score(trainer, pl_module, to_score, now_batch)
                     scoring_seconds = time.perf_counter() - scoring_began
+            self._check_signals_are_mostly_valid()
         probe_seconds = 0.0
         if score and (self.store is None or bool(self.store.measured.any())):
             if self.reference is not None and self.strategy.reference != "unused":
@@ -506,6 +800,20 @@ class CoresetCallback(Callback):
         phases = {"scoring_seconds": scoring_seconds, "probe_seconds": probe_seconds, **selection.diagnostics}
         self._record(trainer, seconds, scored, previous, start_batch, phases)
         self._adapt_fidelity()
+
+    def _check_signals_are_mostly_valid(self) -> None:
+        """Refuse to select from a store whose measurements since the last refresh were mostly NaN/Inf."""
+        invalid, offered = self.store.invalid_count, self.store.offered_count
+        new_invalid, new_offered = invalid - self._signals_seen[0], offered - self._signals_seen[1]
+        self._signals_seen = (invalid, offered)
+        if new_offered and new_invalid > self.max_invalid_share * new_offered:
+            raise RuntimeError(
+                f"CoresetCallback: {new_invalid} of the {new_offered} per-example signals measured since the last "
+                f"refresh were NaN or infinite (more than max_invalid_share={self.max_invalid_share}), so strategy "
+                f"{self.strategy.name!r} would select from stale or missing data. The usual cause is a diverged "
+                "model (a NaN loss: lower the learning rate, clip gradients) or a `coreset_signals` that returns "
+                "NaN rows; check `training_step`'s loss."
+            )
 
     def _adapt_fidelity(self) -> None:
         """Scale the next refreshes' scoring work so selection stays within ``max_selection_share``."""

@@ -47,6 +47,34 @@ def _mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0])
 
 
+def resolve_budget(
+    fraction: Optional[float], size: Optional[int], pool_size: Optional[int], owner: str = "CoresetSampler"
+) -> int:
+    """The examples per epoch that ``fraction`` or ``size`` gives on a pool of ``pool_size``; ValueError naming the fix.
+
+    With ``pool_size=None`` (the pool is not known yet) only the checks that need no pool run, and 0 is returned.
+    """
+    if (fraction is None) == (size is None):
+        raise ValueError(
+            f"{owner}: give exactly one of `fraction` (share of the pool per epoch, e.g. 0.3) "
+            f"or `size` (examples per epoch); got fraction={fraction!r}, size={size!r}."
+        )
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+            raise ValueError(f"{owner}: `fraction` must be a number in (0, 1], got {fraction!r}.")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"{owner}: `fraction` must be in (0, 1], got {fraction}. Use fraction=1.0 for full data.")
+        return 0 if pool_size is None else max(1, int(math.floor(fraction * pool_size + 0.5)))
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise ValueError(f"{owner}: `size` must be an int, got {size!r}.")
+    if size < 1 or (pool_size is not None and size > pool_size):
+        raise ValueError(
+            f"{owner}: `size` must be in [1, len(data_source)={pool_size}], got {size}. "
+            "Lower `size`, or use fraction=1.0 for the whole pool."
+        )
+    return int(size)
+
+
 class CoresetSampler(DistributedSampler):
     r"""Yields the current coreset, sharded over ranks, with a constant number of batches per epoch.
 
@@ -113,28 +141,7 @@ class CoresetSampler(DistributedSampler):
         pool_size = len(data_source)
         if pool_size < 1:
             raise ValueError("CoresetSampler: `data_source` is empty; the pool needs at least one example.")
-        if (fraction is None) == (size is None):
-            raise ValueError(
-                "CoresetSampler: give exactly one of `fraction` (share of the pool per epoch, e.g. 0.3) "
-                f"or `size` (examples per epoch); got fraction={fraction!r}, size={size!r}."
-            )
-        if fraction is not None:
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
-                raise ValueError(f"CoresetSampler: `fraction` must be a number in (0, 1], got {fraction!r}.")
-            if not 0.0 < fraction <= 1.0:
-                raise ValueError(
-                    f"CoresetSampler: `fraction` must be in (0, 1], got {fraction}. Use fraction=1.0 for full data."
-                )
-            budget = max(1, int(math.floor(fraction * pool_size + 0.5)))
-        else:
-            if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-                raise ValueError(f"CoresetSampler: `size` must be an int, got {size!r}.")
-            if not 1 <= size <= pool_size:
-                raise ValueError(
-                    f"CoresetSampler: `size` must be in [1, len(data_source)={pool_size}], got {size}. "
-                    "Lower `size`, or use fraction=1.0 for the whole pool."
-                )
-            budget = int(size)
+        budget = resolve_budget(fraction, size, pool_size)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"CoresetSampler: `seed` must be an int, got {seed!r}.")
 

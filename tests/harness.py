@@ -80,9 +80,14 @@ def fit(
     ckpt_path: Optional[Path] = None,
     save_checkpoints: bool = False,
     ddp: str = "ddp_fork",
+    dropout: float = 0.2,
+    extra_callbacks: tuple = (),
     **callback_kwargs,
 ) -> None:
-    """One fit; per-rank records land in ``out_dir``. Checkpoints (every step and every epoch end) too, if asked."""
+    """One fit; per-rank records land in ``out_dir``. Checkpoints (every step and every epoch end) too, if asked.
+
+    The model has dropout by default, so a resume is bit-exact only if the RNG streams are restored too.
+    """
     dataset = IndexedBlobs(n=256)
     sampler = CoresetSampler(dataset, fraction=fraction, seed=7)
     loader = DataLoader(
@@ -93,6 +98,7 @@ def fit(
     else:
         intervals = {"refresh_every_n_epochs": None, "refresh_every_n_steps": 3}
     callbacks = [CoresetCallback(sampler, strategy=strategy, seed=11, **intervals, **callback_kwargs), Recorder(out_dir, tag)]
+    callbacks += list(extra_callbacks)
     if save_checkpoints:
         callbacks += [
             ModelCheckpoint(dirpath=out_dir / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1),
@@ -112,7 +118,7 @@ def fit(
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    trainer.fit(TinyClassifier(), loader, ckpt_path=ckpt_path)
+    trainer.fit(TinyClassifier(dropout=dropout), loader, ckpt_path=ckpt_path)
 
 
 def load_records(out_dir: Path, tag: str, devices: int) -> list[dict]:

@@ -7,9 +7,14 @@ indices ahead of training), on 1 and 2 ranks, with epoch and step refresh schedu
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
+from grace_lightning import rng
 from tests.toy import IndexedBlobs
 from tests.harness import TopLoss, fit, load_records, load_weights
 
@@ -95,3 +100,66 @@ def test_selection_changes_between_refreshes(tmp_path):
     fit(tmp_path, "full", devices=1, schedule="epoch")
     record = load_records(tmp_path, "full", 1)[0]
     assert len({tuple(s) for s in record["selections"].values()}) == 3
+
+
+# ---------------------------------------------------------------- RNG streams (the harness's model has dropout)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("point", ["mid_epoch", "last_batch", "epoch_end"])
+def test_resume_without_rng_restore_is_caught(tmp_path, point, num_workers):
+    """Guards the matrix against a vacuous pass: without the RNG restore, dropout makes the weights differ."""
+    fit(tmp_path, "full", num_workers=num_workers, save_checkpoints=True)
+    ckpt = _checkpoints(tmp_path, 1)[point]
+    fit(tmp_path, f"resumed_{point}", num_workers=num_workers, ckpt_path=ckpt, restore_rng=False)
+    with pytest.raises(AssertionError, match="final weights differ"):
+        _assert_resumed_equals_uninterrupted(tmp_path, 1, point)
+
+
+class _RankSeeds(Callback):
+    """Gives every rank its own torch stream before the checkpoint is read (a resume then overwrites it)."""
+
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(1000 + trainer.global_rank)
+
+
+def test_each_rank_restores_its_own_stream(tmp_path):
+    kwargs = dict(devices=2, num_workers=0, schedule="step", extra_callbacks=(_RankSeeds(),))
+    fit(tmp_path, "full", save_checkpoints=True, **kwargs)
+    for point, ckpt in _checkpoints(tmp_path, 2).items():
+        saved = torch.load(ckpt, weights_only=True)["callbacks"]
+        (state,) = [v for k, v in saved.items() if k.startswith("CoresetCallback")]
+        rows = state["rng"]["ranks"]
+        assert len(rows) == 2 and not torch.equal(rows[0]["torch"], rows[1]["torch"])
+        fit(tmp_path, f"resumed_{point}", ckpt_path=ckpt, **kwargs)
+        _assert_resumed_equals_uninterrupted(tmp_path, 2, point)
+
+
+def test_checkpoint_without_restore_rng_holds_no_rng_state(tmp_path):
+    fit(tmp_path, "full", save_checkpoints=True, restore_rng=False, max_epochs=1)
+    saved = torch.load(_checkpoints(tmp_path, 1)["epoch_end"], weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("CoresetCallback")]
+    assert state["rng"] is None
+
+
+def test_resume_on_another_number_of_ranks_names_the_switch(tmp_path):
+    fit(tmp_path, "full", save_checkpoints=True, max_epochs=1)
+    with pytest.raises(Exception, match=r"the checkpoint holds the RNG states of 1 rank\(s\) but this run has 2.*restore_rng=False"):
+        fit(tmp_path, "resumed", devices=2, ckpt_path=_checkpoints(tmp_path, 1)["epoch_end"], max_epochs=2)
+
+
+def test_rng_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    np.random.randn()
+    random.gauss(0.0, 1.0)  # cached gaussians are part of the state
+    state = rng.capture()
+    torch.save({"rng": state, "bytes": rng.to_bytes(state)}, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+
+    def draw():
+        return torch.rand(4).tolist(), np.random.rand(4).tolist(), np.random.randn(), random.random(), random.gauss(0, 1)
+
+    first = draw()
+    rng.restore(loaded["rng"])
+    assert draw() == first
+    rng.restore(rng.from_bytes(loaded["bytes"]))
+    assert draw() == first

@@ -37,13 +37,18 @@ class IndexedBlobs(Dataset):
 
 
 class TinyClassifier(L.LightningModule):
-    """An MLP with a linear head, trained with the coreset weights; no dropout, so runs are bit-reproducible."""
+    """An MLP with a linear head, trained with the coreset weights.
 
-    def __init__(self, dim: int = 8, classes: int = 4, lr: float = 0.1, seed: int = 0) -> None:
+    ``dropout > 0`` adds an ``nn.Dropout`` to the body: training then draws from the global torch generator,
+    which the resume tests need (a resumed run matches the uninterrupted one only if the RNG is restored).
+    """
+
+    def __init__(self, dim: int = 8, classes: int = 4, lr: float = 0.1, seed: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.body = nn.Sequential(nn.Linear(dim, 16), nn.ReLU())
+            extra = [nn.Dropout(dropout)] if dropout > 0 else []
+            self.body = nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), *extra)
             self.head = nn.Linear(16, classes)
         self.lr = lr
         self.seen: list[list[int]] = []

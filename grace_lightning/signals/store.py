@@ -74,6 +74,7 @@ class SignalStore:
         self.error_norm: Optional[Tensor] = None  # (N,) float32 EL2N; allocated on first use (custom captures may omit it)
         self.projection: Optional[Tensor] = None  # (D, d) float32, when embeddings arrive wider than d
         self.invalid_count = 0
+        self.offered_count = 0  # rows offered to `update`, valid or not
 
     def _array(self, name: str, shape: tuple, dtype, fill) -> Tensor:
         if self.memmap_dir is None:
@@ -114,6 +115,7 @@ class SignalStore:
             finite &= torch.isfinite(s.error_norm)
         rejected = int((~finite).sum())
         self.invalid_count += rejected
+        self.offered_count += int(indices.numel())
         keep = finite.nonzero().squeeze(1)
         if keep.numel() == 0:
             return rejected
@@ -151,6 +153,7 @@ class SignalStore:
             "embedding": self.embedding,
             "error_norm": self.error_norm,
             "invalid_count": self.invalid_count,
+            "offered_count": self.offered_count,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -175,3 +178,4 @@ class SignalStore:
                 self.error_norm = self._array("error_norm", (self.pool_size,), np.float32, 0)
             self.error_norm.copy_(error_norm)
         self.invalid_count = int(state["invalid_count"])
+        self.offered_count = int(state.get("offered_count", 0))

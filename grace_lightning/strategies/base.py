@@ -90,8 +90,8 @@ class Strategy:
 
     Subclasses set ``name``, list the signals they read in ``needs`` (``"loss"``, ``"grad_norm"``,
     ``"embedding"``), say whether they read a reference set in ``reference`` (``"unused"``, ``"optional"``
-    or ``"required"``) and implement :meth:`select`. A strategy never touches the trainer, the sampler or
-    any global state; the callback validates and applies what it returns. Per refresh the callback calls
+    or ``"required"``) and quality scores in ``uses_quality``, and implement :meth:`select`. A strategy never
+    touches the trainer, the sampler or any global state; the callback validates and applies what it returns. Per refresh the callback calls
     :meth:`to_score`, runs that scoring pass, calls :meth:`to_probe`, runs those probes, then calls
     :meth:`select` with the probe results in ``inputs.probe``.
     """
@@ -99,6 +99,7 @@ class Strategy:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     reference: ClassVar[str] = "unused"
+    uses_quality: ClassVar[bool] = False  # whether select() reads inputs.quality (the callback warns if unused)
 
     def check_inputs(self, has_reference: bool, has_quality: bool) -> None:
         """Raise ``ValueError`` (saying how to fix it) if the callback lacks an input this strategy needs.

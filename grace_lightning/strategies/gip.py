@@ -480,6 +480,7 @@ class GIP(Strategy):
 
     needs = frozenset({"embedding"})
     reference = "optional"
+    uses_quality = True
 
     def __init__(
         self,

@@ -464,6 +464,7 @@ class Grip(Strategy):
 
     needs = frozenset({"loss", "embedding"})
     reference = "unused"
+    uses_quality = True
 
     def __init__(
         self,
