@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from grace_lightning.signals.capture import _find_classification_head
 from grace_lightning.signals import (
     ExampleSignals,
     SignalCaptureError,
@@ -211,11 +212,13 @@ def test_detects_classification_on_mlp() -> None:
 
 def test_prefers_named_head_attribute() -> None:
     module = MLPWithUnusedHead()
-    ex = SignalExtractor.for_module(module, (torch.randn(4, 6), torch.randint(0, 5, (4,))))
-    assert ex.head is module.head
-    # ...and a head that never runs is reported, naming the custom hook.
+    ex = SignalExtractor(module, "classification", head=module.head)
+    assert _find_classification_head(module, (torch.randn(4, 6), torch.randint(0, 5, (4,))), []) is module.head
+    # ...and a head that never runs is reported, naming the custom hook: when scoring, and at the first batch.
     with pytest.raises(SignalCaptureError, match="coreset_signals"):
         ex.score_batch((torch.randn(4, 6), torch.randint(0, 5, (4,))))
+    with pytest.raises(SignalCaptureError, match="did not run during the classification forward.*coreset_signals"):
+        SignalExtractor.for_module(module, (torch.randn(4, 6), torch.randint(0, 5, (4,))))
     assert not module.head._forward_hooks
 
 

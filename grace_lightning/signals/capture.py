@@ -217,7 +217,10 @@ class SignalExtractor:
             for module, training in flags:
                 module.training = training
         if recorder.head_output is None:
-            return  # the head did not run: score_batch raises with the fix
+            raise SignalCaptureError(
+                f"The head {type(self.head).__name__} did not run during the {self.mode} forward of the first batch, "
+                "so its output cannot be the model's logits. " + _CUSTOM_HINT
+            )
         hooked = recorder.head_output
         if self.mode == "classification":
             candidates = _returned_tensors(returned)
