@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -612,8 +612,6 @@ class CoresetCallback(Callback):
     @staticmethod
     def _explain_resume_warning(trainer: Trainer) -> None:
         """Say once why Lightning's 'dataloader is not resumable' warning of a mid-epoch resume does not apply."""
-        from lightning.pytorch.utilities.rank_zero import rank_zero_info
-
         batches = trainer.num_training_batches
         if not trainer.fit_loop.restarting or batches in (0, float("inf")):
             return
