@@ -92,7 +92,7 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
     """Train one fresh model on a coreset and return its row: the summary columns plus ``evals``."""
     from torch.utils.data import DataLoader
 
-    from grace_lightning import CoresetCallback, CoresetSampler
+    from grace_lightning import CoresetCallback, CoresetSampler, build_strategy
 
     size = TaskSize(config.train_examples, config.val_examples, config.epochs)
     data = task.make_data(size, seed)
@@ -100,13 +100,13 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
     sampler = CoresetSampler(data.train, fraction=fraction, seed=seed)
     train_loader = DataLoader(data.train, batch_size=task.batch_size, sampler=sampler, collate_fn=data.collate_fn)
     val_loader = DataLoader(data.val, batch_size=task.val_batch_size, shuffle=False, collate_fn=data.collate_fn)
+    chosen = build_strategy(strategy, **(config.strategy_kwargs.get(strategy) or {}))
     callback = CoresetCallback(
         sampler,
-        strategy=strategy,
+        strategy=chosen,
         refresh_every_n_epochs=1,
         seed=seed,
-        strategy_kwargs=config.strategy_kwargs.get(strategy) or None,
-        reference=data.reference,  # scored only by strategies that read it (group_mates, gip)
+        reference=None if chosen.reference == "unused" else data.reference,  # group_mates and gip read it
     )
     clock = EvalClock(callback)
     trainer = L.Trainer(
