@@ -33,6 +33,7 @@ from grace_lightning.loaders import (
 from grace_lightning.sampler import CoresetSampler, LoaderPosition, _mix_seed, resolve_budget
 from grace_lightning.schedule import Action, RefreshSchedule
 from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
+from grace_lightning.signals.capture import ModuleModes
 from grace_lightning.strategies import Selection, SelectionInput, Strategy, build_strategy
 from grace_lightning.strategies.base import uniform_sample
 from grace_lightning.telemetry import ScoringProgressBar, log_metrics
@@ -106,17 +107,6 @@ def _warn_unused_inputs(strategy: Strategy, has_reference: bool, has_quality: bo
             f"CoresetCallback: strategy {strategy.name!r} does not read quality scores, so `quality` is ignored "
             "(grip and gip use them). Drop `quality` or pick a strategy that uses it."
         )
-
-
-class _ModuleModes:
-    """Every submodule's train/eval flag, so a scoring pass can restore exactly what the user had."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self._modes = [(m, m.training) for m in module.modules()]
-
-    def restore(self) -> None:
-        for m, training in self._modes:
-            m.training = training
 
 
 class CoresetCallback(Callback):
@@ -396,11 +386,11 @@ class CoresetCallback(Callback):
         """Find the CoresetSampler in the training loaders Lightning got, or put one into the training DataLoader."""
         trainer = self._trainer
         loaders = flatten_loaders(iterables)
-        if self.sampler is not None and not self._budget_args_given():
-            return iterables  # the explicit form: `_train_loader` checks that the sampler is there
+        if self.sampler is not None and (
+            not self._budget_args_given() or any(loader_sampler(dl) is self.sampler for dl in loaders)
+        ):
+            return iterables  # the explicit form (`_train_loader` checks the sampler is there), or a kept reload
         found = [dl for dl in loaders if isinstance(loader_sampler(dl), CoresetSampler)]
-        if self.sampler is not None and any(loader_sampler(dl) is self.sampler for dl in loaders):
-            return iterables  # a reload of loaders that already draw from our sampler
         if found:
             if self._budget_args_given():
                 raise ValueError(
@@ -960,7 +950,7 @@ class CoresetCallback(Callback):
     ) -> dict[str, Optional[Tensor]]:
         """Forward-only signals of this rank's ``loader`` (whose items are ``shard``), gathered over ranks."""
         collected: list[ExampleSignals] = []
-        modes = _ModuleModes(pl_module)
+        modes = ModuleModes(pl_module)
         bar = ScoringProgressBar(trainer, total=len(loader))
         pl_module.eval()
         try:

@@ -21,7 +21,15 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader
 
-__all__ = ["flatten_loaders", "loader_sampler", "wrap_train_source"]
+__all__ = [
+    "batch_part",
+    "flatten_loaders",
+    "loader_path",
+    "loader_sampler",
+    "replace_loader",
+    "with_sampler",
+    "wrap_train_source",
+]
 
 
 def flatten_loaders(iterables: Any) -> list:
@@ -95,7 +103,12 @@ def loader_path(iterables: Any, dl: Any) -> Optional[tuple]:
     """Keys/indices leading from ``iterables`` (``trainer.train_dataloader``) to the loader ``dl``; () if it is all."""
     if iterables is dl:
         return ()
-    items = iterables.items() if isinstance(iterables, dict) else enumerate(iterables) if isinstance(iterables, (list, tuple)) else ()
+    if isinstance(iterables, dict):
+        items = iterables.items()
+    elif isinstance(iterables, (list, tuple)):
+        items = enumerate(iterables)
+    else:
+        return None
     for key, value in items:
         rest = loader_path(value, dl)
         if rest is not None:

@@ -22,8 +22,8 @@ dim (a module returning ``log_softmax(head(h))`` has the same cross-entropy), an
 outputs than the largest target. Causal LM: the Hugging Face model's ``.logits`` must equal the output
 embedding's output, by the same rule. An output layer applied functionally (``F.linear(h, W)``, a cosine head)
 would otherwise get a body layer hooked and silently wrong signals; ``verify`` raises ``SignalCaptureError``
-naming the hooked module, its output shape and what the module returned. (A head that does not run at all is
-reported by the scoring pass.)
+naming the hooked module, its output shape and what the module returned; so does a head that does not run in
+that forward.
 
 Otherwise ``SignalCaptureError`` explains how to write ``coreset_signals``.
 
@@ -86,6 +86,17 @@ _CUSTOM_HINT = (
 
 class SignalCaptureError(ValueError):
     """Per-example signals cannot be captured from this module/batch; the message says how to fix it."""
+
+
+class ModuleModes:
+    """Every submodule's train/eval flag, so a forward in eval mode can restore exactly what the user had."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._modes = [(m, m.training) for m in module.modules()]
+
+    def restore(self) -> None:
+        for m, training in self._modes:
+            m.training = training
 
 
 class _HeadRecorder:
@@ -192,17 +203,15 @@ class SignalExtractor:
         state (CPU, and the model's CUDA device) are restored afterwards, also on errors, and eval mode keeps
         BatchNorm statistics unchanged. See the module docstring for what counts as a match.
 
-        If the head does not run at all nothing is proven here; :meth:`score_batch` reports that case.
-
         Raises:
-            SignalCaptureError: the head's output matches nothing the module returns, the module returns no
-                tensor, or (classification) the head has no more outputs than the largest target.
+            SignalCaptureError: the head did not run, its output matches nothing the module returns, the module
+                returns no tensor, or (classification) the head has no more outputs than the largest target.
         """
         if self.mode == "custom":
             return
         assert self.head is not None
         recorder = _HeadRecorder()
-        flags = [(m, m.training) for m in self.pl_module.modules()]
+        modes = ModuleModes(self.pl_module)
         handle = self.head.register_forward_hook(
             lambda _m, args, kwargs, out: recorder.record(args, kwargs, out), with_kwargs=True
         )
@@ -214,8 +223,7 @@ class SignalExtractor:
         finally:
             handle.remove()
             self._scoring = False
-            for module, training in flags:
-                module.training = training
+            modes.restore()
         if recorder.head_output is None:
             raise SignalCaptureError(
                 f"The head {type(self.head).__name__} did not run during the {self.mode} forward of the first batch, "
@@ -265,7 +273,7 @@ class SignalExtractor:
             fix = "The output embedding does not produce the model's logits: "
         return SignalCaptureError(
             f"grace_lightning {self.mode} capture hooked `{self._head_name()}` ({self.head!r}), whose output has "
-            f"shape {tuple(hooked.shape)}, but {problem} The module returned {_describe_output(returned)}.\n"
+            f"shape {tuple(hooked.shape)}, but {problem} The module returned {_describe_batch(returned)}.\n"
             + fix + _CUSTOM_HINT
         )
 
@@ -567,28 +575,16 @@ def _same_logits(hooked: Tensor, returned: Tensor) -> bool:
     )
 
 
-def _describe_output(returned: Any, depth: int = 0) -> str:
-    """A short description of what a forward returned, for error messages."""
-    if isinstance(returned, Tensor):
-        return f"Tensor(shape={tuple(returned.shape)}, dtype={str(returned.dtype).replace('torch.', '')})"
-    if isinstance(returned, Mapping):
-        keys = list(returned.keys())[:8]
-        logits = returned.get("logits") if "logits" in returned else None
-        extra = f", logits={_describe_output(logits, depth + 1)}" if logits is not None else ""
-        return f"{type(returned).__name__} with keys {keys}{extra}"
-    if isinstance(returned, (tuple, list)) and depth == 0:
-        items = ", ".join(_describe_output(r, depth + 1) for r in returned[:4])
-        more = ", ..." if len(returned) > 4 else ""
-        return f"{type(returned).__name__} of ({items}{more})"
-    return "None" if returned is None else type(returned).__name__
-
-
 def _describe_batch(batch: Any, depth: int = 0) -> str:
-    """A short human description of a batch, for error messages."""
+    """A short human description of a batch or of what a forward returned, for error messages."""
+    if batch is None:
+        return "None"
     if isinstance(batch, Tensor):
         return f"Tensor(shape={tuple(batch.shape)}, dtype={str(batch.dtype).replace('torch.', '')})"
     if isinstance(batch, Mapping):
-        return f"{type(batch).__name__} with keys {list(batch.keys())[:8]}"
+        logits = batch.get("logits") if "logits" in batch else None
+        extra = f", logits={_describe_batch(logits, depth + 1)}" if logits is not None else ""
+        return f"{type(batch).__name__} with keys {list(batch.keys())[:8]}{extra}"
     if isinstance(batch, (tuple, list)) and depth == 0:
         items = ", ".join(_describe_batch(b, depth + 1) for b in batch[:4])
         more = ", ..." if len(batch) > 4 else ""
