@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from grace_lightning import rng
 from grace_lightning.distributed import gather_rows
 from grace_lightning.graph import set_faiss_threads
+from grace_lightning.handback import Origin
 from grace_lightning.probes import ProbeRequest, ProbeResults, ProbeRunner
 from grace_lightning.loaders import (
     batch_part,
@@ -290,7 +291,8 @@ class CoresetCallback(Callback):
         self.store: Optional[SignalStore] = None
         self._strategy_state: Any = None
         self._fidelity = 1.0
-        self.history: list[dict[str, float]] = []
+        self._history: list[dict[str, float]] = []
+        self._origin = Origin()  # under ddp_spawn/ddp_fork, rank 0 hands `history` back to this process
         self._extractor: Optional[SignalExtractor] = None
         self._pending: list[tuple[Tensor, int, ExampleSignals]] = []
         self._restored = False
@@ -661,6 +663,7 @@ class CoresetCallback(Callback):
         self._flush_pending_signals()  # leave a complete store for whoever inspects it after fit
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._hand_back(trainer)
         if trainer.train_dataloader is not None and trainer.num_training_batches == 0:
             # Lightning skips a 0-batch epoch with a mere warning; say why there was nothing to train.
             position = self._loader_position()
@@ -668,6 +671,26 @@ class CoresetCallback(Callback):
         if self._extractor is not None:
             self._extractor.detach()
             self._extractor = None
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One record per refresh (the logged telemetry, without the prefix), oldest first.
+
+        After a fit that trained in worker processes (``ddp_spawn``, ``ddp_fork``), the records and the sampler's
+        selections come back from rank 0 the first time this is read in the launching process.
+        """
+        handed_back = self._origin.take()
+        if handed_back is not None:
+            self._history = handed_back["history"]
+            if self.sampler is not None and handed_back["sampler"] is not None:
+                self.sampler.load_state_dict(handed_back["sampler"])
+        return self._history
+
+    def _hand_back(self, trainer: Trainer) -> None:
+        """Rank 0 of a fit running outside the launching process writes what the launching process reads."""
+        if trainer.is_global_zero and not self._origin.is_here():
+            sampler = None if self.sampler is None else self.sampler.state_dict()
+            self._origin.hand_back({"history": self._history, "sampler": sampler})
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.on_fit_end(trainer, pl_module)
@@ -805,9 +828,9 @@ class CoresetCallback(Callback):
 
     def _adapt_fidelity(self) -> None:
         """Scale the next refreshes' scoring work so selection stays within ``max_selection_share``."""
-        if self.max_selection_share is None or not self.history:
+        if self.max_selection_share is None or not self._history:
             return
-        share = self.history[-1]["selection_share"]
+        share = self._history[-1]["selection_share"]
         if share > 0:
             self._fidelity = min(1.0, max(0.05, self._fidelity * self.max_selection_share / share))
 
@@ -865,7 +888,7 @@ class CoresetCallback(Callback):
             "fidelity": self._fidelity,
             **{key: float(value) for key, value in phases.items()},
         }
-        self.history.append(record)
+        self._history.append(record)
         metrics = {f"{self.log_prefix}{k}": v for k, v in record.items() if not math.isnan(v)}
         log_metrics(trainer, metrics, step=trainer.global_step)
 

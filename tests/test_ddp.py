@@ -121,3 +121,37 @@ def test_int64_indices_beyond_2_pow_24_survive_the_gather(tmp_path):
     for rank in range(2):
         got = json.loads((tmp_path / f"gather{rank}.json").read_text())
         assert got == {"index": expected, "dtype": "torch.int64"}
+
+
+@pytest.mark.parametrize("launch", ["ddp_spawn", "ddp_fork"])
+@pytest.mark.parametrize("form", ["explicit", "one_line"])
+def test_worker_processes_hand_history_and_selection_back(launch, form):
+    """Lightning trains in worker processes under ddp_spawn/ddp_fork; the callback the user holds still reports."""
+    from torch.utils.data import DataLoader
+
+    from grace_lightning import CoresetCallback, CoresetSampler
+    from tests.toy import TinyClassifier
+
+    dataset = IndexedBlobs(n=128)
+    if form == "explicit":
+        sampler = CoresetSampler(dataset, fraction=0.25, seed=3)
+        loader = DataLoader(dataset, batch_size=8, sampler=sampler)
+        callback = CoresetCallback(sampler, strategy="random", seed=5)
+    else:
+        loader = DataLoader(dataset, batch_size=8, shuffle=True)
+        callback = CoresetCallback(fraction=0.25, strategy="random", seed=5)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=launch, max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback],
+    )
+    trainer.fit(TinyClassifier(), loader)
+    history = callback.history
+    # The first selection (before epoch 0) and one refresh at the end of epochs 0 and 1 (none after the last).
+    assert [r["refresh"] for r in history] == [1.0, 2.0, 3.0]
+    assert all(r["subset_size"] == 32 for r in history)
+    assert callback.history is history, "handed back once, then kept"
+    if form == "explicit":
+        # Rank 0's last selection came back: it took effect at the start of epoch 2 (2 batches per rank and epoch).
+        assert sampler.state_dict()["versions"][-1]["start"] == 4
+        assert sampler.selection.numel() == 32
+    assert not callback._origin.path.exists(), "the hand-back file is removed once read"
