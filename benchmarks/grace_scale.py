@@ -38,7 +38,7 @@ def run_one(n: int, dim: int, fraction: float, anchor_fraction: float, seed: int
     import torch
 
     from grace_lightning import ExampleSignals, SelectionInput, SignalStore
-    from grace_lightning.graph import set_faiss_threads
+    from grace_lightning.knn import set_faiss_threads
     from grace_lightning.strategies.grace import Grace, GraceState
 
     threads = set_faiss_threads(1)  # all cores: a single process

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from grace_lightning.validation import is_int
+
 __all__ = ["Clusters", "spherical_kmeans"]
 
 
@@ -57,7 +59,7 @@ def spherical_kmeans(embeddings, k: int, *, niter: int = 20, seed: int = 0, max_
     x = np.ascontiguousarray(embeddings, dtype=np.float32).copy()
     if x.ndim != 2 or x.shape[0] < 1:
         raise ValueError(f"spherical_kmeans: embeddings must be a non-empty (N, d) array, got shape {x.shape}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"spherical_kmeans: k must be a positive int, got {k!r}")
     faiss.normalize_L2(x)
     n, d = x.shape

@@ -42,3 +42,9 @@ def gather_rows(strategy, rows: dict[str, Optional[Tensor]], device: torch.devic
         gathered = strategy.all_gather(padded).reshape(world, *shape).cpu()
         out[key] = torch.cat([gathered[r, : int(counts[r])] for r in range(world)])
     return out
+
+
+def max_over_ranks(strategy, seconds: float, device: torch.device) -> float:
+    """The largest of every rank's ``seconds``: a phase takes as long as its slowest rank (one collective)."""
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    return float(strategy.all_gather(t).max())

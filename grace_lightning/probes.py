@@ -38,6 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from grace_lightning.seeding import derive_seed
+from grace_lightning.signals.capture import inference_forward
+
 __all__ = ["ModelSnapshot", "ProbeRequest", "ProbeResults", "ProbeRunner", "ProbeTask"]
 
 
@@ -75,16 +78,21 @@ class ProbeRequest:
         seed: task ``i`` runs with the global generators seeded from ``(seed, i)`` (inside a forked RNG state,
             so the live run's streams are untouched): its dropout noise and head re-initialisation do not
             depend on which rank runs it or what ran before.
+        keys: what each task stands for, for the strategy that reads the results (a cluster id per task, say);
+            it comes back in :attr:`ProbeResults.request`, so no strategy keeps its request in hidden state.
     """
 
     tasks: tuple[ProbeTask, ...]
     trainable: str = "all"
     reset_head: bool = False
     seed: int = 0
+    keys: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         if self.trainable not in ("all", "head"):
             raise ValueError(f"ProbeRequest: `trainable` must be 'all' or 'head', got {self.trainable!r}.")
+        if self.keys is not None and len(self.keys) != len(self.tasks):
+            raise ValueError(f"ProbeRequest: `keys` must have one entry per task ({len(self.tasks)}), got {len(self.keys)}.")
 
 
 @dataclass(frozen=True)
@@ -93,11 +101,13 @@ class ProbeResults:
 
     Attributes:
         losses: one float64 tensor per task, of length ``task.num_losses`` (``L_0`` first).
+        request: the request these results answer (its tasks and ``keys``).
         seconds: wall clock of all probes (max over ranks).
         optimizer_steps: probe optimizer steps taken, summed over ranks.
     """
 
     losses: tuple[Tensor, ...]
+    request: Optional[ProbeRequest] = None
     seconds: float = 0.0
     optimizer_steps: int = 0
     diagnostics: dict[str, float] = field(default_factory=dict)
@@ -198,18 +208,12 @@ class ProbeRunner:
             batches = [self.to_device(b) for b in self.reference]
         else:
             batches = [self._batch(eval_indices[s : s + self.eval_batch_size]) for s in range(0, eval_indices.numel(), self.eval_batch_size)]
-        modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
         total, count = 0.0, 0
-        try:
-            with torch.no_grad(), self.forward_context():
-                for batch in batches:
-                    losses = self.example_losses(batch).double()
-                    total += float(losses.sum())
-                    count += losses.numel()
-        finally:
-            for m, training in modes:
-                m.training = training
+        with inference_forward(self.module, self.forward_context):
+            for batch in batches:
+                losses = self.example_losses(batch).double()
+                total += float(losses.sum())
+                count += losses.numel()
         return total / max(count, 1)
 
     def _step(self, indices: Tensor, params: list[nn.Parameter]) -> None:
@@ -249,7 +253,7 @@ class ProbeRunner:
                     task = request.tasks[i]
                     # Seeded per task: a task's dropout noise and head re-initialisation depend on (seed, i) only,
                     # not on which tasks ran before it on this rank.
-                    torch.manual_seed(int(request.seed) * 1_000_003 + int(i))
+                    torch.manual_seed(derive_seed(request.seed, i))
                     if request.reset_head and self.head is not None:
                         self.head.reset_parameters()  # type: ignore[operator]
                     losses = [self._mean_loss(task.eval_indices)]

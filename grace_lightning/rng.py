@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import io
 import random
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["capture", "restore", "to_bytes", "from_bytes", "gather", "for_rank", "fresh_iterator_draws", "replay_iterator_draws"]
+from grace_lightning.loaders import flatten_loaders
+
+__all__ = ["capture", "restore", "to_bytes", "from_bytes", "gather", "for_rank", "fresh_iterator_draws", "replay_iterator_draws", "ResumeStreams"]
 
 _VERSION = 1
 
@@ -132,3 +135,61 @@ def replay_iterator_draws(count: int) -> None:
     """Draw from the global torch generator as ``count`` new DataLoader iterators do (their base seed)."""
     for _ in range(count):
         torch.empty((), dtype=torch.int64).random_()
+
+
+class ResumeStreams:
+    """Saves every rank's streams into a checkpoint and restores this rank's where the uninterrupted run stood.
+
+    Timing. A resumed fit creates its training iterator (a global draw per DataLoader, its base seed) in
+    ``FitLoop.setup_data``, before ``on_train_start``. Mid-epoch, the running fit had already made it: restore
+    after it, at the first training batch. At an epoch boundary the running fit made the next epoch's iterator
+    after saving: when it drew exactly as the resumed one will, restore at load (before it; the base seed, hence
+    non-persistent workers' seeds, then match too); else restore at the first batch and replay the draws.
+
+    Args:
+        enabled: ``False`` neither saves nor restores (``CoresetCallback(restore_rng=False)``).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._pending: Optional[tuple[dict[str, Any], int]] = None  # (state, draws to replay), for the next batch
+
+    def state_dict(self, trainer: Any) -> Optional[dict[str, Any]]:
+        """Every rank's streams (rank 0 writes the checkpoint) and what tells when to put them back. A collective."""
+        if not self.enabled or trainer is None:
+            return None
+        loaders = flatten_loaders(trainer.train_dataloader) if trainer.train_dataloader is not None else []
+        next_epoch_draws, resume_draws = fresh_iterator_draws(loaders)
+        return {
+            "ranks": gather(trainer.strategy, trainer.world_size, trainer.lightning_module.device),
+            # Saved on an epoch's last batch (or at its end): the running fit made the next epoch's iterator after.
+            "epoch_boundary": bool(trainer.is_last_batch),
+            "next_epoch_draws": next_epoch_draws,
+            "resume_draws": resume_draws,
+        }
+
+    def load(self, saved: Optional[dict[str, Any]], rank: int, world_size: int) -> None:
+        """Restore this rank's streams now, or arm them for :meth:`restore_pending` at the first training batch."""
+        self._pending = None
+        if not self.enabled:
+            return
+        if saved is None:
+            rank_zero_warn(
+                "CoresetCallback: the checkpoint holds no RNG state (saved with restore_rng=False or by an older "
+                "version), so dropout and other random draws will differ from the uninterrupted run."
+            )
+            return
+        state = for_rank(saved, rank, world_size)
+        boundary = bool(saved["epoch_boundary"])
+        if boundary and int(saved["next_epoch_draws"]) == int(saved["resume_draws"]):
+            restore(state)
+            return
+        self._pending = (state, int(saved["next_epoch_draws"]) if boundary else 0)
+
+    def restore_pending(self) -> None:
+        """At the first training batch after a resume: put back streams that could not be restored at load."""
+        if self._pending is None:
+            return
+        (state, replay), self._pending = self._pending, None
+        restore(state)
+        replay_iterator_draws(replay)

@@ -8,10 +8,12 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional, Sized
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler, IterableDataset
+
+from grace_lightning.seeding import seeded_generator
+from grace_lightning.validation import integer, is_real
 
 __all__ = ["CoresetSampler", "LoaderPosition"]
 
@@ -42,11 +44,6 @@ class _Version:
     serial: int = field(default_factory=lambda: next(_SERIALS))
 
 
-def _mix_seed(*parts: int) -> int:
-    # SeedSequence mixes the parts without collisions (a plain linear mix would collide).
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0])
-
-
 def resolve_budget(
     fraction: Optional[float], size: Optional[int], pool_size: Optional[int], owner: str = "CoresetSampler"
 ) -> int:
@@ -60,13 +57,12 @@ def resolve_budget(
             f"or `size` (examples per epoch); got fraction={fraction!r}, size={size!r}."
         )
     if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+        if not is_real(fraction):
             raise ValueError(f"{owner}: `fraction` must be a number in (0, 1], got {fraction!r}.")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"{owner}: `fraction` must be in (0, 1], got {fraction}. Use fraction=1.0 for full data.")
         return 0 if pool_size is None else max(1, int(math.floor(fraction * pool_size + 0.5)))
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise ValueError(f"{owner}: `size` must be an int, got {size!r}.")
+    integer(owner, "size", size)
     if size < 1 or (pool_size is not None and size > pool_size):
         raise ValueError(
             f"{owner}: `size` must be in [1, len(data_source)={pool_size}], got {size}. "
@@ -142,8 +138,7 @@ class CoresetSampler(DistributedSampler):
         if pool_size < 1:
             raise ValueError("CoresetSampler: `data_source` is empty; the pool needs at least one example.")
         budget = resolve_budget(fraction, size, pool_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"CoresetSampler: `seed` must be an int, got {seed!r}.")
+        integer("CoresetSampler", "seed", seed)
 
         # A single-replica DistributedSampler: the callback re-binds rank and world size in `setup`.
         super().__init__(data_source, num_replicas=1, rank=0, shuffle=False, seed=int(seed), drop_last=False)
@@ -297,7 +292,7 @@ class CoresetSampler(DistributedSampler):
         perm = self._perm_cache.get(key)
         if perm is None:
             n = self.pool_size if version.indices is None else version.indices.numel()
-            gen = torch.Generator().manual_seed(_mix_seed(self.seed, version.start, pass_index))
+            gen = seeded_generator(self.seed, version.start, pass_index)
             perm = torch.randperm(n, generator=gen)
             if len(self._perm_cache) >= 8:  # an epoch touches at most a few passes
                 self._perm_cache.pop(next(iter(self._perm_cache)))

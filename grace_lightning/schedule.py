@@ -77,3 +77,15 @@ class RefreshSchedule:
             if self.phase(epoch + 1) is Phase.SELECT:
                 action = Action.SELECT
         return action
+
+    def epoch_and_progress(self, start_batch: int, batches_per_epoch: Optional[int]) -> tuple[int, Optional[float]]:
+        """The epoch a selection starting at ``start_batch`` falls in, and the share of training done then.
+
+        ``batches_per_epoch=None`` (no training loader yet): epoch 0, progress 0 (None for an unbounded run).
+        """
+        if batches_per_epoch is None:
+            return 0, 0.0 if self.max_epochs else None
+        epoch = start_batch // batches_per_epoch
+        if self.max_epochs is None:
+            return epoch, None
+        return epoch, min(1.0, start_batch / (batches_per_epoch * self.max_epochs))

@@ -1,7 +1,10 @@
 """Importance-weighted facility location on a sparse k-NN graph, maximised by (lazy) greedy.
 
-This is GRACE's selection objective as reconstructed in ``papers.md`` §1.3(d) (facility location
-background: §7.8). For a pool ``V`` of ``N`` nodes, each linked to at most ``k`` neighbours::
+This is GRACE's selection objective as reconstructed here (see the ``grace`` section of
+``grace_lightning/strategies/README.md``; facility location itself is the classic monotone submodular
+coverage function, used for coresets e.g. by CRAIG: Mirzasoleiman, Bilmes, Leskovec, *Coresets for
+Data-efficient Training of Machine Learning Models*, ICML 2020, arXiv:1906.01827). For a pool ``V`` of ``N``
+nodes, each linked to at most ``k`` neighbours::
 
     F(S) = sum_{v in V} g_v * max_{s in S} w_vs  +  lam * sum_{s in S} g_s
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
@@ -55,3 +57,36 @@ def log_metrics(trainer: Any, metrics: dict[str, float], step: int) -> None:
     """
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+
+
+class RefreshLog:
+    """Every refresh's record (seconds, share of the fit's wall clock, subset, phases), kept and logged.
+
+    Args:
+        prefix: prefix of the logged metric names (``"coreset/"``).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.records: list[dict[str, float]] = []
+        self.selection_seconds = 0.0  # all refreshes so far (restored from checkpoints)
+        self.fit_started_at = 0.0
+
+    def add(self, trainer: Any, seconds: float, numbers: dict[str, float], phases: dict[str, float]) -> dict[str, float]:
+        """Record one refresh that took ``seconds`` (max over ranks); log it through the Trainer's loggers."""
+        self.selection_seconds += seconds
+        wall = max(time.perf_counter() - self.fit_started_at, 1e-9)
+        record = {
+            "refresh": float(len(self.records) + 1),
+            "selection_seconds": seconds,
+            "selection_seconds_total": self.selection_seconds,
+            "selection_share": self.selection_seconds / wall,
+            **{key: float(value) for key, value in numbers.items()},
+        }
+        # A strategy's diagnostics never overwrite the refresh's own numbers (GRACE once reported its greedy's
+        # time as `selection_seconds`): a clashing name is kept as `strategy/<name>`.
+        for key, value in phases.items():
+            record[f"strategy/{key}" if key in record else key] = float(value)
+        self.records.append(record)
+        log_metrics(trainer, {f"{self.prefix}{k}": v for k, v in record.items() if not math.isnan(v)}, trainer.global_step)
+        return record

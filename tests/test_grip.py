@@ -43,10 +43,11 @@ def _inputs(store, budget, state, seed=0, probe=None, quality=None):
     )
 
 
-def _fabricated_probe(state, planted_cluster, planted_drop=0.75, other_drop=0.1):
+def _fabricated_probe(request, planted_cluster, planted_drop=0.75, other_drop=0.1):
     """Losses [L_init, L_final] per task: the planted cluster's loss drops by `planted_drop` (ratio), others less."""
-    drops = [planted_drop if int(c) == planted_cluster else other_drop for c in state.probe_clusters]
-    return ProbeResults(losses=tuple(torch.tensor([2.0, 2.0 * (1 - d)], dtype=torch.float64) for d in drops))
+    drops = [planted_drop if int(c) == planted_cluster else other_drop for c in request.keys]
+    losses = tuple(torch.tensor([2.0, 2.0 * (1 - d)], dtype=torch.float64) for d in drops)
+    return ProbeResults(losses=losses, request=request)
 
 
 def _cluster_counts(state, indices):
@@ -57,7 +58,7 @@ def _cluster_counts(state, indices):
 def _run(grip, store, budget, planted=None, seed=0, quality=None):
     state = grip.create_state(store.pool_size)
     request = grip.to_probe(_inputs(store, budget, state, seed=seed, quality=quality))
-    probe = None if planted is None else _fabricated_probe(state, planted)
+    probe = None if planted is None else _fabricated_probe(request, planted)
     selection = grip.select(_inputs(store, budget, state, seed=seed + 1, probe=probe, quality=quality))
     return selection, state, request
 
@@ -247,7 +248,7 @@ def test_to_probe_asks_one_probe_per_cluster_with_disjoint_halves_of_one_cluster
     request = grip.to_probe(_inputs(store, 60, state))
     assert len(request.tasks) == 3 and request.trainable == "head" and request.reset_head is False
     total = 0
-    for task, cluster in zip(request.tasks, state.probe_clusters):
+    for task, cluster in zip(request.tasks, request.keys):
         assert len(task.steps) == 10 and all(torch.equal(s, task.steps[0]) for s in task.steps)
         assert task.eval_every_step is False and task.num_losses == 2
         train, heldout = task.steps[0], task.eval_indices
@@ -257,7 +258,7 @@ def test_to_probe_asks_one_probe_per_cluster_with_disjoint_halves_of_one_cluster
         assert state.assignment[torch.cat([train, heldout])].unique().tolist() == [int(cluster)]
         total += train.numel() + heldout.numel()
     assert total == 30  # 10% of 300
-    assert sorted(state.probe_clusters.tolist()) == [0, 1, 2]
+    assert sorted(request.keys.tolist()) == [0, 1, 2]
 
 
 def test_select_returns_budget_distinct_sorted_indices_and_is_deterministic():
@@ -299,12 +300,11 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     store, _ = _clustered_store()
     grip = Grip(clusters=3, probe_fraction=0.1)
     state = grip.create_state(store.pool_size)
-    grip.to_probe(_inputs(store, 50, state))
-    probe = _fabricated_probe(state, planted_cluster=0)
+    probe = _fabricated_probe(grip.to_probe(_inputs(store, 50, state)), planted_cluster=0)
     torch.save(state.state_dict(), tmp_path / "grip.pt")
     restored = GripState(store.pool_size)
     restored.load_state_dict(torch.load(tmp_path / "grip.pt", weights_only=True))
-    assert torch.equal(restored.assignment, state.assignment) and len(restored.probe_train) == 3
+    assert torch.equal(restored.assignment, state.assignment)
     a = grip.select(_inputs(store, 50, state, seed=9, probe=probe))
     b = grip.select(_inputs(store, 50, restored, seed=9, probe=probe))
     assert torch.equal(a.indices, b.indices)

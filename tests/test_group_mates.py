@@ -172,7 +172,7 @@ def _fabricated_results(request, alignment, seed=0):
             values.append(values[-1] + delta + 0.02 * float(torch.randn(1, generator=g)))
         losses.append(torch.tensor(values, dtype=torch.float64))
     steps = sum(len(task.steps) for task in request.tasks)
-    return ProbeResults(losses=tuple(losses), optimizer_steps=steps)
+    return ProbeResults(losses=tuple(losses), request=request, optimizer_steps=steps)
 
 
 def _refresh(strategy, store, alignment, state, seed=0, budget=40):
@@ -192,7 +192,6 @@ def test_to_probe_asks_for_single_example_trajectories_of_measured_examples_eval
         assert len(task.steps) == 5 and all(step.shape == (1,) and step.dtype == torch.int64 for step in task.steps)
         ids = torch.cat(task.steps)
         assert ids.unique().numel() == 5 and bool(store.measured[ids].all())
-    assert torch.equal(state.pending, torch.stack([torch.cat(t.steps) for t in request.tasks]))
     # Fidelity below one probes proportionally fewer trajectories.
     assert len(strategy.to_probe(dataclasses.replace(_inputs(store, state), fidelity=0.5)).tasks) == 6
 
@@ -253,7 +252,7 @@ def test_no_probe_is_requested_while_too_few_examples_are_measured():
     store.update(torch.arange(3), signals, step=0)
     strategy = GroupMates(trajectory_length=4)
     state = strategy.create_state(50)
-    assert strategy.to_probe(_inputs(store, state)) is None and state.pending is None
+    assert strategy.to_probe(_inputs(store, state)) is None
 
 
 def test_without_probes_or_buffer_the_selection_is_a_uniform_draw():

@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from grace_lightning.validation import is_int
+
 __all__ = ["BenchConfig", "DEFAULT_TASK", "add_arguments", "resolve"]
 
 DEFAULT_TASK = "fashion-mnist"
@@ -186,7 +188,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchC
     epochs = pick("epochs")
     if epochs is None:
         epochs = size.epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         parser.error(f"argument --epochs: must be a positive integer, got {epochs!r}")
 
     strategy_kwargs = file.get("strategy_kwargs", {})

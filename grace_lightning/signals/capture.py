@@ -54,10 +54,11 @@ active), so they differ slightly from scoring-pass signals for models with dropo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Callable, ContextManager, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ from torch.utils.hooks import RemovableHandle
 from .closed_form import IGNORE_INDEX, causal_lm_signals, classification_signals
 from .types import ExampleSignals
 
-__all__ = ["SignalCaptureError", "SignalExtractor", "Mode"]
+__all__ = ["SignalCaptureError", "SignalExtractor", "Mode", "ModuleModes", "inference_forward"]
 
 Mode = Literal["custom", "causal_lm", "classification"]
 
@@ -97,6 +98,24 @@ class ModuleModes:
     def restore(self) -> None:
         for m, training in self._modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def inference_forward(
+    module: nn.Module, forward_context: Callable[[], ContextManager] = contextlib.nullcontext
+) -> Iterator[None]:
+    """Forward-only passes of ``module``: eval mode, no graph, the precision plugin's context; modes restored.
+
+    The one context every measurement (scoring passes, probe evaluations) runs its forwards in, so dropout and
+    BatchNorm behave alike in all of them and the user's train/eval flags are back as they were afterwards.
+    """
+    modes = ModuleModes(module)
+    module.eval()
+    try:
+        with torch.no_grad(), forward_context():
+            yield
+    finally:
+        modes.restore()
 
 
 class _HeadRecorder:
@@ -507,13 +526,7 @@ def _accepts_kwarg(module: nn.Module, name: str) -> bool:
 
 
 def _as_float32(s: ExampleSignals) -> ExampleSignals:
-    return ExampleSignals(
-        loss=s.loss.detach().float(),
-        grad_norm=s.grad_norm.detach().float(),
-        embedding=None if s.embedding is None else s.embedding.detach().float(),
-        length=None if s.length is None else s.length.detach().long(),
-        error_norm=None if s.error_norm is None else s.error_norm.detach().float(),
-    )
+    return s.to(s.loss.device)
 
 
 def _shape_error(mode: str, head_input: Tensor, head_output: Tensor, what: str) -> SignalCaptureError:

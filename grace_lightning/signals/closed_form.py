@@ -3,9 +3,9 @@
 For cross-entropy on logits ``z = W h (+ b)`` the gradient of the loss with respect to the logits is
 ``e = softmax(z) - onehot(y)``, so the gradient with respect to the head's weight is the outer product
 ``e hᵀ`` and with respect to its bias is ``e``. Its Frobenius norm is therefore ``‖e‖ · sqrt(‖h‖² [+ 1])``
-(research/lightning.md §5.2). The factor ``‖e‖`` alone is the EL2N score (Paul et al. 2021), kept as
+(the rank-one structure of a linear layer's per-example gradient). The factor ``‖e‖`` alone is the EL2N score (Paul et al. 2021), kept as
 ``error_norm``. For a causal LM the per-sequence gradient is ``Σ_t e_t h_tᵀ`` and its exact
-norm comes from two ``T × T`` Gram matrices, never from the ``V × d`` gradient itself (§5.3).
+norm comes from two ``T × T`` Gram matrices, never from the ``V × d`` gradient itself (see :func:`causal_lm_signals`).
 
 Everything is computed in float32, whatever the input dtype, because bf16/fp16 softmax residuals
 ``p - onehot(y)`` lose most of their digits for confident predictions.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from grace_lightning.signals.types import ExampleSignals
+from grace_lightning.signals.types import SIGNALS, ExampleSignals, SignalSpec
 
 __all__ = ["SignalStore"]
 
@@ -49,6 +49,14 @@ class SignalStore:
         fresh = store.measured  # bool mask of examples measured at least once
     """
 
+    # One array per signal of ExampleSignals (the table in signals/types.py), plus when each was measured.
+    loss: Tensor
+    grad_norm: Tensor
+    embedding: Optional[Tensor]
+    length: Tensor
+    error_norm: Optional[Tensor]
+    last_step: Tensor
+
     def __init__(
         self,
         pool_size: int,
@@ -66,12 +74,12 @@ class SignalStore:
         self.memmap_dir = None if memmap_dir is None else Path(memmap_dir)
         if self.memmap_dir is not None:
             self.memmap_dir.mkdir(parents=True, exist_ok=True)
-        self.loss = self._array("loss", (pool_size,), np.float32, 0)
-        self.grad_norm = self._array("grad_norm", (pool_size,), np.float32, 0)
-        self.length = self._array("length", (pool_size,), np.int32, 1)
+        # One array per declared signal (signals/types.py): the ones every batch carries now, the others
+        # (embedding: (N, d) float16 unit rows; error_norm) when the first measurement arrives.
+        for spec in SIGNALS:
+            eager = spec.required or spec.default is not None
+            setattr(self, spec.name, self._array(spec.name, (pool_size,), spec.store_dtype, spec.fill) if eager else None)
         self.last_step = self._array("last_step", (pool_size,), np.int32, -1)
-        self.embedding: Optional[Tensor] = None  # (N, d) float16, unit rows; allocated on first use
-        self.error_norm: Optional[Tensor] = None  # (N,) float32 EL2N; allocated on first use (custom captures may omit it)
         self.projection: Optional[Tensor] = None  # (D, d) float32, when embeddings arrive wider than d
         self.invalid_count = 0
         self.offered_count = 0  # rows offered to `update`, valid or not
@@ -83,7 +91,8 @@ class SignalStore:
         array[...] = fill
         return torch.from_numpy(array)
 
-    def _project(self, embedding: Tensor) -> Tensor:
+    def project(self, embedding: Tensor) -> Tensor:
+        """``(B, D)`` embeddings mapped into the store's space (the fixed projection when ``D`` exceeds the cap)."""
         width = embedding.shape[1]
         if self.max_embedding_dim is None or width <= self.max_embedding_dim:
             return embedding
@@ -108,11 +117,11 @@ class SignalStore:
             raise ValueError(f"SignalStore.update: {indices.numel()} indices for {len(signals)} signals.")
         steps = torch.as_tensor(step, dtype=torch.int32).reshape(-1).expand(indices.numel())
         s = signals.detach_cpu()
-        finite = torch.isfinite(s.loss) & torch.isfinite(s.grad_norm)
-        if s.embedding is not None:
-            finite &= torch.isfinite(s.embedding).all(dim=1)
-        if s.error_norm is not None:
-            finite &= torch.isfinite(s.error_norm)
+        finite = torch.ones(indices.numel(), dtype=torch.bool)
+        for spec in SIGNALS:
+            value = getattr(s, spec.name)
+            if spec.checked and value is not None:
+                finite &= torch.isfinite(value).reshape(indices.numel(), -1).all(dim=1)
         rejected = int((~finite).sum())
         self.invalid_count += rejected
         self.offered_count += int(indices.numel())
@@ -124,34 +133,34 @@ class SignalStore:
             0, inverse, torch.arange(keep.numel()), reduce="amax", include_self=False
         )
         keep, idx = keep[last], unique
-        self.loss[idx] = s.loss[keep]
-        self.grad_norm[idx] = s.grad_norm[keep]
-        self.length[idx] = s.length[keep].to(torch.int32)
         self.last_step[idx] = steps[keep]
-        if s.error_norm is not None:
-            if self.error_norm is None:
-                self.error_norm = self._array("error_norm", (self.pool_size,), np.float32, 0)
-            self.error_norm[idx] = s.error_norm[keep]
-        if s.embedding is not None:
-            emb = F.normalize(self._project(s.embedding[keep]), dim=1).to(torch.float16)
-            if self.embedding is None:
-                self.embedding = self._array("embedding", (self.pool_size, emb.shape[1]), np.float16, 0)
-            elif self.embedding.shape[1] != emb.shape[1]:
-                raise ValueError(
-                    f"SignalStore.update: embedding dimension changed from {self.embedding.shape[1]} to {emb.shape[1]}."
-                )
-            self.embedding[idx] = emb
+        for spec in SIGNALS:
+            value = getattr(s, spec.name)
+            if value is None:
+                continue
+            value = value[keep]
+            if spec.name == "embedding":  # stored as unit rows, projected to at most max_embedding_dim
+                value = F.normalize(self.project(value), dim=1)
+            self._column(spec, tuple(value.shape[1:]))[idx] = value.to(getattr(torch, np.dtype(spec.store_dtype).name))
         return rejected
+
+    def _column(self, spec: SignalSpec, width: tuple) -> Tensor:
+        """The store's array of ``spec``, allocated on first use; a row signal keeps its first width."""
+        column = getattr(self, spec.name)
+        if column is None:
+            column = self._array(spec.name, (self.pool_size, *width), spec.store_dtype, spec.fill)
+            setattr(self, spec.name, column)
+        elif tuple(column.shape[1:]) != width:
+            raise ValueError(
+                f"SignalStore.update: {spec.name} dimension changed from {tuple(column.shape[1:])} to {width}."
+            )
+        return column
 
     def state_dict(self) -> dict:
         """Tensors and ints only, so the checkpoint loads under ``weights_only=True``."""
         return {
-            "loss": self.loss,
-            "grad_norm": self.grad_norm,
-            "length": self.length,
+            **{spec.name: getattr(self, spec.name) for spec in SIGNALS},
             "last_step": self.last_step,
-            "embedding": self.embedding,
-            "error_norm": self.error_norm,
             "invalid_count": self.invalid_count,
             "offered_count": self.offered_count,
         }
@@ -161,21 +170,17 @@ class SignalStore:
             raise ValueError(
                 f"SignalStore: the checkpoint covers {state['loss'].shape[0]} examples, the pool has {self.pool_size}."
             )
-        # Copy into the existing arrays: in memmap mode they are the files.
-        for name in ("loss", "grad_norm", "length", "last_step"):
-            getattr(self, name).copy_(state[name])
-        if state["embedding"] is None:
-            self.embedding = None
-        else:
-            if self.embedding is None or self.embedding.shape != state["embedding"].shape:
-                self.embedding = self._array("embedding", tuple(state["embedding"].shape), np.float16, 0)
-            self.embedding.copy_(state["embedding"])
-        error_norm = state.get("error_norm")  # absent from checkpoints written before EL2N was stored
-        if error_norm is None:
-            self.error_norm = None
-        else:
-            if self.error_norm is None:
-                self.error_norm = self._array("error_norm", (self.pool_size,), np.float32, 0)
-            self.error_norm.copy_(error_norm)
+        self.last_step.copy_(state["last_step"])
+        for spec in SIGNALS:
+            saved = state.get(spec.name)  # a signal added after the checkpoint was written is absent
+            if saved is None:
+                if not (spec.required or spec.default is not None):
+                    setattr(self, spec.name, None)
+                continue
+            # Copy into the existing arrays: in memmap mode they are the files.
+            current = getattr(self, spec.name)
+            if current is None or current.shape != saved.shape:
+                setattr(self, spec.name, self._array(spec.name, tuple(saved.shape), spec.store_dtype, spec.fill))
+            getattr(self, spec.name).copy_(saved)
         self.invalid_count = int(state["invalid_count"])
         self.offered_count = int(state.get("offered_count", 0))

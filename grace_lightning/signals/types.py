@@ -1,12 +1,53 @@
-"""The per-example signals a model gives: the common currency between capture, store and strategies."""
+"""The per-example signals a model gives: the common currency between capture, store and strategies.
+
+Each signal is declared once, as a field of :class:`ExampleSignals` whose metadata says how it is held (dtype
+in a batch, dtype and fill in the :class:`~grace_lightning.signals.SignalStore`, one value or one row per
+example, whether a batch must carry it). The store's arrays and checkpoints, the rows gathered across ranks
+and the strategies' ``needs`` all follow from that table, so a new signal is one field here (plus the code
+that computes it, in ``closed_form.py``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
+
+__all__ = ["ExampleSignals", "SignalSpec", "SIGNALS", "signal_names"]
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """How one per-example signal is held.
+
+    Attributes:
+        name: the field name (``ExampleSignals.<name>``, ``SignalStore.<name>``, ``Strategy.needs``).
+        dtype: its dtype in a batch of signals (``ExampleSignals``), after ``detach_cpu``.
+        store_dtype: its dtype in the store (embeddings are kept in float16).
+        fill: the store's value before an example is measured.
+        per_row: ``(B, d)`` (a vector per example) rather than ``(B,)``.
+        required: every batch of signals carries it (else it may be ``None``, and the store allocates it
+            the first time one arrives).
+        default: a batch that leaves it out gets this value per example (``None``: it stays missing).
+        checked: non-finite values reject the example's whole row (integers are always finite).
+    """
+
+    name: str
+    dtype: torch.dtype
+    store_dtype: type
+    fill: float
+    per_row: bool = False
+    required: bool = False
+    default: Optional[int] = None
+    checked: bool = True
+
+
+def _signal(doc: str, **spec: Any) -> Any:
+    required = spec.get("required", False)
+    return field(default=MISSING if required else None, metadata={"spec": spec, "doc": doc})
 
 
 @dataclass
@@ -23,41 +64,86 @@ class ExampleSignals:
         error_norm: ``(B,)`` float32 EL2N score ``‖softmax(z) − onehot(y)‖₂`` (Paul et al. 2021; mean over
             supervised tokens of the per-token norm for sequences). ``None`` when the capture cannot provide
             it (a custom ``coreset_signals`` may leave it out; only strategies that read it need it).
+
+    Example:
+        >>> s = ExampleSignals(loss=torch.tensor([0.5, 2.0]), grad_norm=torch.tensor([0.1, 0.9]))
+        >>> s.length.tolist(), len(s)
+        ([1, 1], 2)
     """
 
-    loss: Tensor
-    grad_norm: Tensor
-    embedding: Optional[Tensor] = None
-    length: Optional[Tensor] = None
-    error_norm: Optional[Tensor] = None
+    loss: Tensor = _signal("per-example loss", dtype=torch.float32, store_dtype=np.float32, fill=0, required=True)
+    grad_norm: Tensor = _signal("head-gradient norm", dtype=torch.float32, store_dtype=np.float32, fill=0, required=True)
+    embedding: Optional[Tensor] = _signal("head input", dtype=torch.float32, store_dtype=np.float16, fill=0, per_row=True)
+    length: Optional[Tensor] = _signal(
+        "supervised tokens", dtype=torch.int64, store_dtype=np.int32, fill=1, default=1, checked=False
+    )
+    error_norm: Optional[Tensor] = _signal("EL2N", dtype=torch.float32, store_dtype=np.float32, fill=0)
 
     def __post_init__(self) -> None:
-        n = self.loss.shape[0]
-        if self.loss.ndim != 1 or self.grad_norm.shape != (n,):
-            raise ValueError(
-                f"ExampleSignals: `loss` and `grad_norm` must both have shape (B,), got {tuple(self.loss.shape)} "
-                f"and {tuple(self.grad_norm.shape)}."
-            )
-        if self.embedding is not None and (self.embedding.ndim != 2 or self.embedding.shape[0] != n):
-            raise ValueError(f"ExampleSignals: `embedding` must have shape (B, d) with B={n}, got {tuple(self.embedding.shape)}.")
-        if self.length is None:
-            self.length = torch.ones(n, dtype=torch.long, device=self.loss.device)
-        elif self.length.shape != (n,):
-            raise ValueError(f"ExampleSignals: `length` must have shape (B,) with B={n}, got {tuple(self.length.shape)}.")
-        if self.error_norm is not None and self.error_norm.shape != (n,):
-            raise ValueError(
-                f"ExampleSignals: `error_norm` must have shape (B,) with B={n}, got {tuple(self.error_norm.shape)}."
-            )
+        n = self.loss.shape[0] if isinstance(self.loss, Tensor) and self.loss.ndim == 1 else None
+        for spec in SIGNALS:
+            value = getattr(self, spec.name)
+            if value is None:
+                if spec.default is not None and n is not None:
+                    setattr(self, spec.name, torch.full((n,), spec.default, dtype=spec.dtype, device=self.loss.device))
+                continue
+            shape_ok = n is not None and value.shape[0] == n and value.ndim == (2 if spec.per_row else 1)
+            if not shape_ok:
+                want = "(B, d)" if spec.per_row else "(B,)"
+                got = {s.name: tuple(getattr(self, s.name).shape) for s in SIGNALS if getattr(self, s.name) is not None}
+                raise ValueError(
+                    f"ExampleSignals: `{spec.name}` must have shape {want} with B = len(loss); got shapes {got}."
+                )
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
 
     def detach_cpu(self) -> "ExampleSignals":
-        """A float32 CPU copy, detached from any graph."""
+        """A CPU copy in each signal's declared dtype (float32, lengths int64), detached from any graph."""
+        return self.to(torch.device("cpu"))
+
+    def to(self, device: torch.device) -> "ExampleSignals":
+        """A copy on ``device`` in each signal's declared dtype, detached from any graph."""
         return ExampleSignals(
-            loss=self.loss.detach().float().cpu(),
-            grad_norm=self.grad_norm.detach().float().cpu(),
-            embedding=None if self.embedding is None else self.embedding.detach().float().cpu(),
-            length=self.length.detach().long().cpu(),
-            error_norm=None if self.error_norm is None else self.error_norm.detach().float().cpu(),
+            **{
+                s.name: None if getattr(self, s.name) is None else getattr(self, s.name).detach().to(device, s.dtype)
+                for s in SIGNALS
+            }
         )
+
+    def select(self, rows: Tensor) -> "ExampleSignals":
+        """The signals of ``rows`` (an index tensor or a bool mask), in that order."""
+        return ExampleSignals(**{s.name: None if getattr(self, s.name) is None else getattr(self, s.name)[rows] for s in SIGNALS})
+
+    @staticmethod
+    def cat(parts: list["ExampleSignals"]) -> "ExampleSignals":
+        """One set of signals from several batches; a signal missing from any part is missing from the result."""
+        if not parts:
+            return ExampleSignals.empty()
+        values = {}
+        for s in SIGNALS:
+            columns = [getattr(p, s.name) for p in parts]
+            values[s.name] = None if any(c is None for c in columns) else torch.cat(columns)
+        return ExampleSignals(**values)
+
+    @staticmethod
+    def empty() -> "ExampleSignals":
+        """Zero examples: the required signals as empty tensors, the optional ones missing."""
+        return ExampleSignals(**{s.name: torch.zeros(0, dtype=s.dtype) for s in SIGNALS if s.required})
+
+    def as_rows(self) -> dict[str, Optional[Tensor]]:
+        """``{name: tensor or None}``, the form :func:`~grace_lightning.distributed.gather_rows` moves across ranks."""
+        return {s.name: getattr(self, s.name) for s in SIGNALS}
+
+    @staticmethod
+    def from_rows(rows: dict[str, Optional[Tensor]]) -> "ExampleSignals":
+        """The inverse of :meth:`as_rows` (other keys, such as dataset indices, are ignored)."""
+        return ExampleSignals(**{s.name: None if rows.get(s.name) is None else rows[s.name].to(s.dtype) for s in SIGNALS})
+
+
+SIGNALS: tuple[SignalSpec, ...] = tuple(SignalSpec(name=f.name, **f.metadata["spec"]) for f in fields(ExampleSignals))
+
+
+def signal_names() -> frozenset[str]:
+    """The names a strategy may list in ``needs``."""
+    return frozenset(s.name for s in SIGNALS)

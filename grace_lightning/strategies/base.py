@@ -10,7 +10,7 @@ from torch import Tensor
 
 from grace_lightning.probes import ProbeRequest, ProbeResults
 from grace_lightning.signals.store import SignalStore
-from grace_lightning.signals.types import ExampleSignals
+from grace_lightning.signals.types import ExampleSignals, signal_names
 
 __all__ = ["Selection", "SelectionInput", "Strategy", "StrategyState", "register_strategy", "build_strategy", "available_strategies"]
 
@@ -91,15 +91,40 @@ class Strategy:
     Subclasses set ``name``, list the signals they read in ``needs`` (``"loss"``, ``"grad_norm"``,
     ``"embedding"``), say whether they read a reference set in ``reference`` (``"unused"``, ``"optional"``
     or ``"required"``) and quality scores in ``uses_quality``, and implement :meth:`select`. A strategy never
-    touches the trainer, the sampler or any global state; the callback validates and applies what it returns. Per refresh the callback calls
-    :meth:`to_score`, runs that scoring pass, calls :meth:`to_probe`, runs those probes, then calls
-    :meth:`select` with the probe results in ``inputs.probe``.
+    touches the trainer, the sampler or any global state; the callback validates and applies what it returns.
+    Per refresh the callback calls :meth:`to_score`, runs that scoring pass, asks :meth:`is_cold`; if so it takes
+    :meth:`cold_start`'s subset; else it calls :meth:`to_probe`, runs those probes, then calls :meth:`select`
+    with the probe results (and the request they answer) in ``inputs.probe``. How to write one:
+    ``grace_lightning/strategies/README.md``.
     """
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     reference: ClassVar[str] = "unused"
     uses_quality: ClassVar[bool] = False  # whether select() reads inputs.quality (the callback warns if unused)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.needs) - signal_names()
+        if unknown:
+            raise TypeError(
+                f"Strategy {cls.__name__}: `needs` lists {sorted(unknown)}, which are not signals; the signals are "
+                f"{sorted(signal_names())} (declared on grace_lightning.ExampleSignals)."
+            )
+        if cls.reference not in ("unused", "optional", "required"):
+            raise TypeError(f"Strategy {cls.__name__}: `reference` must be 'unused', 'optional' or 'required'.")
+
+    def is_cold(self, inputs: SelectionInput) -> bool:
+        """Whether nothing informs a selection yet: the strategy reads signals and none was measured.
+
+        Then the refresh runs no probes (an untrained model's answers carry no information) and takes
+        :meth:`cold_start`'s subset instead of :meth:`select`'s.
+        """
+        return bool(self.needs) and inputs.store is not None and not bool(inputs.store.measured.any())
+
+    def cold_start(self, inputs: SelectionInput) -> Selection:
+        """The selection when :meth:`is_cold`: a uniform subset of the budget's size."""
+        return Selection(uniform_sample(inputs.pool_size, inputs.budget, inputs.generator))
 
     def check_inputs(self, has_reference: bool, has_quality: bool) -> None:
         """Raise ``ValueError`` (saying how to fix it) if the callback lacks an input this strategy needs.
@@ -171,6 +196,18 @@ def build_strategy(strategy: Union[str, Strategy], **kwargs) -> Strategy:
         return _REGISTRY[strategy](**kwargs)
     except TypeError as err:
         raise ValueError(f"`strategy_kwargs` do not fit strategy {strategy!r}: {err}") from err
+
+
+def check_selection(strategy: Strategy, selection: Any) -> Selection:
+    """``selection`` if it is a well-formed :class:`Selection`; else TypeError/ValueError naming the strategy."""
+    if not isinstance(selection, Selection):
+        raise TypeError(f"Strategy {strategy!r} returned {type(selection).__name__}; `select` must return a Selection.")
+    if selection.indices is not None:
+        if selection.indices.dtype != torch.int64:
+            raise TypeError(f"Strategy {strategy!r} returned {selection.indices.dtype} indices; use int64.")
+        if selection.indices.numel() == 0:
+            raise ValueError(f"Strategy {strategy!r} selected no example.")
+    return selection
 
 
 def require_embeddings(store: Optional[SignalStore], strategy: str) -> None:

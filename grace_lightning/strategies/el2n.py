@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, uniform_sample
+from grace_lightning.validation import non_negative_int, positive_int
 
 
 class EL2NState:
@@ -39,22 +40,13 @@ class EL2NState:
 class EL2N(Strategy):
     r"""The top-``budget`` examples by EL2N, scored over the whole pool at ``score_epoch`` and then frozen.
 
-    * **Before** ``score_epoch``: a fresh uniform random subset of the budget's size at every refresh
-      (like ``random``, and like the callback's own cold start). To train on the whole pool first, as
-      the paper does, add ``CoresetCallback(warmup_epochs=score_epoch)``: warm-up streams the whole pool
-      at the budget's epoch length and its last refresh is the scoring one.
-    * **At the first refresh whose selection starts at epoch ``score_epoch`` or later**: a forward-only
-      scoring pass over the whole pool, then the ``budget`` examples with the largest EL2N (ties broken
-      by the seeded generator). Examples that could not be scored (no supervised target) rank last.
-    * **After**: the same subset, unweighted, at every refresh. Free training signals keep updating the
-      store, but only for the selected examples, so re-ranking from the store between scoring passes
-      would compare fresh scores against stale ones; the selection is not touched.
-      ``rescore_every_n_refreshes=k`` rescans the whole pool and re-selects at every ``k``-th refresh
-      after a scoring pass instead.
-
-    The score is the store's ``error_norm`` (see :class:`~grace_lightning.signals.ExampleSignals`): the
-    automatic captures provide it; a custom ``coreset_signals`` must return ``ExampleSignals(...,
-    error_norm=...)``.
+    Before ``score_epoch``: a fresh uniform subset at every refresh. At the first refresh whose selection
+    starts at epoch ``score_epoch`` or later: a forward-only pass over the pool, then the ``budget`` examples
+    with the largest ``error_norm`` (ties broken by the seeded generator; examples without a supervised
+    target last). After: the same subset, unweighted (re-ranking from the store would compare the selected
+    examples' fresh scores with the others' stale ones). The automatic captures provide ``error_norm``; a
+    custom ``coreset_signals`` must return ``ExampleSignals(..., error_norm=...)``. When to use it and
+    suggested settings: the ``el2n`` section of ``grace_lightning/strategies/README.md``.
 
     Args:
         score_epoch: epoch (0-based) of the first selection made from EL2N scores (``>= 0``). With 0, the
@@ -71,14 +63,10 @@ class EL2N(Strategy):
     needs = frozenset({"error_norm"})
 
     def __init__(self, score_epoch: int = 2, rescore_every_n_refreshes: Optional[int] = None) -> None:
-        if isinstance(score_epoch, bool) or not isinstance(score_epoch, int) or score_epoch < 0:
-            raise ValueError(f"el2n: `score_epoch` must be an int >= 0 (e.g. 2), got {score_epoch!r}.")
+        self.score_epoch = non_negative_int("el2n", "score_epoch", score_epoch, hint=" (e.g. 2)")
         every = rescore_every_n_refreshes
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(
-                f"el2n: `rescore_every_n_refreshes` must be a positive int, or None to never rescore; got {every!r}."
-            )
-        self.score_epoch = score_epoch
+        if every is not None:
+            every = positive_int("el2n", "rescore_every_n_refreshes", every, hint=", or None to never rescore")
         self.rescore_every_n_refreshes = every
 
     def __repr__(self) -> str:

@@ -2,8 +2,8 @@
 
 After Dong, Lee, Shuai, Liu, Liu, Jiao, *Greedy Information Projection for LLM Data Selection*, DATA-FM
 workshop @ ICLR 2026 (arXiv:2603.13790). Only the abstract is public and there is no code; the objective
-below is the reconstruction of ``research/papers.md`` §3.3 of the project notes (a latent-task linear-Gaussian
-model), and every choice the paper leaves open is a parameter, documented in :class:`GIP`.
+below is this project's reconstruction (a latent-task linear-Gaussian model, see :class:`QueryPosterior`), and
+every choice the paper leaves open is a parameter, documented in :class:`GIP`.
 
 The functional core works on plain numpy arrays and can be used without any trainer:
 
@@ -41,6 +41,7 @@ from grace_lightning.strategies.base import (
     require_embeddings,
     uniform_draw,
 )
+from grace_lightning.validation import positive_float, positive_int_or_none, unit_interval
 
 __all__ = [
     "GIP", "GreedyResult", "QueryPosterior", "compress_queries", "greedy_logdet", "greedy_logdet_stochastic",
@@ -178,7 +179,7 @@ def greedy_projection(
 class QueryPosterior:
     r"""The Gaussian model's state after observing a set ``S``: marginal gains and rank-one updates in ``O(d²)``.
 
-    Model (``research/papers.md`` §3.3): latent ``θ ~ N(0, I_d)``; a chosen example gives ``u_i = x_i·θ + ε_i``,
+    Model (this project's reconstruction of GIP): latent ``θ ~ N(0, I_d)``; a chosen example gives ``u_i = x_i·θ + ε_i``,
     ``ε_i ~ N(0, σ²)``; the queries are ``v = Q θ + N(0, σ_q² I_m)``. Then
 
     ``I(u_S; v) = ½ log det(Q Q^T + σ_q² I) − ½ log det(A_S)``,  ``A_S = Q Σ_S Q^T + σ_q² I``,
@@ -402,54 +403,29 @@ _OBJECTIVES = ("auto", "projection", "logdet")
 _QUERIES = ("auto", "reference", "quality")
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"gip: `{name}` must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
 @register_strategy("gip")
 class GIP(Strategy):
     r"""The examples whose embeddings best explain a set of query embeddings (quality and diversity at once).
 
-    Each refresh re-embeds the pool (and the reference set) with the live model, builds the query matrix
-    ``Q`` and runs a greedy over the measured examples:
+    Each refresh builds a query matrix ``Q`` (the reference set's live embeddings, or a quality-weighted
+    self-query ``diag(√q) X_P`` of the pool) and greedily picks measured examples: ``objective="projection"``
+    maximises ``J(S) = ‖Q P_S‖_F²`` (:func:`greedy_projection`, the rest of the budget filled by the log-det
+    greedy once the span saturates), ``objective="logdet"`` the mutual information ``I(u_S; v)`` of a
+    latent-task Gaussian model (:func:`greedy_logdet`). Unmeasured examples only fill a budget the measured
+    ones cannot; the selection is unweighted. How it works, when to use it, suggested settings and costs:
+    the ``gip`` section of ``grace_lightning/strategies/README.md``.
 
-    * ``objective="projection"``: maximise ``J(S) = ‖Q P_S‖_F²``, the query energy in the span of the chosen
-      embeddings (the Gaussian MI's ``σ² → 0`` limit; :func:`greedy_projection`). An example scores when it is
-      aligned with the queries (quality) and not already in the span of the picks (diversity). The span
-      saturates after at most ``rank(Q) <= d`` picks; **the rest of the budget is then filled by the log-det
-      greedy, conditioned on the projection's picks** (:func:`greedy_logdet` with ``initial=``): once the
-      queries lie in the span, the MI keeps rewarding repeated evidence along the query directions, which is
-      the regularised version of the same objective rather than an unrelated filler.
-    * ``objective="logdet"``: maximise the mutual information ``I(u_S; v)`` of the latent-task Gaussian model
-      with noise ``sigma2`` on examples and ``sigma_q2`` on queries, by greedy with rank-one updates of every
-      candidate's gain (:func:`greedy_logdet`; exact greedy, not lazy: see there why).
-    * ``objective="auto"`` (default): the projection when ``budget <= d`` (the embedding dimension), the
-      log-det objective otherwise, as the notes propose.
-
-    Queries (the paper's "task-specific query signals"):
-
-    * ``queries="reference"``: ``Q`` = the reference set's embeddings under the live model
-      (``CoresetCallback(reference=...)``), rows re-normalised to unit length.
-    * ``queries="quality"``: a quality-weighted self-query ``Q = diag(√q) X_P``. Scores are clipped at 0 and
-      divided by their maximum over the measured pool (so the scale of the user's scores does not change
-      ``Q``'s balance against ``sigma_q2``); ``P`` is every measured example with a positive score when there
-      are at most ``max_queries`` of them, otherwise ``max_queries`` of them drawn uniformly without
-      replacement with the refresh's generator (so ``Q^T Q`` is an unbiased, rescaled estimate of the
-      whole pool's ``Σ_i q_i x_i x_i^T``). ``J(S)`` is then a quality-weighted coverage of ``P``.
-    * ``queries="auto"`` (default): the reference set when the refresh has one, else the quality scores.
-
-    Candidates are the measured examples (``store.measured``), with their stored unit embeddings. Unmeasured
-    examples have no embedding and are never chosen by the greedy; only when fewer examples are measured than
-    the budget is the rest filled with unmeasured examples drawn uniformly with the generator. The selection is
-    unweighted. Diagnostics: ``objective_value`` (``J(S)`` for the projection, with ``projection_share =
+    Diagnostics: ``objective_value`` (``J(S)`` for the projection, with ``projection_share =
     J / ‖Q‖_F²``; the MI in nats for the log-det objective), ``queries`` (rows of ``Q``), ``projection_picks``,
     ``logdet_picks``, ``filled_unmeasured``, ``selection_seconds``.
 
     Args:
-        objective: ``"auto"``, ``"projection"`` or ``"logdet"`` (see above).
-        queries: ``"auto"``, ``"reference"`` or ``"quality"`` (see above).
+        objective: ``"projection"``, ``"logdet"`` or ``"auto"`` (the projection when ``budget <= d``, the
+            embedding dimension; log-det otherwise).
+        queries: ``"reference"`` (the reference set's embeddings, rows re-normalised), ``"quality"`` (the
+            quality self-query: scores clipped at 0 and divided by their maximum; ``max_queries`` examples
+            with a positive score drawn uniformly when there are more) or ``"auto"`` (the reference set when
+            the refresh has one, else the quality scores).
         sigma2: example noise ``σ² > 0`` of the log-det objective (on unit embeddings; smaller tends to the
             projection objective, larger to a plain quality ranking).
         sigma_q2: query noise ``σ_q² > 0`` of the log-det objective. It sets which query directions count: one
@@ -497,20 +473,17 @@ class GIP(Strategy):
             raise ValueError(f"gip: `objective` must be 'auto', 'projection' or 'logdet', got {objective!r}.")
         if queries not in _QUERIES:
             raise ValueError(f"gip: `queries` must be 'auto', 'reference' or 'quality', got {queries!r}.")
-        if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1):
-            raise ValueError(f"gip: `max_queries` must be a positive int (e.g. 1024) or None for all, got {max_queries!r}.")
+        max_queries = positive_int_or_none("gip", "max_queries", max_queries, hint=" for all (e.g. 1024)")
         self.objective = objective
         self.queries = queries
-        self.sigma2 = _positive("sigma2", sigma2)
-        self.sigma_q2 = _positive("sigma_q2", sigma_q2)
+        self.sigma2 = positive_float("gip", "sigma2", sigma2)
+        self.sigma_q2 = positive_float("gip", "sigma_q2", sigma_q2)
         self.max_queries = max_queries
         if greedy not in ("auto", "exact", "stochastic"):
             raise ValueError(f"gip: `greedy` must be 'auto', 'exact' or 'stochastic', got {greedy!r}.")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 < epsilon < 1.0:
-            raise ValueError(f"gip: `epsilon` must be a number in (0, 1), e.g. 0.01, got {epsilon!r}.")
         self.greedy = greedy
-        self.epsilon = float(epsilon)
-        self.exact_limit = _positive("exact_limit", exact_limit)
+        self.epsilon = unit_interval("gip", "epsilon", epsilon, low_open=True, high_open=True, hint=" (e.g. 0.01)")
+        self.exact_limit = positive_float("gip", "exact_limit", exact_limit)
 
     def __repr__(self) -> str:
         return (

@@ -1,8 +1,8 @@
 """``grace``: gradient importance on a maintained k-NN graph, with anchors, propagation and repair (the default).
 
 Reconstructed from GRACE (Tang, Li, Chen, arXiv:2604.11810, 2026), whose method section is only partly
-public; what the paper leaves open is a parameter here, with the interpretation documented (see
-``research/papers.md`` §1 of the project notes).
+public; what the paper leaves open is a parameter here, with the interpretation documented in the ``grace``
+section of ``grace_lightning/strategies/README.md``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from grace_lightning.graph import KnnGraph, edge_weights, neighbour_mean, propagate, propagate_drift
+from grace_lightning.knn import KnnGraph
+from grace_lightning.propagation import edge_weights, neighbour_mean, propagate, propagate_drift
 from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, require_embeddings
 from grace_lightning.submodular import select_facility_location
+from grace_lightning.validation import non_negative_float, positive_int, unit_interval
 
 
 class GraceState:
@@ -68,41 +70,29 @@ class GraceState:
 class Grace(Strategy):
     r"""Importance-weighted facility location on a k-NN graph that is maintained, not rebuilt, between refreshes.
 
-    Each refresh:
-
-    1. **Anchors.** Examples trained on since the last refresh were measured for free. On top of them the
-       scoring pass rescans ``anchor_fraction`` of the pool, the examples with the highest priority
-       ``π_i = staleness_weight · s_i / R + disagreement_weight · |g_i − ḡ_{N(i)}| / mean(g)``, where ``s_i``
-       is the batches since ``i`` was last measured, ``R`` the batches since the last refresh and
-       ``ḡ_{N(i)}`` the edge-weighted mean importance of ``i``'s neighbours (staleness plus disagreement
-       with the neighbourhood, as the paper describes; the linear form and weights are ours).
-    2. **Propagation** to non-anchors with an anchor neighbour, of importance and of embedding drift, by the
-       exact minimiser of ``E(z) = ½(z − z_old)² + ½ Σ_j w_ij (z − z_j)²``:
-       ``z = (z_old + Σ w_ij z_j) / (1 + Σ w_ij)``. ``propagation="paper_eq21"`` uses the paper's printed
-       half/half form ``z = ½ z_old + ½ Σ a_ij z_j`` instead (equal only when ``Σ w_ij = 1``).
-    3. **Repair**: anchors whose embedding moved more than ``drift_threshold`` get their neighbours
-       re-queried and reverse edges patched (the paper repairs "when drift is large enough" without a value).
-    4. **Selection** by lazy greedy on
-       ``F(S) = Σ_v g̃_v max_{s∈S} w_vs + lam · Σ_{s∈S} g̃_s`` (``w_vv = 1``, ``w_vs = max(0, cos)`` on graph
-       edges), with ``g̃`` the importance scaled to ``[0, 1]`` by its 99th percentile. Each pick's weight is
-       how many pool examples it covers (its own neighbourhood's best cover), normalised to mean 1
-       (``weighting="none"`` for unit weights).
-
-    The first informed refresh measures every example not yet measured (one forward pass over the pool)
-    and builds the graph; before that, the callback trains on a uniform subset.
+    Each refresh rescores a few *anchors* (the examples trained since the last refresh, plus the
+    ``anchor_fraction`` of the pool with the highest staleness-and-disagreement priority), propagates their
+    new importance and embedding drift to their graph neighbours, repairs the edges of anchors that drifted
+    more than ``drift_threshold``, and selects by lazy greedy on
+    ``F(S) = Σ_v g̃_v max_{s∈S} w_vs + lam · Σ_{s∈S} g̃_s``, weighting each pick by the pool examples it
+    covers. The first informed refresh measures the whole pool and builds the graph. How it works, when to
+    use it, suggested settings and costs: the ``grace`` section of ``grace_lightning/strategies/README.md``.
 
     Args:
         k: neighbours per node.
         importance: ``"grad_norm"`` (closed-form last-layer gradient norm) or ``"loss"``.
         anchor_fraction: share of the pool rescanned per refresh, beyond the free training signals.
-        staleness_weight: ``a`` in the priority.
-        disagreement_weight: ``b`` in the priority.
-        propagation: ``"exact"`` or ``"paper_eq21"``.
+        staleness_weight: weight of staleness in the anchor priority (batches since an example was last
+            measured, over batches since the last refresh).
+        disagreement_weight: weight of disagreement in the anchor priority (``|g_i − ḡ_{N(i)}| / mean(g)``:
+            importance against the edge-weighted mean of the neighbours').
+        propagation: ``"exact"`` (the smoothing energy's minimiser ``z = (z_old + Σ w_ij z_j) / (1 + Σ w_ij)``)
+            or ``"paper_eq21"`` (the paper's printed ``z = ½ z_old + ½ Σ a_ij z_j``).
         drift_threshold: embedding drift (L2 distance between unit vectors; 0.05 is a cosine change of
             about 0.001) above which an anchor's edges are repaired. ``None`` repairs only the anchors above
             the 90th percentile of this refresh's drifts (cheaper, lower recall when many anchors move).
         lam: weight of the importance term in the objective.
-        weighting: ``"coverage"`` or ``"none"``.
+        weighting: ``"coverage"`` (each pick weighted by the pool examples it covers, mean 1) or ``"none"``.
         graph_method: ``"auto"`` (exact below ``exact_threshold`` examples, HNSW above), ``"flat"``, ``"hnsw"``.
         exact_threshold: pool size up to which ``"auto"`` uses exact search.
 
@@ -127,20 +117,19 @@ class Grace(Strategy):
         graph_method: str = "auto",
         exact_threshold: int = 200_000,
     ) -> None:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"grace: `k` must be a positive int, got {k!r}.")
+        positive_int("grace", "k", k, hint=" (e.g. 10)")
         if importance not in ("grad_norm", "loss"):
             raise ValueError(f"grace: `importance` must be 'grad_norm' or 'loss', got {importance!r}.")
-        if not 0.0 <= anchor_fraction <= 1.0:
-            raise ValueError(f"grace: `anchor_fraction` must be in [0, 1], got {anchor_fraction!r}.")
+        unit_interval("grace", "anchor_fraction", anchor_fraction, hint=" (e.g. 0.05)")
         if propagation not in ("exact", "paper_eq21"):
             raise ValueError(f"grace: `propagation` must be 'exact' or 'paper_eq21', got {propagation!r}.")
         if weighting not in ("coverage", "none"):
             raise ValueError(f"grace: `weighting` must be 'coverage' or 'none', got {weighting!r}.")
         if graph_method not in ("auto", "flat", "hnsw"):
             raise ValueError(f"grace: `graph_method` must be 'auto', 'flat' or 'hnsw', got {graph_method!r}.")
-        if lam < 0 or staleness_weight < 0 or disagreement_weight < 0:
-            raise ValueError("grace: `lam`, `staleness_weight` and `disagreement_weight` must be >= 0.")
+        non_negative_float("grace", "lam", lam)
+        non_negative_float("grace", "staleness_weight", staleness_weight)
+        non_negative_float("grace", "disagreement_weight", disagreement_weight)
         self.k = k
         self.importance = importance
         self.anchor_fraction = anchor_fraction

@@ -2,8 +2,9 @@
 
 Reconstructed from GRIP (Wang, Yang, Yao, et al., *GRIP: Geometric Refinement and Adaptive Information
 Potential for Data Efficiency*, arXiv:2603.00031, 2026). The paper has no public code and its method section
-was not readable; the pieces come from its abstract and two third-party notes, and what they leave open is a
-parameter here, with the interpretation documented (see ``research/papers.md`` §2 of the project notes).
+was not readable; the pieces come from its abstract and two third-party summaries, and what they leave open is a
+parameter here, with the interpretation documented in the ``grip`` section of
+``grace_lightning/strategies/README.md``.
 The paper curates a static pool once with an external embedder and a proxy model; here every refresh runs
 in-loop on the live model's embeddings, and the probe trains a snapshot of the live model.
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from grace_lightning.clustering import spherical_kmeans
 from grace_lightning.probes import ProbeRequest, ProbeTask
+from grace_lightning.strategies.apportion import round_to_total
 from grace_lightning.strategies.base import (
     Selection,
     SelectionInput,
@@ -32,6 +34,15 @@ from grace_lightning.strategies.base import (
     register_strategy,
     require_embeddings,
     uniform_draw,
+)
+from grace_lightning.validation import (
+    boolean,
+    integer,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    real,
+    unit_interval,
 )
 
 __all__ = [
@@ -56,7 +67,7 @@ __all__ = [
 def default_cluster_count(measured: int) -> int:
     """``round(sqrt(M) / 4)`` clipped to ``[2, 256]`` and to ``M``: the number of clusters for ``M`` examples.
 
-    The notes suggest ``sqrt(N)/10`` for web-scale pools; in-loop pools are small (10^3-10^6), where that
+    ``sqrt(N)/10`` is a common choice for web-scale pools; in-loop pools are small (10^3-10^6), where that
     gives too few clusters for the budget re-allocation to matter, hence ``/4``.
 
     Example::
@@ -72,7 +83,7 @@ def default_cluster_count(measured: int) -> int:
 def cluster_dispersion(similarity: np.ndarray, assignment: np.ndarray, k: int) -> np.ndarray:
     """``o_k = sqrt(1 - mean cos(x, mu_k))`` over each cluster's members (0 for an empty cluster).
 
-    The notes' reading of GRIP's "geometric consistency": Neyman allocation needs a dispersion, and on the
+    Our reading of GRIP's "geometric consistency": Neyman allocation needs a dispersion, and on the
     unit sphere ``1 - cos`` is half the squared distance to the centroid, so ``o_k`` is a standard deviation.
     """
     sums = np.bincount(assignment, weights=np.asarray(similarity, dtype=np.float64), minlength=k)
@@ -115,35 +126,6 @@ def _water_fill(weights: np.ndarray, lower: np.ndarray, upper: np.ndarray, total
     return np.clip(lam_hi * w, lo, hi)
 
 
-def _round_to_total(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int) -> np.ndarray:
-    """Integers within ``[lower, upper]`` summing exactly to ``total``: floors, then largest remainders first.
-
-    Ties between equal remainders go to the lower cluster id (deterministic, no randomness needed).
-    """
-    lo = np.asarray(lower, dtype=np.int64)
-    hi = np.asarray(upper, dtype=np.int64)
-    out = np.clip(np.floor(x + 1e-9).astype(np.int64), lo, hi)
-    frac = x - out
-    need = int(total - out.sum())
-    order = np.argsort(-frac, kind="stable") if need > 0 else np.argsort(frac, kind="stable")
-    while need != 0:
-        moved = False
-        for i in order:
-            if need > 0 and out[i] < hi[i]:
-                out[i] += 1
-                need -= 1
-                moved = True
-            elif need < 0 and out[i] > lo[i]:
-                out[i] -= 1
-                need += 1
-                moved = True
-            if need == 0:
-                break
-        if not moved:
-            raise ValueError(f"cannot place {total} units within the bounds (sum of upper bounds {int(hi.sum())}).")
-    return out
-
-
 def neyman_allocation(sizes: np.ndarray, dispersion: np.ndarray, total: int, minimum: int = 4) -> np.ndarray:
     """Probe examples per cluster, ``n_k ∝ N_k · o_k`` (Neyman), at least ``min(minimum, N_k)``, at most ``N_k``.
 
@@ -161,7 +143,7 @@ def neyman_allocation(sizes: np.ndarray, dispersion: np.ndarray, total: int, min
     lo = np.minimum(int(minimum), sizes)
     total = int(min(max(int(total), int(lo.sum())), int(sizes.sum())))
     weights = sizes * np.clip(np.asarray(dispersion, dtype=np.float64), 0.0, None)
-    return _round_to_total(_water_fill(weights, lo, sizes, total), lo, sizes, total)
+    return round_to_total(_water_fill(weights, lo, sizes, total), lo, sizes, total)
 
 
 def cluster_base_weights(
@@ -213,7 +195,7 @@ def rank01(values: np.ndarray) -> np.ndarray:
 def adaptation_delta(losses: Sequence[Tensor], signal: str = "ratio") -> np.ndarray:
     """Each probe's loss drop from ``[L_init, ..., L_final]``: ``(L_init - L_final) / L_init`` or ``L_init - L_final``.
 
-    ``signal="ratio"`` is the paper's ``δL_k``; ``"absolute"`` is the reducible loss the notes offer as an
+    ``signal="ratio"`` is the paper's ``δL_k``; ``"absolute"`` is the reducible loss, offered as an
     alternative. A probe with a non-finite loss gives NaN (treated as not probed); ``L_init <= 0`` gives 0.
     """
     out = np.full(len(losses), np.nan)
@@ -267,7 +249,7 @@ def allocate_budgets(weights: np.ndarray, caps: np.ndarray, budget: int) -> np.n
             f"allocate_budgets: `budget` must be in [0, {int(caps.sum())}] (the clusters' total size), got {budget}."
         )
     lo = np.zeros_like(caps)
-    return _round_to_total(_water_fill(weights, lo, caps, budget), lo, caps, int(budget))
+    return round_to_total(_water_fill(weights, lo, caps, budget), lo, caps, int(budget))
 
 
 def local_density(embeddings: np.ndarray, knn: int = 10) -> np.ndarray:
@@ -341,8 +323,6 @@ class GripState:
         assignment: ``(N,)`` int64 cluster of each example, -1 for examples without an embedding then.
         centroids: ``(K, d)`` float32 unit centroids (new examples are assigned to the nearest).
         dispersion: ``(K,)`` float64 ``o_k``.
-        probe_clusters: ``(T,)`` int64 cluster of each probe task, aligned with the request's tasks.
-        probe_train / probe_heldout: per task, the pool indices trained on / evaluated.
         cluster_seconds: wall clock of the last clustering.
         last_delta / last_budgets: ``(K,)`` adaptation deltas and budgets of the last selection (diagnostics).
     """
@@ -353,9 +333,6 @@ class GripState:
         self.assignment: Optional[Tensor] = None
         self.centroids: Optional[Tensor] = None
         self.dispersion: Optional[Tensor] = None
-        self.probe_clusters = torch.zeros(0, dtype=torch.int64)
-        self.probe_train: list[Tensor] = []
-        self.probe_heldout: list[Tensor] = []
         self.cluster_seconds = 0.0
         self.last_delta: Optional[Tensor] = None
         self.last_budgets: Optional[Tensor] = None
@@ -367,9 +344,6 @@ class GripState:
             "assignment": self.assignment,
             "centroids": self.centroids,
             "dispersion": self.dispersion,
-            "probe_clusters": self.probe_clusters,
-            "probe_train": list(self.probe_train),
-            "probe_heldout": list(self.probe_heldout),
             "cluster_seconds": self.cluster_seconds,
             "last_delta": self.last_delta,
             "last_budgets": self.last_budgets,
@@ -388,9 +362,6 @@ class GripState:
         self.assignment = copy(state["assignment"])
         self.centroids = copy(state["centroids"])
         self.dispersion = copy(state["dispersion"])
-        self.probe_clusters = state["probe_clusters"].clone()
-        self.probe_train = [t.clone() for t in state["probe_train"]]
-        self.probe_heldout = [t.clone() for t in state["probe_heldout"]]
         self.cluster_seconds = float(state["cluster_seconds"])
         self.last_delta = copy(state["last_delta"])
         self.last_budgets = copy(state["last_budgets"])
@@ -401,37 +372,13 @@ class GripState:
 class Grip(Strategy):
     r"""Cluster-level budgets re-allocated by a Rapid Adaptation Probe; density- and length-aware sampling inside.
 
-    Each refresh, on the live model's embeddings of the measured examples:
-
-    1. **Clusters.** Spherical k-means into ``K`` clusters (``clusters``, default
-       :func:`default_cluster_count`); dispersion ``o_k = sqrt(1 − mean cos to centroid)``.
-    2. **Probe set** (:meth:`to_probe`): ``probe_fraction`` of the measured examples (× the callback's
-       fidelity) allocated by Neyman allocation ``n_k ∝ N_k o_k`` (at least ``probe_min_per_cluster``, at
-       most ``N_k``), drawn at random and split into a train half and a held-out half.
-    3. **Rapid Adaptation Probe**, run by the callback on a snapshot of the live model: per cluster,
-       ``rap_steps`` optimizer steps on the train half, loss on the held-out half before and after;
-       ``δL_k = (L_init − L_final) / L_init`` (``replay_signal="absolute"``: ``L_init − L_final``).
-    4. **Budgets**: ``B_k ∝ N_k^tau · softmax_k(Q_k / T) · r_k`` with the replay multiplier
-       ``r_k = 1 + alpha · rank01(replay_sign · δL_k)``; ``Q_k`` is the mean user quality of the cluster
-       (constant without ``CoresetCallback(quality=...)``); with quality, clusters below the
-       ``quality_gate`` quantile of ``Q_k`` get nothing. ``B_k`` is capped at the cluster's size, the excess
-       re-shared (water-filling), and rounded by largest remainders to sum exactly to the budget. Without
-       probe results (``inputs.probe is None``) ``r_k = 1``.
-    5. **Inside a cluster**: ``B_k`` examples without replacement with probability
-       ``pi(x) ∝ exp(beta · l(x)) / p(x)`` (:func:`intra_cluster_probabilities`): ``p`` the k-NN Gaussian
-       density (``knn`` neighbours, bandwidth = the cluster's median k-NN distance), ``l`` the z-scored
-       log length (``store.length``), ``exp(beta · l)`` clipped to ``[1/length_clip, length_clip]``.
-
-    Examples never measured (no embedding yet) are candidates only when the measured ones cannot fill the
-    budget; then the rest is drawn uniformly among them. Weights are ``None``: GRIP curates a subset, it
-    does not reweight.
-
-    Interpretations where the paper is silent (notes §2.6): the paper's replay lets ``B_k`` exceed the
-    cluster (repetition); a subset cannot repeat an example, so the excess is re-shared instead. The paper
-    resets a fresh proxy's head for the probe (Partial Reset Protocol); in-loop the live head is the natural
-    starting point, so ``rap_reset_head=False`` by default. The paper probes 0.5% of a web-scale pool; in-loop
-    pools are small, so the default is 2%. ``alpha``, ``quality_gate`` and the bandwidth are unspecified in
-    the paper (1, 10% and the median k-NN distance here).
+    Each refresh clusters the measured examples' live embeddings (spherical k-means), probes each cluster
+    with a few optimizer steps on a snapshot of the live model (:meth:`to_probe`), shares the budget as
+    ``B_k ∝ N_k^tau · softmax_k(Q_k / T) · r_k`` (``r_k = 1 + alpha · rank01(replay_sign · δL_k)`` from the
+    probe's loss drops, ``Q_k`` the cluster's mean quality score), and draws ``B_k`` examples inside each
+    cluster with probability ``∝ exp(beta · l(x)) / p(x)`` (:func:`intra_cluster_probabilities`). Weights are
+    ``None``. How it works, where it departs from the paper, when to use it, suggested settings and costs:
+    the ``grip`` section of ``grace_lightning/strategies/README.md``.
 
     Args:
         clusters: number of k-means clusters ``K`` (``None``: ``round(sqrt(M)/4)`` clipped to ``[2, 256]``).
@@ -485,41 +432,29 @@ class Grip(Strategy):
         knn: int = 10,
         length_clip: float = 10.0,
     ) -> None:
-        if clusters is not None and not _is_int(clusters, 1):
-            raise ValueError(f"grip: `clusters` must be a positive int, or None (round(sqrt(N)/4)); got {clusters!r}.")
-        if not _is_int(kmeans_iters, 1):
-            raise ValueError(f"grip: `kmeans_iters` must be a positive int, got {kmeans_iters!r}.")
-        if not _is_real(probe_fraction) or not 0.0 <= probe_fraction <= 1.0:
-            raise ValueError(f"grip: `probe_fraction` must be in [0, 1] (0: no probe), got {probe_fraction!r}.")
-        if not _is_int(probe_min_per_cluster, 2):
-            raise ValueError(
-                "grip: `probe_min_per_cluster` must be an int >= 2 (one example to train, one to evaluate), "
-                f"got {probe_min_per_cluster!r}."
-            )
-        if not _is_int(rap_steps, 1):
-            raise ValueError(f"grip: `rap_steps` must be a positive int (the paper uses 10), got {rap_steps!r}.")
+        if clusters is not None:
+            positive_int("grip", "clusters", clusters, hint=", or None (round(sqrt(N)/4))")
+        positive_int("grip", "kmeans_iters", kmeans_iters)
+        unit_interval("grip", "probe_fraction", probe_fraction, hint=" (0: no probe)")
+        integer(
+            "grip", "probe_min_per_cluster", probe_min_per_cluster, minimum=2,
+            hint=" (one example to train, one to evaluate)",
+        )
+        positive_int("grip", "rap_steps", rap_steps, hint=" (the paper uses 10)")
         if rap_trainable not in ("head", "all"):
             raise ValueError(f"grip: `rap_trainable` must be 'head' or 'all', got {rap_trainable!r}.")
-        if not isinstance(rap_reset_head, bool):
-            raise ValueError(f"grip: `rap_reset_head` must be True or False, got {rap_reset_head!r}.")
-        if not _is_real(alpha) or alpha < 0:
-            raise ValueError(f"grip: `alpha` must be a number >= 0, got {alpha!r}.")
+        boolean("grip", "rap_reset_head", rap_reset_head)
+        non_negative_float("grip", "alpha", alpha)
         if isinstance(replay_sign, bool) or replay_sign not in (1, -1):
             raise ValueError(f"grip: `replay_sign` must be 1 or -1, got {replay_sign!r}.")
         if replay_signal not in ("ratio", "absolute"):
             raise ValueError(f"grip: `replay_signal` must be 'ratio' or 'absolute', got {replay_signal!r}.")
-        if not _is_real(tau) or tau < 0:
-            raise ValueError(f"grip: `tau` must be a number >= 0 (0.5 = square-root sampling), got {tau!r}.")
-        if not _is_real(temperature) or temperature <= 0:
-            raise ValueError(f"grip: `temperature` must be a number > 0, got {temperature!r}.")
-        if not _is_real(quality_gate) or not 0.0 <= quality_gate < 1.0:
-            raise ValueError(f"grip: `quality_gate` must be in [0, 1) (0 drops no cluster), got {quality_gate!r}.")
-        if not _is_real(beta) or beta < 0:
-            raise ValueError(f"grip: `beta` must be a number >= 0 (the paper uses 0.3), got {beta!r}.")
-        if not _is_int(knn, 1):
-            raise ValueError(f"grip: `knn` must be a positive int, got {knn!r}.")
-        if not _is_real(length_clip) or length_clip < 1:
-            raise ValueError(f"grip: `length_clip` must be a number >= 1, got {length_clip!r}.")
+        non_negative_float("grip", "tau", tau, hint=" (0.5 = square-root sampling)")
+        positive_float("grip", "temperature", temperature)
+        unit_interval("grip", "quality_gate", quality_gate, high_open=True, hint=" (0 drops no cluster)")
+        non_negative_float("grip", "beta", beta, hint=" (the paper uses 0.3)")
+        positive_int("grip", "knn", knn)
+        real("grip", "length_clip", length_clip, low=1.0)
         self.clusters = clusters
         self.kmeans_iters = kmeans_iters
         self.probe_fraction = float(probe_fraction)
@@ -565,7 +500,7 @@ class Grip(Strategy):
         probeable = np.where(sizes >= 2, sizes, 0)  # a probe needs one example to train and one to evaluate
         target = round(self.probe_fraction * inputs.fidelity * ids.size)
         counts = neyman_allocation(probeable, state.dispersion.numpy(), target, self.probe_min_per_cluster)
-        tasks, clusters, train, heldout = [], [], [], []
+        tasks, clusters = [], []
         for c in np.flatnonzero(counts >= 2):
             members = torch.from_numpy(ids[assignment == c])
             drawn = members[torch.randperm(members.numel(), generator=inputs.generator)[: int(counts[c])]]
@@ -574,14 +509,13 @@ class Grip(Strategy):
             steps = (train_slice,) * self.rap_steps
             tasks.append(ProbeTask(steps=steps, eval_indices=heldout_slice, eval_every_step=False))
             clusters.append(int(c))
-            train.append(train_slice)
-            heldout.append(heldout_slice)
-        state.probe_clusters = torch.tensor(clusters, dtype=torch.int64)
-        state.probe_train, state.probe_heldout = train, heldout
         if not tasks:
             return None
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
-        return ProbeRequest(tuple(tasks), trainable=self.rap_trainable, reset_head=self.rap_reset_head, seed=seed)
+        return ProbeRequest(
+            tuple(tasks), trainable=self.rap_trainable, reset_head=self.rap_reset_head, seed=seed,
+            keys=torch.tensor(clusters, dtype=torch.int64),  # the cluster each task probes, read back in select
+        )
 
     def _cluster(self, inputs: SelectionInput, state: GripState, ids: np.ndarray) -> None:
         """Spherical k-means on the measured embeddings; writes the clusters (non-empty, renumbered) to ``state``."""
@@ -597,8 +531,6 @@ class Grip(Strategy):
         state.centroids = torch.from_numpy(np.ascontiguousarray(found.centroids[used], dtype=np.float32))
         state.dispersion = torch.from_numpy(cluster_dispersion(found.similarity, assignment, used.size))
         state.refresh = _refresh_key(inputs)
-        state.probe_clusters = torch.zeros(0, dtype=torch.int64)
-        state.probe_train, state.probe_heldout = [], []
         state.cluster_seconds = time.perf_counter() - began
 
     # ------------------------------------------------------------------ selection
@@ -659,13 +591,17 @@ class Grip(Strategy):
         sizes = np.bincount(assignment, minlength=k)
 
         delta = np.full(k, np.nan)
+        probe_examples = 0
         if inputs.probe is not None:
-            if len(inputs.probe.losses) != state.probe_clusters.numel():
+            request = inputs.probe.request
+            asked = 0 if request is None or request.keys is None else len(request.keys)
+            if asked == 0 or len(inputs.probe.losses) != asked:
                 raise ValueError(
-                    f"grip: got {len(inputs.probe.losses)} probe results for {state.probe_clusters.numel()} probe "
-                    "tasks; `inputs.probe` must answer the request `to_probe` returned at this refresh."
+                    f"grip: got {len(inputs.probe.losses)} probe results for {asked} probe tasks; `inputs.probe` "
+                    "must be the ProbeResults (with its `request`) of the request `to_probe` returned at this refresh."
                 )
-            delta[state.probe_clusters.numpy()] = adaptation_delta(inputs.probe.losses, self.replay_signal)
+            delta[request.keys.numpy()] = adaptation_delta(inputs.probe.losses, self.replay_signal)
+            probe_examples = sum(t.steps[0].numel() + t.eval_indices.numel() for t in request.tasks)
         replay = replay_multipliers(delta, self.alpha, self.replay_sign)
 
         quality = None
@@ -695,7 +631,7 @@ class Grip(Strategy):
         diagnostics.update(
             clusters=float(k),
             probed_clusters=float(finite.size),
-            probe_examples=float(sum(t.numel() for t in [*state.probe_train, *state.probe_heldout])),
+            probe_examples=float(probe_examples),
             delta_mean=float(finite.mean()) if finite.size else float("nan"),
             delta_min=float(finite.min()) if finite.size else float("nan"),
             delta_max=float(finite.max()) if finite.size else float("nan"),
@@ -720,12 +656,3 @@ def _cluster_quality(quality: np.ndarray, assignment: np.ndarray, k: int) -> np.
 
 def _refresh_key(inputs: SelectionInput) -> list[int]:
     return [int(inputs.epoch), int(inputs.step), int(inputs.now_batch)]
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_real(value: object) -> bool:
-    real = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    return real and math.isfinite(value)

@@ -3,9 +3,10 @@
 After Yu, Peng, Lei, Overwijk, Yih, Xiong, *Group-Level Data Selection for Efficient Pretraining*
 (Group-MATES, arXiv:2502.14709v2, NeurIPS 2025; official code ``facebookresearch/Group-MATES``), which
 extends MATES (Yu, Das, Xiong, NeurIPS 2024, arXiv:2406.06046) from individual to group-level influence.
-Where the paper and the code disagree, this follows the code; see ``research/papers.md`` §4-§5 of the
-project notes. Everything runs in the training loop on the live model: the oracle is a probe on a snapshot,
-the embeddings are the store's (the head's input), and the influence model is a linear head plus two scalars.
+Where the paper and the code disagree, this follows the code; see the ``group_mates`` section of
+``grace_lightning/strategies/README.md``. Everything runs in the training loop on the live model: the oracle
+is a probe on a snapshot, the embeddings are the store's (the head's input), and the influence model is a
+linear head plus two scalars.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from grace_lightning.clustering import spherical_kmeans
 from grace_lightning.probes import ProbeRequest, ProbeTask
+from grace_lightning.strategies.apportion import largest_remainder
 from grace_lightning.strategies.base import (
     Selection,
     SelectionInput,
@@ -30,6 +32,7 @@ from grace_lightning.strategies.base import (
     uniform_draw,
     uniform_sample,
 )
+from grace_lightning.validation import boolean, integer, non_negative_float, positive_float, positive_int
 
 __all__ = [
     "GroupMates",
@@ -303,13 +306,12 @@ def cluster_budgets(sizes: np.ndarray, budget: int) -> np.ndarray:
     if total == 0:
         return np.zeros_like(sizes)
     product = budget * sizes
-    quotas = -(-product // total)  # ceil
-    # (ceil − exact share) · N, an integer in [0, N): the overshoot the trim removes first.
-    overshoot = quotas * total - product
-    excess = int(quotas.sum()) - budget
-    order = np.lexsort((np.arange(sizes.size), -overshoot))  # largest overshoot first, then lowest id
-    quotas[order[:excess]] -= 1
-    return quotas
+    # Floors of the exact shares B·|C|/N, then one more pick for the largest remainders (B·|C| mod N, exact
+    # integers). Trimming the ceilings with the largest overshoot first, lowest id first on ties, leaves the
+    # ceiling to the *highest* ids among equal remainders: hence ties="highest_id".
+    return largest_remainder(
+        product // total, product % total, budget, np.zeros_like(sizes), sizes, ties="highest_id"
+    )
 
 
 def _spearman(a: Tensor, b: Tensor) -> float:
@@ -342,8 +344,6 @@ class GroupMatesState:
         buffer_labels: ``(n, T)`` float64 raw oracle marginal influences ``L_{t+1} − L_t``.
         buffer_refresh: ``(n,)`` int64 refresh (0, 1, ...) each trajectory was measured at.
         refreshes: refreshes whose probe results were absorbed.
-        pending: ``(n, T)`` int64 trajectories :meth:`GroupMates.to_probe` asked for and :meth:`GroupMates.select`
-            has not yet received (``None`` when none).
     """
 
     def __init__(self, pool_size: int, trajectory_length: int) -> None:
@@ -355,7 +355,6 @@ class GroupMatesState:
         self.buffer_labels = torch.zeros(0, trajectory_length, dtype=torch.float64)
         self.buffer_refresh = torch.zeros(0, dtype=torch.int64)
         self.refreshes = 0
-        self.pending: Optional[Tensor] = None
 
     def add(self, indices: Tensor, labels: Tensor, capacity: int) -> None:
         """Append trajectories measured at this refresh, keeping the newest ``capacity``."""
@@ -379,7 +378,6 @@ class GroupMatesState:
             "buffer_labels": self.buffer_labels,
             "buffer_refresh": self.buffer_refresh,
             "refreshes": self.refreshes,
-            "pending": self.pending,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -390,58 +388,27 @@ class GroupMatesState:
         self.buffer_labels = state["buffer_labels"].clone()
         self.buffer_refresh = state["buffer_refresh"].clone()
         self.refreshes = int(state["refreshes"])
-        self.pending = None if state["pending"] is None else state["pending"].clone()
 
 
 # ---------------------------------------------------------------------- the strategy
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"group_mates: `{name}` must be a positive int, got {value!r}.")
-    return value
-
-
 @register_strategy("group_mates")
 class GroupMates(Strategy):
     r"""Group-level influence selection: probe oracle trajectories, fit a relational model, greedy per cluster.
 
-    Each refresh:
+    Each refresh probes ``trajectories`` random sequences of ``trajectory_length`` measured examples on a
+    snapshot of the live model (:meth:`to_probe`: one single-example optimizer step per position, the
+    reference-set loss after each; a position's label is its loss change), fits the relational influence
+    model ``pred_t = alpha · (w·h_t) · mean_{j<t}(1 − h_t·h_j / temp)`` (:func:`fit_relational_model`) on a
+    buffer of recent trajectories, clusters the candidates' embeddings and picks, per cluster
+    (:func:`cluster_budgets`), the group minimising the predicted influence (:func:`greedy_group_selection`).
+    Before any trajectory is absorbed the selection is uniform; ``fidelity < 1`` scales the number of
+    trajectories down (at least one). Weights are ``None``. How it works, where it departs from the paper,
+    when to use it, suggested settings and costs: the ``group_mates`` section of
+    ``grace_lightning/strategies/README.md``.
 
-    1. **Oracle trajectories** (:meth:`to_probe`). ``trajectories`` random trajectories of
-       ``trajectory_length`` distinct measured pool examples (drawn with the seeded generator; the code's
-       random rollouts). The callback runs each on a snapshot of the live model and optimizer: one
-       single-example optimizer step per position, the reference-set loss after each. The label of
-       position ``t`` is its marginal influence ``L_{t+1} − L_t`` given the prefix (negative = helpful).
-       Cost: ``trajectories · trajectory_length`` probe steps and as many reference evaluations, plus one.
-       Trajectories with a non-finite loss are dropped.
-    2. **Relational influence model** (:func:`fit_relational_model`), fit on the buffer of the latest
-       ``buffer_size`` trajectories (this refresh's and earlier ones, re-embedded with the live store's
-       embeddings): ``pred_0 = w·h_0``, ``pred_t = alpha · (w·h_t) · mean_{j<t}(1 − h_t·h_j / temp)``,
-       on z-scored labels (``label_scaling="buffer"``: one mean/std over the buffer, as the code does over
-       its oracle set; ``"refresh"``: per refresh, so refreshes measured at different learning rates weigh
-       alike). The fit warm-starts from the previous ``alpha``, ``temp``; ``temp`` is bounded to
-       ``[0.01, 100]`` (at 100 the bracket is constant: the labels showed no relational effect).
-    3. **Influence-aware clustering**: spherical k-means of the candidates' embeddings, the space that
-       defines the relational term (``clusters`` centroids; default ``round(sqrt(N)/2)`` for ``N``
-       candidates, at most 10,000 (the paper's count) and at most the budget).
-    4. **Greedy per cluster** (:func:`greedy_group_selection`) with the budgets of :func:`cluster_budgets`,
-       using the fitted ``alpha``, ``temp`` (``fixed_relational=True``: 1.0 and 1.0, as the released code's
-       ``select_indices.py`` hard-codes).
-
-    Diagnostics: ``oracle_steps`` (probe steps this refresh, ``trajectories · trajectory_length``),
-    ``buffer_trajectories``, ``fitted`` (0 for the uniform fallback), ``alpha``, ``temp``, ``fit_mse`` and
-    ``fit_spearman`` (on the z-scored buffer), ``clusters``, ``filled_unmeasured``, and timings.
-
-    Candidates are the examples with a measured embedding; the callback's default scoring pass measures
-    the whole pool each refresh. Unmeasured examples are drawn uniformly only to fill a budget the
-    candidates cannot. Before any trajectory has been absorbed (the buffer is empty: no probe results
-    yet, e.g. :meth:`select` called without probes), the selection is a uniform draw. ``fidelity < 1``
-    scales the number of trajectories down (at least one). :meth:`to_probe` records the trajectories it
-    requests in the state (``pending``), since the probe results come back without their indices.
-
-    Interpretations where the sources are silent or the setting differs: the individual head is a linear
-    ``w`` on the live model's embeddings instead of a fine-tuned BGE encoder; ``alpha > 0`` is enforced; the
-    paper's ``T = 10`` and 20k trajectories per round become ``trajectory_length=4`` and 32 per refresh,
-    refitted every refresh with a buffer, since in-loop probes cost training time.
+    Diagnostics: ``oracle_steps``, ``buffer_trajectories``, ``fitted`` (0 for the uniform fallback),
+    ``alpha``, ``temp``, ``fit_mse`` and ``fit_spearman`` (on the z-scored buffer), ``clusters``,
+    ``filled_unmeasured``, and timings.
 
     Args:
         trajectories: oracle trajectories probed per refresh.
@@ -480,26 +447,18 @@ class GroupMates(Strategy):
         fixed_relational: bool = False,
         label_scaling: str = "buffer",
     ) -> None:
-        self.trajectories = _positive_int("trajectories", trajectories)
-        if isinstance(trajectory_length, bool) or not isinstance(trajectory_length, int) or trajectory_length < 2:
-            raise ValueError(
-                f"group_mates: `trajectory_length` must be an int >= 2 (the paper uses 10), got {trajectory_length!r}."
-            )
-        self.trajectory_length = trajectory_length
-        self.buffer_size = _positive_int("buffer_size", buffer_size)
+        self.trajectories = positive_int("group_mates", "trajectories", trajectories)
+        self.trajectory_length = integer(
+            "group_mates", "trajectory_length", trajectory_length, minimum=2, hint=" (the paper uses 10)"
+        )
+        self.buffer_size = positive_int("group_mates", "buffer_size", buffer_size)
+        self.clusters = None
         if clusters is not None:
-            _positive_int("clusters", clusters)
-        self.clusters = clusters
-        self.fit_iterations = _positive_int("fit_iterations", fit_iterations)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"group_mates: `lr` must be a number > 0 (1.0 suits L-BFGS), got {lr!r}.")
-        self.lr = float(lr)
-        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
-            raise ValueError(f"group_mates: `l2` must be a number >= 0, got {l2!r}.")
-        self.l2 = float(l2)
-        if not isinstance(fixed_relational, bool):
-            raise ValueError(f"group_mates: `fixed_relational` must be True or False, got {fixed_relational!r}.")
-        self.fixed_relational = fixed_relational
+            self.clusters = positive_int("group_mates", "clusters", clusters, hint=", or None for round(sqrt(N)/2)")
+        self.fit_iterations = positive_int("group_mates", "fit_iterations", fit_iterations)
+        self.lr = positive_float("group_mates", "lr", lr, hint=" (1.0 suits L-BFGS)")
+        self.l2 = non_negative_float("group_mates", "l2", l2)
+        self.fixed_relational = boolean("group_mates", "fixed_relational", fixed_relational)
         if label_scaling not in ("buffer", "refresh"):
             raise ValueError(f"group_mates: `label_scaling` must be 'buffer' or 'refresh', got {label_scaling!r}.")
         self.label_scaling = label_scaling
@@ -515,8 +474,6 @@ class GroupMates(Strategy):
 
     # ------------------------------------------------------------------ oracle
     def to_probe(self, inputs: SelectionInput) -> Optional[ProbeRequest]:
-        state = _state(inputs)
-        state.pending = None
         if inputs.store is None or inputs.store.embedding is None:
             return None
         candidates = _candidates(inputs.store).nonzero().squeeze(1)
@@ -527,25 +484,24 @@ class GroupMates(Strategy):
             candidates[torch.randperm(candidates.numel(), generator=inputs.generator)[: self.trajectory_length]]
             for _ in range(count)
         ]
-        state.pending = torch.stack(rows)
         tasks = tuple(
-            ProbeTask(steps=tuple(i.reshape(1) for i in row), eval_indices=None, eval_every_step=True)
-            for row in state.pending
+            ProbeTask(steps=tuple(i.reshape(1) for i in row), eval_indices=None, eval_every_step=True) for row in rows
         )
         return ProbeRequest(tasks=tasks, trainable="all")
 
     def _absorb_probe(self, inputs: SelectionInput, state: GroupMatesState) -> int:
         """Turn this refresh's probe losses into buffered labels; return the probe steps they cost."""
-        pending, state.pending = state.pending, None
         probe = inputs.probe
         if probe is None:
             return 0
-        if pending is None or len(probe.losses) != pending.shape[0]:
-            asked = 0 if pending is None else pending.shape[0]
+        asked = 0 if probe.request is None else len(probe.request.tasks)
+        if len(probe.losses) != asked or asked == 0:
             raise ValueError(
                 f"group_mates: got {len(probe.losses)} probe results for {asked} requested trajectories; pass "
-                "select() the results of the ProbeRequest that to_probe() returned with the same state."
+                "select() the ProbeResults of the ProbeRequest that to_probe() returned (with its `request`)."
             )
+        # The trajectories come back with their request: one pool index per single-example step.
+        trajectories = torch.stack([torch.cat(task.steps) for task in probe.request.tasks])
         losses = [torch.as_tensor(loss, dtype=torch.float64).reshape(-1) for loss in probe.losses]
         if any(loss.numel() != self.trajectory_length + 1 for loss in losses):
             raise ValueError(
@@ -555,8 +511,8 @@ class GroupMates(Strategy):
         labels = torch.diff(torch.stack(losses), dim=1)
         finite = torch.isfinite(labels).all(dim=1)
         if bool(finite.any()):
-            state.add(pending[finite], labels[finite], self.buffer_size)
-        return int(pending.numel())
+            state.add(trajectories[finite], labels[finite], self.buffer_size)
+        return int(trajectories.numel())
 
     # ------------------------------------------------------------------ fit
     def _scaled_labels(self, state: GroupMatesState) -> Tensor:

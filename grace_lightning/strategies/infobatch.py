@@ -1,7 +1,8 @@
 """``infobatch``: InfoBatch-style soft pruning of well-learned examples, rescaled to keep the gradient unbiased.
 
 After Qin et al., *InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning*, ICLR 2024
-(arXiv:2303.04947; reference code NUS-HPC-AI-Lab/InfoBatch). See ``research/peers.md`` §3 of the project notes.
+(arXiv:2303.04947; reference code NUS-HPC-AI-Lab/InfoBatch). When to use it and how to set it: the ``infobatch``
+section of ``grace_lightning/strategies/README.md``.
 """
 
 from __future__ import annotations
@@ -13,51 +14,26 @@ import torch
 from torch import Tensor
 
 from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy
-
-
-def _ratio(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        hint = " or None (derive it from the budget)" if allow_none else ""
-        raise ValueError(f"infobatch: `{name}` must be a number in [0, 1){hint}, got {value!r}.")
-    return float(value)
+from grace_lightning.validation import unit_interval
 
 
 @register_strategy("infobatch")
 class InfoBatch(Strategy):
     r"""Drop a random share ``r`` of the well-learned examples; up-weight the rest by ``1/(1 − r)``.
 
-    Each refresh, an example is *well learned* when its last measured loss is below the mean of the
-    measured losses. Losses come for free from the batches the model trained on, so there is no scoring
-    pass. Examples never measured count as not well learned and are always kept, as InfoBatch's initial
-    score of 3.0 does. A random share of the well-learned examples, drawn without replacement, is dropped.
-    The ``k`` of ``L`` well-learned examples that are kept get weight ``L / k = 1/(1 − r)``, all others
-    weight 1, so the weighted sum of per-example gradients over the kept set is an unbiased estimate of
-    the full-pool sum. ``r`` here is the share actually dropped, rounded to whole examples.
-
-    **How ``r`` relates to the budget.** The epoch length is fixed by the sampler's budget, while
-    InfoBatch's kept set is whatever survives pruning:
-
-    * ``prune_ratio=None`` (default) derives ``r`` from the budget: the ``r`` at which the kept set has
-      exactly ``budget`` examples when the not-well-learned examples fit in it, capped at
-      ``max_prune_ratio`` so that weights stay at most ``1/(1 − max_prune_ratio)``.
-    * ``prune_ratio=0.5`` (a float) fixes ``r`` as in the paper, whatever the budget.
-
-    A kept set larger than the budget is streamed by the sampler (each epoch trains the next ``budget``
-    examples of a shuffled pass over it, every example at the same rate, so the estimate stays unbiased
-    up to a constant factor); a smaller one wraps around.
-
-    **Annealing.** For the last ``anneal_share`` of training (``progress >= 1 − anneal_share``; the paper's
-    ``δ = 0.875`` is ``anneal_share = 0.125``) it returns the whole pool, unweighted. This needs the
-    run's length (``Trainer(max_epochs=...)``); without it, it never anneals. The refresh that crosses
-    the threshold starts the anneal, so refresh at least as often as the anneal is long.
+    Each refresh, the examples whose last measured loss is below the mean are *well learned* (losses of the
+    trained batches, measured for free: no scoring pass); a random share ``r`` of them is dropped and the
+    kept ones get weight ``1/(1 − r)``, so the weighted gradient over the kept set is an unbiased estimate
+    of the full pool's. For the last ``anneal_share`` of training (needs ``Trainer(max_epochs=...)``) it
+    returns the whole pool, unweighted. How ``r`` follows the budget, when to use it and suggested
+    settings: the ``infobatch`` section of ``grace_lightning/strategies/README.md``.
 
     Args:
-        prune_ratio: share of the well-learned examples dropped per refresh, in ``[0, 1)``, or ``None``
-            to derive it from the budget.
-        anneal_share: share of training, at the end, on the whole pool, in ``[0, 1)``.
-        max_prune_ratio: cap on a derived ``r``, in ``[0, 1)``; bounds the weights.
+        prune_ratio: share of the well-learned examples dropped per refresh, in ``[0, 1)`` (the paper's 0.5),
+            or ``None`` to derive it from the budget: the ``r`` at which the kept set has ``budget`` examples.
+        anneal_share: share of training, at the end, on the whole pool, in ``[0, 1)`` (the paper's
+            ``δ = 0.875`` is ``anneal_share = 0.125``).
+        max_prune_ratio: cap on a derived ``r``, in ``[0, 1)``; bounds the weights at ``1/(1 − max_prune_ratio)``.
 
     Example::
 
@@ -69,9 +45,13 @@ class InfoBatch(Strategy):
     def __init__(
         self, prune_ratio: Optional[float] = None, anneal_share: float = 0.125, max_prune_ratio: float = 0.9
     ) -> None:
-        self.prune_ratio = _ratio("prune_ratio", prune_ratio, allow_none=True)
-        self.anneal_share = _ratio("anneal_share", anneal_share)
-        self.max_prune_ratio = _ratio("max_prune_ratio", max_prune_ratio)
+        self.prune_ratio = None
+        if prune_ratio is not None:
+            self.prune_ratio = unit_interval(
+                "infobatch", "prune_ratio", prune_ratio, high_open=True, hint=" or None (derive it from the budget)"
+            )
+        self.anneal_share = unit_interval("infobatch", "anneal_share", anneal_share, high_open=True)
+        self.max_prune_ratio = unit_interval("infobatch", "max_prune_ratio", max_prune_ratio, high_open=True)
 
     def __repr__(self) -> str:
         return f"InfoBatch(prune_ratio={self.prune_ratio}, anneal_share={self.anneal_share})"

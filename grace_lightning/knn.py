@@ -1,19 +1,15 @@
-"""Cosine k-NN graph over unit embeddings, with incremental repair and GRACE's score/embedding propagation.
+"""The maintained cosine k-NN index: a faiss k-NN graph over unit embeddings, built once and repaired locally.
 
 Numpy in, numpy out (faiss underneath); nothing here knows about Lightning or torch. Rows of ``embeddings`` are
 L2-normalised, so cosine similarity is the inner product and faiss runs with ``METRIC_INNER_PRODUCT``.
 
-The pieces, in the order GRACE uses them (papers.md §1.3):
-
 * :class:`KnnGraph` -- ``neighbors[i]`` / ``similarities[i]`` are node ``i``'s ``k`` most similar *other* nodes,
   best first. Exact (``IndexFlatIP``) up to ``exact_threshold`` nodes, HNSW above. :meth:`KnnGraph.update`
   repairs the graph locally after some embeddings moved instead of rebuilding it.
-* :func:`edge_weights` -- ``w_ij = max(0, cos(e_i, e_j))``, 0 on missing edges.
-* :func:`propagate` -- after only the *anchors* were rescored, move every other node's score towards its
-  anchor neighbours' (minimiser of a quadratic smoothing energy, or the paper's Eq. 21 as printed).
-* :func:`propagate_drift` -- the same for embeddings: non-anchors follow their anchor neighbours' drift.
-* :func:`neighbour_mean` -- ``sum_j a_ij v_j`` with row-normalised weights, for GRACE's disagreement score.
 * :func:`set_faiss_threads` -- faiss has its own OpenMP thread count; set it per DDP rank.
+
+What GRACE computes along the graph's edges (edge weights, score and drift propagation) is in
+:mod:`grace_lightning.propagation`.
 
 Conventions: a missing edge (fewer than ``k`` other nodes, or an approximate search that returned too few) has
 neighbour ``-1`` and similarity ``-inf``, and always sorts last.
@@ -28,19 +24,13 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-__all__ = [
-    "KnnGraph",
-    "edge_weights",
-    "neighbour_mean",
-    "propagate",
-    "propagate_drift",
-    "set_faiss_threads",
-]
+from grace_lightning.validation import non_negative_int
+
+__all__ = ["KnnGraph", "set_faiss_threads"]
 
 _SEARCH_BLOCK = 16_384  # queries per faiss call: bounds the temporary result buffers
 _GATHER_BYTES = 64 << 20  # numpy gathers (x[idx] for many idx) are chunked to about this many bytes
 _REVERSE_FACTOR = 4  # moved nodes are re-queried with 4k results: the extra hits are reverse-edge candidates (step 3b)
-_MODES = ("exact", "paper_eq21")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,7 +42,7 @@ def set_faiss_threads(world_size: int = 1) -> int:
 
     faiss keeps its own OpenMP thread count: neither ``torch.set_num_threads`` (which Lightning sets per DDP
     rank) nor ``OMP_NUM_THREADS`` read after import reaches it, so without this every rank of a DDP run uses all
-    cores and the ranks oversubscribe the machine (lightning.md §6).
+    cores and the ranks oversubscribe the machine.
 
     Example::
 
@@ -171,12 +161,6 @@ def _merge_extra(nb: np.ndarray, sims: np.ndarray, pos: np.ndarray, cand: np.nda
     return nb, sims, evicted
 
 
-def _check_reserve(reserve) -> int:
-    if isinstance(reserve, (bool, np.bool_)) or not isinstance(reserve, (int, np.integer)) or reserve < 0:
-        raise ValueError(f"reserve must be an int >= 0, got {reserve!r}")
-    return int(reserve)
-
-
 def _check_repair(repair: str) -> str:
     if repair not in ("search", "two_hop"):
         raise ValueError(f"repair must be 'search' or 'two_hop', got {repair!r}")
@@ -274,7 +258,7 @@ class KnnGraph:
 
         ``method="auto"`` is exact search (``faiss.IndexFlatIP``, ``O(N^2 d)``: about 20 s at 100k x 128 on 2 cores)
         when ``N <= exact_threshold``, else HNSW (``IndexHNSWFlat(d, hnsw_m, METRIC_INNER_PRODUCT)`` with
-        ``ef_construction`` / ``ef_search``; recall@10 about 0.98-0.99 on embedding-like data, lightning.md §6).
+        ``ef_construction`` / ``ef_search``; recall@10 about 0.98-0.99 on embedding-like data).
         Every node is searched with ``k + reserve + 2`` results and itself removed: the best ``k`` are its row,
         the next ``reserve`` its reserve, the last one's similarity its :attr:`floor` (``reserve`` costs a few
         more results per search; ``ef_search`` bounds the HNSW work anyway). ``overlay_limit``, ``repair``,
@@ -303,7 +287,7 @@ class KnnGraph:
             overlay_limit=float(overlay_limit),
             exact_threshold=int(exact_threshold),
             repair=_check_repair(repair),
-            reserve=_check_reserve(reserve),
+            reserve=non_negative_int("KnnGraph", "reserve", reserve),
             inplace_drift=float(inplace_drift),
         )
         graph._make_index(x)
@@ -419,9 +403,9 @@ class KnnGraph:
         Stored similarities are always ``x_i . x_j`` of the given embeddings, for edges to moved nodes and rows that
         were re-queried or refilled. Rows of nodes that changed but are not in ``moved`` are not revisited, nor are
         the similarities of edges to them (list every node whose vector changed, e.g. after
-        :func:`propagate_drift`, or accept slightly stale rows for them). Returns ``{"moved", "requeried",
-        "reverse_patched" (rows changed in 3), "refilled" (rows in 4), "rebuilt", "inplace" (HNSW nodes written in
-        place), "overlay" (HNSW overlay size), "seconds"}``.
+        :func:`~grace_lightning.propagation.propagate_drift`, or accept slightly stale rows for them). Returns
+        ``{"moved", "requeried", "reverse_patched" (rows changed in 3), "refilled" (rows in 4), "rebuilt",
+        "inplace" (HNSW nodes written in place), "overlay" (HNSW overlay size), "seconds"}``.
 
         Example::
 
@@ -701,7 +685,8 @@ class KnnGraph:
             graph.reserve_neighbors = np.array(state["reserve_neighbors"], dtype=np.int64, copy=True)
             graph.reserve_similarities = np.array(state["reserve_similarities"], dtype=np.float32, copy=True)
             graph.floor = np.array(state["floor"], dtype=np.float32, copy=True)
-            graph.reserve = _check_reserve(int(state.get("reserve", graph.reserve_neighbors.shape[1])))
+            reserve = int(state.get("reserve", graph.reserve_neighbors.shape[1]))
+            graph.reserve = non_negative_int("KnnGraph", "reserve", reserve)
             if graph.reserve_neighbors.shape != (n, graph.reserve) or graph.floor.shape != (n,):
                 raise ValueError("bad state: reserve/floor shapes do not match the rows")
         else:  # a state from before reserves: none, and each row's weakest edge as its floor
@@ -711,193 +696,3 @@ class KnnGraph:
             graph.floor = similarities[:, -1].copy()
         graph._make_index(x)
         return graph
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# weights and propagation
-
-
-def edge_weights(neighbors_or_similarities, similarities=None) -> np.ndarray:
-    """Edge weights ``w_ij = min(1, max(0, cos(e_i, e_j)))`` (float32), 0 on missing edges.
-
-    Call as ``edge_weights(similarities)`` or ``edge_weights(neighbors, similarities)``; a missing edge is one with
-    neighbour ``-1`` (second form) or a non-finite similarity (both forms: :class:`KnnGraph` stores ``-inf``).
-
-    Example::
-
-        >>> edge_weights(np.array([[0.5, -0.2, -np.inf]], dtype=np.float32)).tolist()
-        [[0.5, 0.0, 0.0]]
-    """
-    if similarities is None:
-        sims = np.asarray(neighbors_or_similarities, dtype=np.float32)
-        valid = np.isfinite(sims)
-    else:
-        nb = np.asarray(neighbors_or_similarities)
-        sims = np.asarray(similarities, dtype=np.float32)
-        if nb.shape != sims.shape:
-            raise ValueError(f"neighbors {nb.shape} and similarities {sims.shape} differ in shape")
-        valid = (nb >= 0) & np.isfinite(sims)
-    # Clipped at 1 too: float32 cosines of near-duplicates come out as 1.0000001.
-    return np.where(valid, np.clip(sims, 0.0, 1.0), 0.0).astype(np.float32)
-
-
-def _float_values(values) -> np.ndarray:
-    v = np.asarray(values)
-    return v if np.issubdtype(v.dtype, np.floating) else v.astype(np.float32)
-
-
-def _check_graph_args(n: int, neighbors, weights, anchors=None):
-    nb = np.asarray(neighbors, dtype=np.int64)
-    w = np.asarray(weights, dtype=np.float32)
-    if nb.ndim != 2 or nb.shape[0] != n or w.shape != nb.shape:
-        raise ValueError(f"neighbors {nb.shape} and weights {w.shape} must both be ({n}, k)")
-    if anchors is None:
-        return nb, w, None
-    a = np.asarray(anchors)
-    if a.shape != (n,) or a.dtype != bool:
-        raise ValueError(f"anchors must be a boolean mask of shape ({n},), got {a.dtype} {a.shape}")
-    return nb, w, a
-
-
-def _positive_weights(nb: np.ndarray, w: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(safe neighbour ids, weights zeroed on missing / non-positive edges and, with ``mask``, non-mask targets)."""
-    valid = nb >= 0
-    safe = np.where(valid, nb, 0)
-    keep = valid & (w > 0)
-    if mask is not None:
-        keep &= mask[safe]
-    return safe, np.where(keep, w, 0.0).astype(np.float32)
-
-
-def _weighted_sum(values: np.ndarray, nb: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``sum_c w[t, c] * values[nb[t, c]]`` for each row t.
-
-    Column by column over the non-zero weights only: with 5-10% anchors most weights are zero, so this gathers about
-    a tenth of the ``(T, k, d)`` block a dense einsum would (chunked to bound memory).
-    """
-    out = np.zeros((nb.shape[0],) + values.shape[1:], dtype=np.result_type(values.dtype, np.float32))
-    step = _chunk_rows(int(np.prod(values.shape[1:], dtype=np.int64)) * out.itemsize)
-    trailing = (1,) * (values.ndim - 1)
-    for c in range(nb.shape[1]):
-        rows = np.flatnonzero(w[:, c] > 0)
-        for s in range(0, rows.size, step):
-            r = rows[s : s + step]
-            out[r] += w[r, c].reshape((-1,) + trailing) * values[nb[r, c]]
-    return out
-
-
-def _anchor_targets(nb, w, anchors):
-    safe, wa = _positive_weights(nb, w, anchors)
-    total = wa.sum(axis=1)
-    targets = np.flatnonzero(~anchors & (total > 0))
-    return targets, safe[targets], wa[targets], total[targets]
-
-
-def propagate(values, neighbors, weights, anchors, mode: str = "exact") -> np.ndarray:
-    """Spread freshly computed anchor values to their non-anchor neighbours (GRACE score propagation).
-
-    ``values`` is ``(N,)`` or ``(N, d)``; ``anchors`` a bool mask ``(N,)`` of nodes whose values are fresh. For every
-    non-anchor ``i`` with at least one anchor neighbour ``j`` in ``neighbors[i]`` with ``w_ij > 0`` (set ``A_i``)::
-
-        exact:       z_i = (z_i_old + sum_{j in A_i} w_ij z_j) / (1 + sum_{j in A_i} w_ij)
-        paper_eq21:  z_i = 0.5 z_i_old + 0.5 sum_{j in A_i} a_ij z_j,    a_ij = w_ij / sum_{j in A_i} w_ij
-
-    "exact" is the minimiser of ``E(z) = 1/2 (z - z_i_old)^2 + 1/2 sum_{j in A_i} w_ij (z - z_j)^2`` (set
-    ``dE/dz = 0``); "paper_eq21" is the paper's Eq. 21 as printed, which equals it only when the weights sum to 1.
-    Anchors and nodes without an anchor neighbour keep their values. Vectorised (no loop over nodes). Returns a new
-    array.
-
-    Example::
-
-        >>> nb = np.array([[1], [0]]); w = np.array([[1.0], [1.0]], dtype=np.float32)
-        >>> propagate(np.array([0.0, 4.0], dtype=np.float32), nb, w, np.array([False, True])).tolist()
-        [2.0, 4.0]
-        >>> propagate(np.array([0.0, 4.0], dtype=np.float32), nb, w, np.array([False, True]), "paper_eq21").tolist()
-        [2.0, 4.0]
-    """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    z = _float_values(values)
-    nb, w, anchors = _check_graph_args(z.shape[0], neighbors, weights, anchors)
-    out = z.copy()
-    targets, t_nb, t_w, t_total = _anchor_targets(nb, w, anchors)
-    if targets.size == 0:
-        return out
-    num = _weighted_sum(z, t_nb, t_w)
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    # in place on `num`: at (N, d) scale every temporary is hundreds of MB
-    if mode == "exact":
-        num += z[targets]
-        num /= (1.0 + t_total).reshape(shape)
-    else:
-        num /= (2.0 * t_total).reshape(shape)
-        num += 0.5 * z[targets]
-    out[targets] = num
-    return out
-
-
-def propagate_drift(embeddings, drift, neighbors, weights, anchors, mode: str = "exact") -> np.ndarray:
-    """Move non-anchor embeddings along their anchor neighbours' drift (GRACE embedding propagation).
-
-    ``embeddings`` ``(N, d)`` are the current unit rows (anchors already at their fresh values); ``drift`` ``(N, d)``
-    holds ``e_j_new - e_j_old`` for anchors (other rows are ignored). For each non-anchor ``i`` with an anchor
-    neighbour (``A_i`` as in :func:`propagate`)::
-
-        exact:       e_i <- normalize(e_i + sum_{j in A_i} w_ij drift_j / (1 + sum_{j in A_i} w_ij))
-        paper_eq21:  e_i <- normalize(e_i + 0.5 sum_{j in A_i} a_ij drift_j)
-
-    i.e. the same update as :func:`propagate` applied to the displacement, then projected back to the sphere. Other
-    rows are returned unchanged. Returns a new ``(N, d)`` float32 array.
-
-    Example::
-
-        >>> e = np.array([[1.0, 0.0], [1.0, 0.0]], dtype=np.float32)
-        >>> drift = np.array([[0.0, 0.0], [-1.0, 1.0]], dtype=np.float32)  # anchor 1 moved to (0, 1)
-        >>> e[1] = [0.0, 1.0]
-        >>> out = propagate_drift(e, drift, np.array([[1], [0]]), np.ones((2, 1), np.float32), np.array([False, True]))
-        >>> out[0].astype(float).round(3).tolist()
-        [0.707, 0.707]
-    """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    e = np.array(embeddings, dtype=np.float32, copy=True)
-    dr = np.asarray(drift, dtype=np.float32)
-    if e.ndim != 2 or dr.shape != e.shape:
-        raise ValueError(f"embeddings {e.shape} and drift {dr.shape} must both be (N, d)")
-    nb, w, anchors = _check_graph_args(e.shape[0], neighbors, weights, anchors)
-    targets, t_nb, t_w, t_total = _anchor_targets(nb, w, anchors)
-    if targets.size == 0:
-        return e
-    num = _weighted_sum(dr, t_nb, t_w)  # non-anchor drift rows get weight 0 here
-    num /= ((1.0 + t_total) if mode == "exact" else (2.0 * t_total))[:, None]
-    moved = num
-    moved += e[targets]
-    norm = np.linalg.norm(moved, axis=1, keepdims=True)
-    ok = norm[:, 0] > 1e-12  # a drift that cancels the embedding exactly: keep the old row
-    e[targets[ok]] = moved[ok] / norm[ok]
-    return e
-
-
-def neighbour_mean(values, neighbors, weights) -> np.ndarray:
-    """Weighted neighbour average ``m_i = sum_j a_ij v_j`` with ``a_ij = w_ij / sum_j w_ij`` over positive edges.
-
-    For GRACE's disagreement ``|g_i - m_i|`` between a node's importance and its neighbourhood's. ``values`` is
-    ``(N,)`` or ``(N, d)``; nodes without a positive edge get their own value (disagreement 0).
-
-    Example::
-
-        >>> nb = np.array([[1, 2], [0, -1], [0, 1]])
-        >>> w = np.array([[1.0, 3.0], [1.0, 0.0], [0.0, 0.0]], dtype=np.float32)
-        >>> neighbour_mean(np.array([0.0, 4.0, 8.0], dtype=np.float32), nb, w).tolist()
-        [7.0, 0.0, 8.0]
-    """
-    z = _float_values(values)
-    nb, w, _ = _check_graph_args(z.shape[0], neighbors, weights)
-    safe, wp = _positive_weights(nb, w, None)
-    total = wp.sum(axis=1)
-    rows = np.flatnonzero(total > 0)
-    out = z.copy()
-    if rows.size:
-        shape = (-1,) + (1,) * (z.ndim - 1)
-        out[rows] = _weighted_sum(z, safe[rows], wp[rows]) / total[rows].reshape(shape)
-    return out

@@ -1,4 +1,4 @@
-"""Tests for grace_lightning.graph: k-NN graph build/repair (faiss) and GRACE propagation (numpy)."""
+"""Tests for grace_lightning.knn: the k-NN graph's build, incremental repair, recall and checkpointing (faiss)."""
 
 import os
 
@@ -6,40 +6,17 @@ import faiss
 import numpy as np
 import pytest
 
-from grace_lightning.graph import (
-    KnnGraph,
-    edge_weights,
-    neighbour_mean,
-    propagate,
-    propagate_drift,
-    set_faiss_threads,
-)
+from grace_lightning.knn import KnnGraph, set_faiss_threads
+from tests.graph_data import embeddings, one_faiss_thread, unit  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """One faiss thread: OpenMP barriers crawl when other processes share the 2 cores; results do not depend on it."""
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # data and reference computations (plain numpy, independent of the module)
 
 
-def _unit(x):
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _embeddings(n, d=32, rank=8, clusters=40, seed=0):
-    """Clustered, low-rank unit vectors: closer to real embeddings than iid Gaussians (where ANN recall is poor)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, rank))
-    z = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, rank))
-    return _unit(z @ rng.standard_normal((rank, d)) + 0.4 * rng.standard_normal((n, d)))
 
 
 def _move(x, frac, seed=1, scale=1.0):
@@ -47,7 +24,7 @@ def _move(x, frac, seed=1, scale=1.0):
     rng = np.random.default_rng(seed)
     moved = np.sort(rng.choice(len(x), int(frac * len(x)), replace=False))
     y = x.copy()
-    y[moved] = _unit(y[moved] + scale * rng.standard_normal((moved.size, x.shape[1])) / np.sqrt(x.shape[1]))
+    y[moved] = unit(y[moved] + scale * rng.standard_normal((moved.size, x.shape[1])) / np.sqrt(x.shape[1]))
     return y, moved
 
 
@@ -84,7 +61,7 @@ def _check_rows(graph, x):
 
 
 def test_flat_build_equals_brute_force():
-    x = _unit(np.random.default_rng(0).standard_normal((600, 16)))
+    x = unit(np.random.default_rng(0).standard_normal((600, 16)))
     graph = KnnGraph.build(x, k=7, method="flat")
     truth, truth_sims = _exact_knn(x, 7)
     assert graph.method == "flat" and graph.neighbors.shape == (600, 7)
@@ -95,7 +72,7 @@ def test_flat_build_equals_brute_force():
 
 
 def test_auto_method_follows_threshold():
-    x = _embeddings(300)
+    x = embeddings(300)
     assert KnnGraph.build(x, k=5).method == "flat"
     assert KnnGraph.build(x, k=5, exact_threshold=299).method == "hnsw"
     with pytest.raises(ValueError):
@@ -104,21 +81,21 @@ def test_auto_method_follows_threshold():
 
 def test_duplicates_float16_and_tiny_pools():
     # duplicates: another id can tie with self; self must still be removed and the twin kept
-    x = np.repeat(_embeddings(50, seed=3), 2, axis=0).astype(np.float16)
+    x = np.repeat(embeddings(50, seed=3), 2, axis=0).astype(np.float16)
     graph = KnnGraph.build(x, k=3)
     assert (graph.neighbors != np.arange(100)[:, None]).all()
     twins = np.arange(100) ^ 1
     assert (graph.neighbors == twins[:, None]).any(axis=1).all()
     # fewer than k other nodes: -1 / -inf padding, last
     for method in ("flat", "hnsw"):
-        small = KnnGraph.build(_embeddings(4, seed=4), k=6, method=method)
+        small = KnnGraph.build(embeddings(4, seed=4), k=6, method=method)
         assert (small.neighbors[:, 3:] == -1).all() and np.isneginf(small.similarities[:, 3:]).all()
         assert (small.neighbors[:, :3] >= 0).all()
         assert (small.neighbors != np.arange(4)[:, None]).all()
 
 
 def test_hnsw_build_recall():
-    x = _embeddings(5000)
+    x = embeddings(5000)
     graph = KnnGraph.build(x, k=10, method="hnsw")
     assert graph.method == "hnsw"
     full = _recall(graph.neighbors, x)
@@ -128,7 +105,7 @@ def test_hnsw_build_recall():
 
 
 def test_recall_counts_misses():
-    x = _embeddings(500, seed=5)
+    x = embeddings(500, seed=5)
     graph = KnnGraph.build(x, k=5)
     graph.neighbors[::2, -1] = (np.arange(0, 500, 2) + 250) % 500  # corrupt the last edge of every other row
     assert graph.recall(x, sample=500) == pytest.approx(_recall(graph.neighbors, x))
@@ -142,7 +119,7 @@ def test_recall_counts_misses():
 @pytest.mark.parametrize("method", ["flat", "hnsw-overlay", "hnsw-inplace"])
 @pytest.mark.parametrize("repair", ["search", "two_hop"])
 def test_update_restores_recall(method, repair):
-    x = _embeddings(4000, seed=6)
+    x = embeddings(4000, seed=6)
     # inplace_drift 0: every moved node goes to the overlay; 2 (the largest distance between unit vectors): every
     # moved node is written into the HNSW index in place (these moves are large: cosine to the old vector ~0.7)
     inplace = {"hnsw-overlay": 0.0, "hnsw-inplace": 2.0}.get(method, 0.5)
@@ -166,18 +143,18 @@ def test_update_restores_recall(method, repair):
 
 
 def test_update_moves_node_next_to_its_new_neighbours():
-    x = _embeddings(1000, seed=7)
+    x = embeddings(1000, seed=7)
     for method in ("flat", "hnsw"):
         graph = KnnGraph.build(x, k=5, method=method)
         y = x.copy()
-        y[:10] = _unit(x[500:510] + 1e-3)  # nodes 0-9 jump next to 500-509
+        y[:10] = unit(x[500:510] + 1e-3)  # nodes 0-9 jump next to 500-509
         graph.update(y, np.arange(10))
         assert (graph.neighbors[:10, 0] == np.arange(500, 510)).all()
         assert all(i in graph.neighbors[500 + i] for i in range(10))  # reverse edges inserted
 
 
 def test_overlay_limit_triggers_rebuild_and_moving_again_replaces():
-    x = _embeddings(3000, seed=8)
+    x = embeddings(3000, seed=8)
     graph = KnnGraph.build(x, k=10, method="hnsw", overlay_limit=0.08, inplace_drift=0.0)
     y, first = _move(x, 0.05, seed=11)
     assert graph.update(y, first)["overlay"] == first.size
@@ -196,7 +173,7 @@ def test_overlay_limit_triggers_rebuild_and_moving_again_replaces():
 
 def test_hnsw_search_skips_stale_entries():
     """White-box: after an overlay update, searches return every node at its *new* vector, never the stale HNSW copy."""
-    x = _embeddings(3000, seed=12)
+    x = embeddings(3000, seed=12)
     graph = KnnGraph.build(x, k=10, method="hnsw", overlay_limit=0.5)
     moved = np.sort(np.random.default_rng(0).choice(3000, 1200, replace=False))
     y = x.copy()
@@ -210,7 +187,7 @@ def test_hnsw_search_skips_stale_entries():
 
 
 def test_update_without_moves_and_bad_input():
-    x = _embeddings(200, seed=9)
+    x = embeddings(200, seed=9)
     graph = KnnGraph.build(x, k=4)
     before = graph.neighbors.copy()
     stats = graph.update(x, np.array([], dtype=np.int64))
@@ -229,7 +206,7 @@ def test_update_without_moves_and_bad_input():
 @pytest.mark.parametrize("method", ["flat", "hnsw"])
 def test_state_dict_round_trip(method):
     torch = pytest.importorskip("torch")
-    x = _embeddings(1500, seed=10)
+    x = embeddings(1500, seed=10)
     graph = KnnGraph.build(x, k=8, method=method, ef_search=48)
     y, moved = _move(x, 0.03, seed=2)
     graph.update(y, moved)
@@ -260,149 +237,3 @@ def test_set_faiss_threads():
         assert set_faiss_threads() == os.cpu_count() == faiss.omp_get_max_threads()
     finally:
         faiss.omp_set_num_threads(previous)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# weights and propagation
-
-
-def _random_graph(n=300, k=6, seed=0):
-    """Random rows with some missing (-1) and some negative-similarity edges, plus a few isolated nodes."""
-    rng = np.random.default_rng(seed)
-    nb = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
-    sims = rng.uniform(-0.3, 1.0, (n, k)).astype(np.float32)
-    nb[rng.random((n, k)) < 0.1] = -1
-    nb[:5] = -1  # isolated
-    sims[nb < 0] = -np.inf
-    anchors = rng.random(n) < 0.2
-    anchors[:5] = False
-    return nb, sims, anchors
-
-
-def test_edge_weights():
-    nb = np.array([[1, 2, -1]])
-    sims = np.array([[0.5, -0.25, 0.9]], dtype=np.float32)
-    np.testing.assert_array_equal(edge_weights(nb, sims), [[0.5, 0.0, 0.0]])  # -1 edge -> 0 even with a value
-    np.testing.assert_array_equal(edge_weights(np.array([[0.5, -0.25, -np.inf]])), [[0.5, 0.0, 0.0]])
-    assert edge_weights(sims).dtype == np.float32
-
-
-def _loop_propagate(z, nb, w, anchors, mode):
-    out = z.astype(np.float64).copy()
-    for i in range(len(z)):
-        if anchors[i]:
-            continue
-        js = [(j, wj) for j, wj in zip(nb[i], w[i]) if j >= 0 and wj > 0 and anchors[j]]
-        if not js:
-            continue
-        total = sum(wj for _, wj in js)
-        acc = sum(wj * z[j].astype(np.float64) for j, wj in js)
-        out[i] = (z[i] + acc) / (1 + total) if mode == "exact" else 0.5 * z[i] + 0.5 * acc / total
-    return out
-
-
-@pytest.mark.parametrize("mode", ["exact", "paper_eq21"])
-def test_propagate_matches_formula(mode):
-    nb, sims, anchors = _random_graph()
-    w = edge_weights(nb, sims)
-    rng = np.random.default_rng(1)
-    for z in (rng.standard_normal(300).astype(np.float32), rng.standard_normal((300, 3)).astype(np.float32)):
-        original = z.copy()
-        out = propagate(z, nb, w, anchors, mode=mode)
-        np.testing.assert_array_equal(z, original)  # input untouched
-        np.testing.assert_allclose(out, _loop_propagate(z, nb, w, anchors, mode), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(out[anchors], z[anchors])
-        np.testing.assert_array_equal(out[:5], z[:5])  # isolated
-        has_anchor = ((nb >= 0) & (w > 0) & anchors[np.where(nb >= 0, nb, 0)]).any(axis=1)
-        untouched = ~anchors & ~has_anchor
-        assert untouched.sum() > 5
-        np.testing.assert_array_equal(out[untouched], z[untouched])
-        assert not np.allclose(out[~anchors & has_anchor], z[~anchors & has_anchor])
-    # (N, d) is column-wise the same as (N,)
-    zd = rng.standard_normal((300, 2)).astype(np.float32)
-    for c in range(2):
-        column = propagate(zd[:, c], nb, w, anchors, mode)
-        np.testing.assert_allclose(propagate(zd, nb, w, anchors, mode)[:, c], column, rtol=1e-6)
-
-
-def test_propagate_exact_is_the_energy_minimiser():
-    nb, sims, anchors = _random_graph(seed=2)
-    w = edge_weights(nb, sims)
-    z = np.random.default_rng(3).standard_normal(300).astype(np.float32)
-    out = propagate(z, nb, w, anchors, mode="exact")
-    paper = propagate(z, nb, w, anchors, mode="paper_eq21")
-    checked = 0
-    for i in np.flatnonzero(~anchors):
-        js = [(j, wj) for j, wj in zip(nb[i], w[i]) if j >= 0 and wj > 0 and anchors[j]]
-        if not js:
-            continue
-
-        def energy(v):
-            return 0.5 * (v - z[i]) ** 2 + 0.5 * sum(wj * (v - z[j]) ** 2 for j, wj in js)
-
-        h = 1e-3
-        gradient = (energy(out[i] + h) - energy(out[i] - h)) / (2 * h)
-        assert abs(gradient) < 1e-4
-        assert energy(out[i]) <= min(energy(out[i] + 0.01), energy(out[i] - 0.01))
-        assert energy(out[i]) <= energy(paper[i]) + 1e-9  # Eq. 21 is not the minimiser in general
-        checked += 1
-        if checked == 10:
-            break
-    assert checked == 10
-
-
-def test_propagate_rejects_bad_input():
-    nb, sims, anchors = _random_graph()
-    w = edge_weights(nb, sims)
-    with pytest.raises(ValueError):
-        propagate(np.zeros(300), nb, w, anchors, mode="eq21")
-    with pytest.raises(ValueError):
-        propagate(np.zeros(299), nb, w, anchors)
-    with pytest.raises(ValueError):
-        propagate(np.zeros(300), nb, w, anchors.astype(int))
-
-
-@pytest.mark.parametrize("mode", ["exact", "paper_eq21"])
-def test_propagate_drift(mode):
-    x = _embeddings(800, seed=11)
-    graph = KnnGraph.build(x, k=6)
-    w = edge_weights(graph.neighbors, graph.similarities)
-    rng = np.random.default_rng(4)
-    anchors = rng.random(800) < 0.1
-    direction = _unit(rng.standard_normal((1, 32)))[0]
-    new = x.copy()
-    new[anchors] = _unit(x[anchors] + 0.5 * direction)  # anchors all drift the same way
-    drift = np.zeros_like(x)
-    drift[anchors] = new[anchors] - x[anchors]
-    drift[~anchors] = 100.0  # must be ignored
-
-    out = propagate_drift(new, drift, graph.neighbors, w, anchors, mode=mode)
-
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(out[anchors], new[anchors])
-    has_anchor = ((w > 0) & anchors[graph.neighbors]).any(axis=1) & ~anchors
-    assert has_anchor.sum() > 100
-    np.testing.assert_array_equal(out[~anchors & ~has_anchor], x[~anchors & ~has_anchor])
-    # followers moved toward the anchors' drift direction
-    assert ((out[has_anchor] - x[has_anchor]) @ direction > 0).all()
-    # and by the formula
-    wa = np.where(anchors[graph.neighbors], w, 0)
-    acc = np.einsum("ik,ikd->id", wa, drift[graph.neighbors])
-    total = wa.sum(axis=1, keepdims=True)
-    step = acc / (1 + total) if mode == "exact" else 0.5 * acc / np.maximum(total, 1e-12)
-    np.testing.assert_allclose(out[has_anchor], _unit(x + step)[has_anchor], atol=1e-5)
-
-
-def test_neighbour_mean():
-    nb, sims, _ = _random_graph(seed=5)
-    w = edge_weights(nb, sims)
-    g = np.random.default_rng(6).standard_normal(300).astype(np.float32)
-    out = neighbour_mean(g, nb, w)
-    for i in range(300):
-        js = [(j, wj) for j, wj in zip(nb[i], w[i]) if j >= 0 and wj > 0]
-        expected = sum(wj * g[j] for j, wj in js) / sum(wj for _, wj in js) if js else g[i]
-        assert out[i] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    np.testing.assert_array_equal(out[:5], g[:5])  # no edge: own value
-    g2 = np.stack([g, 2 * g], axis=1)
-    np.testing.assert_allclose(neighbour_mean(g2, nb, w)[:, 1], 2 * out, rtol=1e-5)
