@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +37,9 @@ class Origin:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.token = secrets.token_hex(8)
+        # A payload nobody reads (a DDP fit whose `history` is never asked for) is removed when this object
+        # goes, or at exit, by the launching process only (forked or spawned copies never register or delete).
+        weakref.finalize(self, _remove_unread, self.path, self.pid)
 
     def is_here(self) -> bool:
         """Whether this is the process that built the object."""
@@ -58,3 +62,8 @@ class Origin:
         payload = torch.load(self.path, weights_only=True)
         self.path.unlink(missing_ok=True)
         return payload
+
+
+def _remove_unread(path: Path, pid: int) -> None:
+    if os.getpid() == pid:
+        path.unlink(missing_ok=True)

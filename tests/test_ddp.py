@@ -155,3 +155,17 @@ def test_worker_processes_hand_history_and_selection_back(launch, form):
         assert sampler.state_dict()["versions"][-1]["start"] == 4
         assert sampler.selection.numel() == 32
     assert not callback._origin.path.exists(), "the hand-back file is removed once read"
+
+
+def test_an_unread_hand_back_is_removed_when_the_callback_goes(tmp_path):
+    """A DDP fit whose history is never read must not leave files behind in the temporary directory."""
+    import gc
+
+    from grace_lightning.handback import Origin
+
+    origin = Origin()
+    path = origin.path
+    path.write_bytes(b"payload")  # as rank 0 of a forked or spawned fit would have written it
+    del origin
+    gc.collect()
+    assert not path.exists()
