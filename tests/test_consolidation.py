@@ -111,3 +111,18 @@ def test_fast_dev_run_is_left_alone_and_says_so(form, caplog):
     assert "fast_dev_run=2" in caplog.text and "stands aside" in caplog.text
     assert callback.history == [], "no refresh under fast_dev_run"
     assert len(model.seen) == 2 and all(len(b) == 8 for b in model.seen)
+
+
+def test_the_scoring_signal_and_the_probe_loss_are_one_definition():
+    from grace_lightning.signals import SignalExtractor
+    from grace_lightning.signals.capture import inference_forward
+
+    data = IndexedBlobs(n=16)
+    batch = next(iter(DataLoader(data, batch_size=16)))
+    model = TinyClassifier(dropout=0.2)
+    extractor = SignalExtractor.for_module(model, batch)
+    with inference_forward(model):
+        scored = extractor.score_batch(batch).loss
+        probed = extractor.example_losses(batch)
+    assert torch.equal(scored, probed)
+    assert model.training, "the forward context put the module's mode back"

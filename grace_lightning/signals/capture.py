@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .closed_form import IGNORE_INDEX, causal_lm_signals, classification_signals
+from .closed_form import IGNORE_INDEX, causal_lm_losses, causal_lm_signals, classification_losses, classification_signals
 from .types import ExampleSignals
 
 __all__ = ["SignalCaptureError", "SignalExtractor", "Mode", "ModuleModes", "inference_forward"]
@@ -351,14 +351,8 @@ class SignalExtractor:
             raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
         logits = outputs[-1]
         if self.mode == "classification":
-            return F.cross_entropy(logits.float(), batch[1].to(logits.device), reduction="none")
-        labels = _lm_labels(batch).to(logits.device)[:, 1:]
-        token = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
-            ignore_index=IGNORE_INDEX,
-        ).view(labels.shape)
-        supervised = (labels != IGNORE_INDEX).sum(dim=1)
-        return token.sum(dim=1) / supervised.clamp(min=1)
+            return classification_losses(logits, batch[1].to(logits.device))
+        return causal_lm_losses(logits, _lm_labels(batch).to(logits.device))
 
     def _score_custom_raw(self, batch: Any) -> ExampleSignals:
         out = self.pl_module.coreset_signals(batch)  # type: ignore[operator]

@@ -24,9 +24,31 @@ from torch import Tensor
 
 from .types import ExampleSignals
 
-__all__ = ["classification_signals", "causal_lm_signals"]
+__all__ = ["classification_signals", "causal_lm_signals", "classification_losses", "causal_lm_losses"]
 
 IGNORE_INDEX = -100
+
+
+def classification_losses(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``(B,)`` per-example cross-entropy in float32, differentiable; 0 for a target equal to ``ignore_index``.
+
+    The one definition of a classifier's per-example loss: the scoring signal (:func:`classification_signals`)
+    and the probes' training and evaluation losses both use it, so they cannot drift apart.
+    """
+    return F.cross_entropy(logits.float(), targets.long(), reduction="none", ignore_index=ignore_index)
+
+
+def causal_lm_losses(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``(B,)`` mean next-token cross-entropy over each sequence's supervised tokens (HF labels, unshifted).
+
+    Float32 and differentiable; 0 for a sequence without a supervised token. The one definition of a causal
+    LM's per-sequence loss, shared by :func:`causal_lm_signals` and the probes.
+    """
+    shifted = labels[:, 1:].long()
+    token = classification_losses(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=ignore_index
+    ).view(shifted.shape)
+    return token.sum(dim=1) / (shifted != ignore_index).sum(dim=1).clamp(min=1)
 
 
 def classification_signals(
@@ -63,9 +85,8 @@ def classification_signals(
     valid = (y >= 0) & (y < z.shape[1])
     y_safe = torch.where(valid, y, torch.zeros_like(y))  # one_hot/gather need in-range indices
 
-    log_p = torch.log_softmax(z, dim=-1)
-    loss = -log_p.gather(1, y_safe[:, None]).squeeze(1)
-    e = log_p.exp() - F.one_hot(y_safe, z.shape[1]).to(z.dtype)
+    loss = classification_losses(z, y_safe)
+    e = torch.softmax(z, dim=-1) - F.one_hot(y_safe, z.shape[1]).to(z.dtype)
     h_sq = h.pow(2).sum(-1) + (1.0 if has_bias else 0.0)
     error_norm = e.norm(dim=-1)  # EL2N: the head-gradient norm is this times ‖(h, 1)‖
     grad_norm = error_norm * h_sq.sqrt()
@@ -153,10 +174,9 @@ def _sequence_signals(
         return nan, nan, torch.full((h.shape[-1],), float("nan"), dtype=torch.float32, device=h.device), nan
     z = z.float()
     h = h.float()
-    log_p = torch.log_softmax(z, dim=-1)
-    loss = -log_p.gather(1, y[:, None]).squeeze(1).mean()
+    loss = classification_losses(z, y).mean()  # the per-token loss every caller shares, over supervised tokens
 
-    e = log_p.exp_()  # reuse the buffer: log_p is not needed after the loss
+    e = torch.softmax(z, dim=-1)
     e[torch.arange(n, device=e.device), y] -= 1.0
     e /= n
     error_norm = e.norm(dim=-1).sum()  # = mean_t ‖p_t − onehot(y_t)‖, since every row was divided by n
