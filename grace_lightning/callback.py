@@ -286,7 +286,8 @@ class CoresetCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.sampler is None or self._standing_aside:
             return {}  # no coreset was built in this fit: nothing to resume
-        self._measure.flush(self._trainer) if self._trainer is not None else None
+        if self._trainer is not None:
+            self._measure.flush(self._trainer)
         return {
             "sampler": self.sampler.state_dict(),
             "rng": self._rng.state_dict(self._trainer),  # a collective: state_dict runs on every rank

@@ -118,7 +118,7 @@ def check_trainer(trainer: Trainer, schedule: RefreshSchedule, every_n_steps: Op
 
 def check_one_callback_per_sampler(callbacks: list, mine: Any) -> None:
     """Two callbacks driving one sampler would both refresh it and the last would win: refuse at setup."""
-    others = [c for c in callbacks if c is not mine and type(c) is type(mine) and c.sampler is mine.sampler]
+    others = [c for c in callbacks if c is not mine and getattr(c, "sampler", None) is mine.sampler]
     if others:
         raise ValueError(
             "CoresetCallback: two CoresetCallbacks drive the same CoresetSampler, so both would refresh it and "
