@@ -186,10 +186,10 @@ class CoresetCallback(Callback):
         self.scoring_batch_size = positive_int_or_none(_OWNER, "scoring_batch_size", scoring_batch_size)
         self.scoring_num_workers = non_negative_int(_OWNER, "scoring_num_workers", scoring_num_workers)
         self.capture_training_signals = bool(capture_training_signals)
-        if max_selection_share is not None:
-            real(_OWNER, "max_selection_share", max_selection_share, low=0, high=1, low_open=True, high_open=True,
-                 hint=" (e.g. 0.05 for 5% of wall clock) or None")
-        self.max_selection_share = max_selection_share
+        self.max_selection_share = None if max_selection_share is None else real(
+            _OWNER, "max_selection_share", max_selection_share, low=0, high=1, low_open=True, high_open=True,
+            hint=" (e.g. 0.05 for 5% of wall clock) or None",
+        )
         self.max_invalid_share = real(
             _OWNER, "max_invalid_share", max_invalid_share, low=0, high=1, high_open=True, hint=" (e.g. 0.5)"
         )
@@ -451,12 +451,12 @@ class CoresetCallback(Callback):
             self._measure.check_mostly_valid(self.max_invalid_share, self.strategy.name)
         cold = self.strategy.is_cold(inputs)
         if score and not cold:  # probe
-            if self.reference is not None and self.strategy.reference != "unused":
-                inputs = replace(inputs, reference=self._measure.score_reference(trainer, pl_module, self._reference(trainer)))
+            reference = None if self.reference is None else self._reference(trainer)
+            if reference is not None and self.strategy.reference != "unused":
+                inputs = replace(inputs, reference=self._measure.score_reference(trainer, pl_module, reference))
             request = self.strategy.to_probe(inputs) if trainer.is_global_zero else None
             request = trainer.strategy.broadcast(request, src=0)
             if request is not None:
-                reference = None if self.reference is None else self._reference(trainer)
                 probe = self._measure.probe(trainer, pl_module, request, self._loader.loader(trainer), reference)
                 inputs, probe_seconds = replace(inputs, probe=probe), probe.seconds  # max over ranks
         selection: Optional[Selection] = None

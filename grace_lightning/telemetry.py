@@ -73,11 +73,14 @@ class RefreshLog:
         self.fit_started_at = 0.0
 
     def add(self, trainer: Any, seconds: float, numbers: dict[str, float], phases: dict[str, float]) -> dict[str, float]:
-        """Record one refresh that took ``seconds`` (max over ranks); log it through the Trainer's loggers."""
+        """Record one refresh that took ``seconds`` (max over ranks); log it through the Trainer's loggers.
+
+        ``numbers`` are the refresh's own (its number, subset size, ...); ``phases`` are seconds and diagnostics
+        (the strategy's among them), which may not overwrite the refresh's own numbers.
+        """
         self.selection_seconds += seconds
         wall = max(time.perf_counter() - self.fit_started_at, 1e-9)
         record = {
-            "refresh": float(len(self.records) + 1),
             "selection_seconds": seconds,
             "selection_seconds_total": self.selection_seconds,
             "selection_share": self.selection_seconds / wall,

@@ -61,7 +61,6 @@ from collections.abc import Mapping
 from typing import Any, Callable, ContextManager, Iterator, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -363,7 +362,8 @@ class SignalExtractor:
         return out
 
     def _score_custom(self, batch: Any) -> ExampleSignals:
-        return _as_float32(self._score_custom_raw(batch))
+        out = self._score_custom_raw(batch)
+        return out.to(out.loss.device)  # the declared dtypes (float32, lengths int64), detached
 
     def _run_forward(self, batch: Any) -> Any:
         """The mode's forward of ``batch``; returns what it returned (only ``verify`` looks at it)."""
@@ -517,10 +517,6 @@ def _accepts_kwarg(module: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params
-
-
-def _as_float32(s: ExampleSignals) -> ExampleSignals:
-    return s.to(s.loss.device)
 
 
 def _shape_error(mode: str, head_input: Tensor, head_output: Tensor, what: str) -> SignalCaptureError:

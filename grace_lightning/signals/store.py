@@ -77,7 +77,7 @@ class SignalStore:
         # One array per declared signal (signals/types.py): the ones every batch carries now, the others
         # (embedding: (N, d) float16 unit rows; error_norm) when the first measurement arrives.
         for spec in SIGNALS:
-            eager = spec.required or spec.default is not None
+            eager = spec.always_present
             setattr(self, spec.name, self._array(spec.name, (pool_size,), spec.store_dtype, spec.fill) if eager else None)
         self.last_step = self._array("last_step", (pool_size,), np.int32, -1)
         self.projection: Optional[Tensor] = None  # (D, d) float32, when embeddings arrive wider than d
@@ -141,7 +141,8 @@ class SignalStore:
             value = value[keep]
             if spec.name == "embedding":  # stored as unit rows, projected to at most max_embedding_dim
                 value = F.normalize(self.project(value), dim=1)
-            self._column(spec, tuple(value.shape[1:]))[idx] = value.to(getattr(torch, np.dtype(spec.store_dtype).name))
+            column = self._column(spec, tuple(value.shape[1:]))
+            column[idx] = value.to(column.dtype)
         return rejected
 
     def _column(self, spec: SignalSpec, width: tuple) -> Tensor:
@@ -174,7 +175,7 @@ class SignalStore:
         for spec in SIGNALS:
             saved = state.get(spec.name)  # a signal added after the checkpoint was written is absent
             if saved is None:
-                if not (spec.required or spec.default is not None):
+                if not spec.always_present:
                     setattr(self, spec.name, None)
                 continue
             # Copy into the existing arrays: in memmap mode they are the files.

@@ -44,6 +44,11 @@ class SignalSpec:
     default: Optional[int] = None
     checked: bool = True
 
+    @property
+    def always_present(self) -> bool:
+        """Every batch of signals carries it (required, or filled with ``default``): the store allocates it at once."""
+        return self.required or self.default is not None
+
 
 def _signal(doc: str, **spec: Any) -> Any:
     required = spec.get("required", False)

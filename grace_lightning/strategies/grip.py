@@ -315,8 +315,8 @@ class GripState:
     """GRIP's memory within and between refreshes (rank 0 only).
 
     :meth:`Grip.to_probe` clusters the pool and draws the probe slices; :meth:`Grip.select`, called at the
-    same refresh with the probes' losses, reads them back from here. ``refresh`` identifies that refresh;
-    a ``select`` at another refresh re-clusters.
+    same refresh with the probes' losses (and their request, whose ``keys`` are the probed clusters), reuses
+    the clusters kept here. ``refresh`` identifies that refresh; a ``select`` at another refresh re-clusters.
 
     Attributes:
         refresh: ``[epoch, step, now_batch]`` of the refresh the clusters belong to, or ``None``.
