@@ -32,6 +32,8 @@ class GraceState:
         seen_step: ``(N,)`` int32 snapshot of the store's ``last_step`` at the previous refresh; an example
             whose ``last_step`` differs was measured since (scored as an anchor or trained on for free).
         last_now: batch position of the previous refresh.
+        projection: ``(d, graph_dim)`` float32 PCA basis fitted at the graph's build, mapping the store's
+            embeddings into the graph's space (``None``: the graph uses the store's embeddings as they are).
     """
 
     def __init__(self, pool_size: int) -> None:
@@ -41,6 +43,7 @@ class GraceState:
         self.importance = np.zeros(pool_size, dtype=np.float32)
         self.seen_step = np.full(pool_size, -1, dtype=np.int32)
         self.last_now = 0
+        self.projection: Optional[np.ndarray] = None
 
     def state_dict(self) -> dict[str, Any]:
         graph = None
@@ -52,12 +55,15 @@ class GraceState:
             "importance": torch.from_numpy(self.importance),
             "seen_step": torch.from_numpy(self.seen_step),
             "last_now": self.last_now,
+            "projection": None if self.projection is None else torch.from_numpy(self.projection),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.importance = state["importance"].numpy().copy()
         self.seen_step = state["seen_step"].numpy().copy()
         self.last_now = int(state["last_now"])
+        projection = state.get("projection")  # absent in checkpoints written before graph_dim existed
+        self.projection = None if projection is None else projection.numpy().copy()
         self.node_embedding = None if state["node_embedding"] is None else state["node_embedding"].numpy().copy()
         self.graph = None
         if state["graph"] is not None:
@@ -88,13 +94,17 @@ class Grace(Strategy):
             importance against the edge-weighted mean of the neighbours').
         propagation: ``"exact"`` (the smoothing energy's minimiser ``z = (z_old + Σ w_ij z_j) / (1 + Σ w_ij)``)
             or ``"paper_eq21"`` (the paper's printed ``z = ½ z_old + ½ Σ a_ij z_j``).
-        drift_threshold: embedding drift (L2 distance between unit vectors; 0.05 is a cosine change of
-            about 0.001) above which an anchor's edges are repaired. ``None`` repairs only the anchors above
-            the 90th percentile of this refresh's drifts (cheaper, lower recall when many anchors move).
+        drift_threshold: embedding drift (L2 distance between unit vectors in the graph's space; 0.05 is a
+            cosine change of about 0.001) above which an anchor's edges are repaired. ``None`` (the default)
+            repairs only the anchors above the 90th percentile of this refresh's drifts: while a model trains,
+            nearly every anchor drifts past any fixed threshold, so a fixed one re-searches them all.
         lam: weight of the importance term in the objective.
         weighting: ``"coverage"`` (each pick weighted by the pool examples it covers, mean 1) or ``"none"``.
         graph_method: ``"auto"`` (exact below ``exact_threshold`` examples, HNSW above), ``"flat"``, ``"hnsw"``.
         exact_threshold: pool size up to which ``"auto"`` uses exact search.
+        graph_dim: the graph lives in the span of the embeddings' top ``graph_dim`` singular directions (fitted on
+            up to 4,096 examples when the graph is built, then fixed), which cuts every search by ``d / graph_dim``;
+            ``None`` keeps the store's dimension.
 
     Example::
 
@@ -111,11 +121,12 @@ class Grace(Strategy):
         staleness_weight: float = 1.0,
         disagreement_weight: float = 1.0,
         propagation: str = "exact",
-        drift_threshold: Optional[float] = 0.05,
+        drift_threshold: Optional[float] = None,
         lam: float = 1.0,
         weighting: str = "coverage",
         graph_method: str = "auto",
-        exact_threshold: int = 200_000,
+        exact_threshold: int = 20_000,
+        graph_dim: Optional[int] = 32,
     ) -> None:
         positive_int("grace", "k", k, hint=" (e.g. 10)")
         if importance not in ("grad_norm", "loss"):
@@ -127,6 +138,10 @@ class Grace(Strategy):
             raise ValueError(f"grace: `weighting` must be 'coverage' or 'none', got {weighting!r}.")
         if graph_method not in ("auto", "flat", "hnsw"):
             raise ValueError(f"grace: `graph_method` must be 'auto', 'flat' or 'hnsw', got {graph_method!r}.")
+        if graph_dim is not None:
+            positive_int("grace", "graph_dim", graph_dim, hint=" (e.g. 32) or None")
+        if drift_threshold is not None:
+            non_negative_float("grace", "drift_threshold", drift_threshold)
         non_negative_float("grace", "lam", lam)
         non_negative_float("grace", "staleness_weight", staleness_weight)
         non_negative_float("grace", "disagreement_weight", disagreement_weight)
@@ -141,6 +156,7 @@ class Grace(Strategy):
         self.weighting = weighting
         self.graph_method = graph_method
         self.exact_threshold = exact_threshold
+        self.graph_dim = graph_dim
 
     def __repr__(self) -> str:
         return f"Grace(k={self.k}, importance={self.importance!r}, anchor_fraction={self.anchor_fraction})"
@@ -185,10 +201,10 @@ class Grace(Strategy):
         store, state = inputs.store, inputs.state
         require_embeddings(store, "grace")
         diagnostics: dict[str, float] = {}
-        measured_embedding = store.embedding.numpy()
         began = time.perf_counter()
         if state.graph is None:
-            state.node_embedding = measured_embedding.copy()
+            state.projection = self._fit_projection(store.embedding.numpy())
+            state.node_embedding = self._to_graph_space(store.embedding.numpy(), state).astype(np.float16)
             state.importance = self._measured_importance(inputs)
             diagnostics["propagation_seconds"] = 0.0
             graph_began = time.perf_counter()
@@ -209,7 +225,7 @@ class Grace(Strategy):
             state.importance = propagate(importance, state.graph.neighbors, weights, anchors, mode=self.propagation)
             # propagate_drift makes the one fp32 copy of the fp16 node embeddings; at 1M x 128 each (N, d) fp32
             # array is 512 MB, so no other is kept alive beside it and the drift.
-            fresh = measured_embedding[anchors].astype(np.float32)
+            fresh = self._to_graph_space(store.embedding.numpy()[anchors], state)
             drift = np.zeros(state.node_embedding.shape, dtype=np.float32)
             drift[anchors] = fresh - state.node_embedding[anchors].astype(np.float32)
             moved = self._moved(anchors, drift)
@@ -240,6 +256,26 @@ class Grace(Strategy):
         indices = torch.from_numpy(result.selected.astype(np.int64))
         weights = torch.from_numpy(result.weights.astype(np.float32)) if self.weighting == "coverage" else None
         return Selection(indices, weights, diagnostics)
+
+    def _fit_projection(self, embeddings: np.ndarray) -> Optional[np.ndarray]:
+        """The top ``graph_dim`` right singular vectors of (a fixed sample of) the measured embeddings."""
+        d = embeddings.shape[1]
+        if self.graph_dim is None or self.graph_dim >= d:
+            return None
+        rows = np.random.default_rng(0).permutation(embeddings.shape[0])[:4096]  # fixed: no draw on the run's RNG
+        # Uncentered: the best rank-r approximation of the vectors themselves preserves their inner products best.
+        sample = embeddings[np.sort(rows)].astype(np.float64)
+        _, _, vt = np.linalg.svd(sample, full_matrices=False)
+        return np.ascontiguousarray(vt[: self.graph_dim].T, dtype=np.float32)
+
+    @staticmethod
+    def _to_graph_space(embeddings: np.ndarray, state: GraceState) -> np.ndarray:
+        """Unit float32 rows in the graph's space (projected by ``state.projection`` when there is one)."""
+        x = embeddings.astype(np.float32)
+        if state.projection is not None:
+            x = x @ state.projection
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
 
     def _moved(self, anchors: np.ndarray, drift: np.ndarray) -> np.ndarray:
         ids = anchors.nonzero()[0]
