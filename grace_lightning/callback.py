@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from grace_lightning.budget import OverheadBudget
 from grace_lightning.distributed import max_over_ranks
 from grace_lightning.handback import Origin
 from grace_lightning.inputs import (
@@ -101,8 +102,12 @@ class CoresetCallback(Callback):
             random projection above it; ``None`` keeps them as the model gives them).
         signal_memmap_dir: keep the signal store in memory-mapped files in this directory (pools that do
             not fit in RAM); ``None`` keeps it in RAM.
-        max_selection_share: overhead budget, a share of the fit's wall clock in ``(0, 1)``. When selection
-            exceeds it, later refreshes ask the strategy for proportionally less scoring work (``fidelity``).
+        max_selection_share: overhead budget, a share of the fit's wall clock in ``(0, 1)``, e.g. ``0.05``. A
+            scheduled refresh runs only if the selection seconds so far plus the last refresh's cost stay within
+            it (else it is skipped, counted in ``skipped_refreshes``, and the subset trains on), and refreshes ask
+            the strategy for proportionally less scoring work (``fidelity``). The decisions follow measured time,
+            so two runs of one seed can refresh at different steps; ``None`` (the default) keeps a run a pure
+            function of its seed.
             Selections then depend on measured time, so runs are no longer reproducible bit for bit.
         reference: a reference set (a ``Dataset`` of items in the training format, or a ``DataLoader`` over
             one), for strategies that measure influence or build queries on it (``group_mates``, ``gip``).
@@ -202,6 +207,7 @@ class CoresetCallback(Callback):
         self._loader: Optional[TrainingLoader] = None
         self._strategy_state: Any = None
         self._fidelity = 1.0
+        self._budget = None if self.max_selection_share is None else OverheadBudget(self.max_selection_share)
         self._log = RefreshLog(log_prefix)
         self._origin = Origin()  # under ddp_spawn/ddp_fork, rank 0 hands `history` back to this process
         self._trainer: Optional[Trainer] = None
@@ -295,6 +301,7 @@ class CoresetCallback(Callback):
             "refreshes": self._refreshes,
             "selection_seconds": self._log.selection_seconds,
             "fidelity": self._fidelity,
+            "budget": None if self._budget is None else self._budget.state_dict(),
             "signals_seen": list(self._measure.signals_seen),
             "strategy_state": None if self._strategy_state is None else self._strategy_state.state_dict(),
         }
@@ -311,6 +318,8 @@ class CoresetCallback(Callback):
         self._refreshes = int(state_dict["refreshes"])
         self._log.selection_seconds = float(state_dict["selection_seconds"])
         self._fidelity = float(state_dict["fidelity"])
+        if self._budget is not None and state_dict.get("budget") is not None:
+            self._budget.load_state_dict(state_dict["budget"])
         self._measure.signals_seen = tuple(int(v) for v in state_dict.get("signals_seen", (0, 0)))
         if self._strategy_state is not None and state_dict["strategy_state"] is not None:
             self._strategy_state.load_state_dict(state_dict["strategy_state"])
@@ -321,6 +330,8 @@ class CoresetCallback(Callback):
     # ------------------------------------------------------------------ the schedule
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log.fit_started_at = time.perf_counter()
+        if self._budget is not None:
+            self._budget.start()
         self._fit_started = True
         if self.sampler is not None and not self._standing_aside:  # else the first loader request builds it
             self._start(trainer, pl_module)
@@ -375,8 +386,10 @@ class CoresetCallback(Callback):
         start = position.batches_done + lag
         if action is Action.FULL_POOL:
             self.sampler.set_selection(None, start_batch=start, now_batch=position.batches_done)
-        else:
+        elif self._within_budget(trainer):
             self._refresh(trainer, pl_module, start_batch=start, now_batch=position.batches_done, score=True)
+        else:
+            self._measure.flush(trainer)  # the subset trains on; keep the free signals, not a growing buffer
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._standing_aside:
@@ -479,6 +492,7 @@ class CoresetCallback(Callback):
             "invalid_signals": self.store.invalid_count if self.store is not None else 0,
             "padding": self.sampler.padding,
             "fidelity": self._fidelity,
+            "skipped_refreshes": self.skipped_refreshes,
         }
         seconds = max_over_ranks(trainer.strategy, time.perf_counter() - began, pl_module.device)
         phases = {"scoring_seconds": scoring_seconds, "probe_seconds": probe_seconds, **selection.diagnostics}
@@ -507,6 +521,29 @@ class CoresetCallback(Callback):
 
     def _reference(self, trainer: Trainer) -> DataLoader:
         return self._measure.reference_loader(self.reference, self._loader.loader(trainer))
+
+    @property
+    def skipped_refreshes(self) -> int:
+        """Scheduled refreshes skipped to stay within ``max_selection_share`` (0 without a budget)."""
+        return 0 if self._budget is None else self._budget.skipped
+
+    def _within_budget(self, trainer: Trainer) -> bool:
+        """Rank 0's budget decision for a scheduled refresh, broadcast so that every rank takes it."""
+        if self._budget is None:
+            return True
+        allowed = None
+        if trainer.is_global_zero:
+            last = self._log.records[-1]["selection_seconds"] if self._log.records else 0.0
+            allowed = self._budget.allows(self._log.selection_seconds, last)
+            if not allowed and self._budget.skipped == 1:
+                rank_zero_info(
+                    f"CoresetCallback: skipping refreshes to keep selection within max_selection_share="
+                    f"{self.max_selection_share:g} of the fit's wall clock (counted in `skipped_refreshes`)."
+                )
+        allowed = bool(trainer.strategy.broadcast(allowed, src=0))
+        if not trainer.is_global_zero and not allowed:
+            self._budget.skipped += 1  # every rank reports the same count
+        return allowed
 
     def _adapt_fidelity(self) -> None:
         """Scale the next refreshes' scoring work so selection stays within ``max_selection_share``."""
