@@ -146,13 +146,17 @@ class Strategy:
         """The memory this strategy keeps between refreshes, or None (the default: a memoryless strategy)."""
         return None
 
+    #: Share of the pool a refresh rescores beyond what was never measured (:func:`stalest_first`); 1 = all of it.
+    rescore_fraction: float = 1.0
+
     def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
         """Pool indices (int64) the scoring pass should measure before :meth:`select`; None for none.
 
-        The default measures the whole pool when the strategy reads signals. Strategies that rescore only
-        a budgeted slice (GRACE's anchors) override this.
+        The default, for a strategy that reads signals: everything never measured, plus the stalest
+        ``rescore_fraction`` of the pool (the whole pool by default). Strategies that choose what to rescore
+        otherwise (GRACE's anchors) override this.
         """
-        return torch.arange(inputs.pool_size) if self.needs else None
+        return stalest_first(inputs, self.rescore_fraction) if self.needs else None
 
     def select(self, inputs: SelectionInput) -> Selection:
         raise NotImplementedError
@@ -217,6 +221,30 @@ def require_embeddings(store: Optional[SignalStore], strategy: str) -> None:
             f"{strategy}: no embeddings were measured; the module's signal capture must return `embedding` "
             "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
         )
+
+
+def stalest_first(inputs: SelectionInput, share: float) -> Optional[Tensor]:
+    """What a refresh should rescore: every example never measured, plus the ``share · fidelity`` of the pool
+    measured longest ago (ties broken by the seeded generator, not by index), sorted; None when nothing.
+
+    The examples trained since the last refresh were measured for free, so they are the freshest and come last;
+    ``share=1`` rescores the whole pool every refresh.
+    """
+    store = inputs.store
+    if store is None:
+        return None
+    unmeasured = ~store.measured
+    count = int(round(share * inputs.fidelity * inputs.pool_size))
+    if count >= inputs.pool_size:
+        return torch.arange(inputs.pool_size)
+    if count > 0:
+        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator)
+        last = store.last_step.long()[shuffled]
+        last[unmeasured[shuffled]] = torch.iinfo(torch.int64).max  # already chosen: rank them last
+        stalest = shuffled[torch.argsort(last, stable=True)[: min(count, int((~unmeasured).sum()))]]
+        unmeasured[stalest] = True
+    chosen = unmeasured.nonzero().squeeze(1)
+    return chosen if chosen.numel() else None
 
 
 def uniform_draw(items: Tensor, count: int, generator: torch.Generator) -> Tensor:

@@ -443,6 +443,8 @@ class GIP(Strategy):
             stochastic once ``picks x candidates`` exceeds ``exact_limit``.
         epsilon: the stochastic greedy's ``ε`` in ``(0, 1)``: smaller looks at more candidates a pick.
         exact_limit: the ``"auto"`` switch point (default ``5e7``, about 2 s of exact greedy).
+        rescore_fraction: share of the pool rescored per refresh beyond what was never measured, stalest first
+            (what was trained since the last refresh is measured for free); 1 rescores the whole pool.
 
     Raises:
         ValueError: for a parameter outside the values above; in :meth:`check_inputs`, when the callback has
@@ -468,6 +470,7 @@ class GIP(Strategy):
         greedy: str = "auto",
         epsilon: float = 0.01,
         exact_limit: float = 5e7,
+        rescore_fraction: float = 0.25,
     ) -> None:
         if objective not in _OBJECTIVES:
             raise ValueError(f"gip: `objective` must be 'auto', 'projection' or 'logdet', got {objective!r}.")
@@ -484,6 +487,7 @@ class GIP(Strategy):
         self.greedy = greedy
         self.epsilon = unit_interval("gip", "epsilon", epsilon, low_open=True, high_open=True, hint=" (e.g. 0.01)")
         self.exact_limit = positive_float("gip", "exact_limit", exact_limit)
+        self.rescore_fraction = unit_interval("gip", "rescore_fraction", rescore_fraction, hint=" (1: the whole pool)")
 
     def __repr__(self) -> str:
         return (

@@ -400,6 +400,8 @@ class Grip(Strategy):
         beta: length recovery coefficient (>= 0; 0 = density prior only).
         knn: neighbours of the density estimate.
         length_clip: bound ``c`` on the length prior, clipped to ``[1/c, c]`` (>= 1).
+        rescore_fraction: share of the pool rescored per refresh beyond what was never measured, stalest first
+            (what was trained since the last refresh is measured for free); 1 rescores the whole pool.
 
     Raises:
         ValueError: on a parameter outside the ranges above, naming it.
@@ -431,6 +433,7 @@ class Grip(Strategy):
         beta: float = 0.3,
         knn: int = 10,
         length_clip: float = 10.0,
+        rescore_fraction: float = 0.25,
     ) -> None:
         if clusters is not None:
             positive_int("grip", "clusters", clusters, hint=", or None (round(sqrt(N)/4))")
@@ -455,6 +458,7 @@ class Grip(Strategy):
         non_negative_float("grip", "beta", beta, hint=" (the paper uses 0.3)")
         positive_int("grip", "knn", knn)
         real("grip", "length_clip", length_clip, low=1.0)
+        self.rescore_fraction = unit_interval("grip", "rescore_fraction", rescore_fraction, hint=" (1: the whole pool)")
         self.clusters = clusters
         self.kmeans_iters = kmeans_iters
         self.probe_fraction = float(probe_fraction)

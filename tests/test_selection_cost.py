@@ -1,0 +1,87 @@
+"""The cost levers of issue 13 as behaviour: what a refresh rescores, and GRACE's low-dimensional graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grace_lightning import ExampleSignals, SelectionInput, SignalStore, build_strategy
+from grace_lightning.strategies.base import stalest_first
+from grace_lightning.strategies.grace import Grace, GraceState
+
+
+def _store(n=100, dim=16, measured_at=None, seed=0):
+    """A store whose example i was last measured at step ``measured_at[i]`` (-1: never)."""
+    g = torch.Generator().manual_seed(seed)
+    store = SignalStore(n)
+    measured_at = np.arange(n) % 5 if measured_at is None else np.asarray(measured_at)
+    for step in sorted(set(measured_at.tolist()) - {-1}):
+        idx = torch.from_numpy(np.flatnonzero(measured_at == step))
+        emb = torch.nn.functional.normalize(torch.randn(idx.numel(), dim, generator=g), dim=1)
+        loss = torch.rand(idx.numel(), generator=g)
+        store.update(idx, ExampleSignals(loss=loss, grad_norm=loss.clone(), embedding=emb), step=int(step))
+    return store
+
+
+def _inputs(store, seed=0, fidelity=1.0, state=None, budget=10, now=10):
+    return SelectionInput(
+        pool_size=store.pool_size, budget=budget, store=store, generator=torch.Generator().manual_seed(seed),
+        now_batch=now, fidelity=fidelity, state=state,
+    )
+
+
+def test_a_refresh_rescores_the_never_measured_and_the_stalest_share():
+    steps = np.array([-1] * 10 + [0] * 30 + [3] * 30 + [7] * 30)  # 10 never, then three ages
+    store = _store(measured_at=steps)
+    chosen = stalest_first(_inputs(store), share=0.2)
+    ids = chosen.numpy()
+    assert set(range(10)) <= set(ids.tolist())  # every never-measured example
+    assert ids.size == 10 + 20 and set(ids.tolist()) - set(range(10)) <= set(range(10, 40))  # 20 of the oldest
+    assert np.all(np.diff(ids) > 0)
+    assert torch.equal(chosen, stalest_first(_inputs(store), share=0.2))  # same generator, same slice
+    assert not torch.equal(chosen, stalest_first(_inputs(store, seed=1), share=0.2))  # ties by the generator
+    assert stalest_first(_inputs(store, fidelity=0.5), share=0.2).numel() == 10 + 10  # the budget scales it
+    assert torch.equal(stalest_first(_inputs(store), share=1.0), torch.arange(100))
+    fresh = _store(measured_at=np.full(100, 4))
+    assert stalest_first(_inputs(fresh), share=0.0) is None
+
+
+@pytest.mark.parametrize("name", ["grip", "gip", "group_mates"])
+def test_pool_scoring_strategies_rescore_a_slice_by_default_and_the_whole_pool_on_request(name):
+    store = _store(measured_at=np.arange(100) % 5)
+    default = build_strategy(name).to_score(_inputs(store))
+    assert default.numel() == 25  # rescore_fraction=0.25 of a fully measured pool
+    assert torch.equal(build_strategy(name, rescore_fraction=1.0).to_score(_inputs(store)), torch.arange(100))
+    with pytest.raises(ValueError, match="rescore_fraction"):
+        build_strategy(name, rescore_fraction=1.5)
+
+
+def test_grace_builds_its_graph_in_a_fixed_low_dimensional_basis_that_survives_a_checkpoint():
+    store = _store(n=300, dim=16, measured_at=np.zeros(300, dtype=int))
+    grace = Grace(k=5, graph_dim=4)
+    state = GraceState(300)
+    first = grace.select(_inputs(store, state=state, budget=30, now=1))
+    assert state.projection.shape == (16, 4) and state.node_embedding.shape == (300, 4)
+    assert state.graph.neighbors.shape == (300, 5)
+    # The basis spans the embeddings' top singular directions: projecting loses less than a random basis would.
+    x = store.embedding.numpy().astype(np.float64)
+    kept = np.linalg.norm(x @ state.projection) ** 2 / np.linalg.norm(x) ** 2
+    assert kept >= 4 / 16
+    # A checkpointed state selects exactly as the live one at the next refresh.
+    resumed = GraceState(300)
+    resumed.load_state_dict(state.state_dict())
+    assert np.array_equal(resumed.projection, state.projection)
+    moved = torch.arange(0, 300, 3)
+    store.update(moved, ExampleSignals(loss=torch.rand(100), grad_norm=torch.rand(100),
+                                       embedding=torch.nn.functional.normalize(torch.randn(100, 16), dim=1)), step=5)
+    a = grace.select(_inputs(store, state=state, budget=30, now=6))
+    b = grace.select(_inputs(store, state=resumed, budget=30, now=6))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    assert first.indices.numel() == 30
+    # graph_dim at or above the store's dimension keeps the embeddings as they are.
+    same = GraceState(300)
+    Grace(k=5, graph_dim=16).select(_inputs(store, state=same, budget=30, now=7))
+    assert same.projection is None and same.node_embedding.shape == (300, 16)
+    with pytest.raises(ValueError, match="graph_dim"):
+        Grace(graph_dim=0)
