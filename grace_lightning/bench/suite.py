@@ -77,6 +77,7 @@ def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) 
     from grace_lightning.bench.journal import Journal
     from grace_lightning.bench.runner import plan
 
+    commit = _commit()  # now: the code that runs, whatever is committed while it runs
     pending = [sum(not journal.done(*key) for key in plan(config)) for journal, config in ((Journal(c), c) for _, c in suite)]
     progress = Progress(sum(pending))
     print(f"grace-lightning bench --suite: {len(suite)} comparisons, {sum(pending)} runs to do", flush=True)
@@ -86,7 +87,7 @@ def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) 
     root = root or os.path.dirname(suite[0][1].out.rstrip(os.sep))
     path = os.path.join(root, "suite.md")
     with open(path, "w") as f:
-        f.write(_report(suite, tables))
+        f.write(_report(commit, tables))
     print(f"\nwrote {path}")
     return 0
 
@@ -101,13 +102,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def _report(suite: list[tuple[str, BenchConfig]], tables: list[tuple[str, BenchConfig, str]]) -> str:
+def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
     from grace_lightning.bench.report import environment
 
     env = environment()
     lines = [
         "# Benchmark suite", "",
-        f"- commit: {_commit()}",
+        f"- commit: {commit}",
         f"- machine: {env['cpu_count']} CPUs ({env['processor']}), {env['platform']}; Python {env['python']}, "
         f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}",
         "",
