@@ -108,7 +108,6 @@ class CoresetCallback(Callback):
             the strategy for proportionally less scoring work (``fidelity``). The decisions follow measured time,
             so two runs of one seed can refresh at different steps; ``None`` (the default) keeps a run a pure
             function of its seed.
-            Selections then depend on measured time, so runs are no longer reproducible bit for bit.
         reference: a reference set (a ``Dataset`` of items in the training format, or a ``DataLoader`` over
             one), for strategies that measure influence or build queries on it (``group_mates``, ``gip``).
             It is scored with the live model at every refresh (forward only, sharded over ranks); probes

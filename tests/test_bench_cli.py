@@ -423,3 +423,17 @@ def test_a_suite_runs_each_comparison_into_its_folder_and_validates_all_first(tm
     with pytest.raises(SystemExit):
         main(["bench", "--suite", str(suite), "--task", "mixture"])
     assert "--task in the suite file" in capsys.readouterr().err
+
+
+def test_data_the_options_cannot_build_stop_the_bench_before_training(tmp_path, capsys, monkeypatch):
+    from grace_lightning.bench.tasks.mixture import MixtureTask
+
+    def too_little(self, size, seed):
+        raise TaskUnavailable("only 10 chunks of code for 3,000 asked; lower the `code` share")
+
+    monkeypatch.setattr(MixtureTask, "make_data", too_little)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["bench", "--task", "mixture", "--quick", "--out", str(tmp_path)])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "--task-option" in err and "lower the `code` share" in err

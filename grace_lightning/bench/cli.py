@@ -38,8 +38,8 @@ def warm_up(task, config: BenchConfig, first: tuple[int, str, float]) -> None:
 class Progress:
     """One line per finished run, with the runs done and an estimate of the time left (mean run so far)."""
 
-    def __init__(self, total: int, done_before: int = 0, seconds_before: float = 0.0) -> None:
-        self.total, self.done, self.seconds = total, done_before, seconds_before
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.seconds = total, 0, 0.0
 
     def line(self, row: dict, metric: str) -> str:
         self.done += 1

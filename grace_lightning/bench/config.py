@@ -289,6 +289,14 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
         if not 0.0 < share < 1.0:
             parser.error(f"argument --max-selection-share: must be a share in (0, 1) or `none`, got {pick('max_selection_share')!r}")
 
+    # Data that cannot be built for these options (e.g. too little text for a mixture share) stop here too.
+    from grace_lightning.bench.tasks import TaskSize
+
+    try:
+        task.make_data(TaskSize(size.train_examples, size.val_examples, epochs), seed=0)
+    except (TaskUnavailable, ValueError) as error:
+        parser.error(f"argument --task-option: {task_name!r} cannot build its data: {error}")
+
     suffix = "" if preset == "default" else f"-{preset}"
     out = pick("out") or os.path.join("bench_out", task_name + suffix)
     problem = _unwritable(out)
