@@ -90,18 +90,19 @@ def target_metric(rows: list[dict], task: BenchTask) -> Optional[float]:
     return mean - task.tolerance if task.higher_is_better else mean + task.tolerance
 
 
-def _reached(value: float, target: float, higher_is_better: bool) -> bool:
-    return value >= target if higher_is_better else value <= target
+def first_reaching(evals: list[dict], target: Optional[float], higher_is_better: bool, key: str = "train_seconds"):
+    """``key`` of the first evaluation whose metric reaches ``target``; None if none does (or no target)."""
+    if target is None:
+        return None
+    for point in evals:
+        if point["metric"] >= target if higher_is_better else point["metric"] <= target:
+            return point[key]
+    return None
 
 
 def time_to_target(evals: list[dict], target: Optional[float], higher_is_better: bool) -> Optional[float]:
     """Training seconds at the first evaluation that reaches ``target``; None if none does."""
-    if target is None:
-        return None
-    for point in evals:
-        if _reached(point["metric"], target, higher_is_better):
-            return point["train_seconds"]
-    return None
+    return first_reaching(evals, target, higher_is_better, "train_seconds")
 
 
 def metric_at(evals: list[dict], seconds: float) -> Optional[float]:
@@ -112,16 +113,6 @@ def metric_at(evals: list[dict], seconds: float) -> Optional[float]:
             break
         value = point["metric"]
     return value
-
-
-def examples_to(evals: list[dict], target: Optional[float], higher_is_better: bool) -> Optional[int]:
-    """Examples seen at the first evaluation that reaches ``target``; None if none does."""
-    if target is None:
-        return None
-    for point in evals:
-        if _reached(point["metric"], target, higher_is_better):
-            return point["examples_seen"]
-    return None
 
 
 def within_noise(gains: list[float]) -> Optional[bool]:
@@ -148,7 +139,7 @@ def _pair_with_references(rows: list[dict], task: BenchTask) -> None:
         row["random_at_equal_seconds"] = at
         row["gain_vs_random"] = None if at is None else sign * (row["final_metric"] - at)
         row["examples_to_random_final"] = (
-            None if r is None else examples_to(row["evals"], r["final_metric"], task.higher_is_better)
+            None if r is None else first_reaching(row["evals"], r["final_metric"], task.higher_is_better, "examples_seen")
         )
 
 

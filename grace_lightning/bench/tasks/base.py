@@ -31,7 +31,7 @@ from grace_lightning.weights import batch_weights
 
 __all__ = [
     "REFERENCE_EXAMPLES", "BenchModule", "BenchTask", "ClassifierModule", "TaskData", "TaskOption", "TaskSize",
-    "flip_labels", "fraction_option",
+    "flip_labels", "fraction_option", "held_out_split", "with_flipped_labels",
     "TaskUnavailable", "seeded_init",
 ]
 
@@ -197,6 +197,31 @@ def flip_labels(labels: Tensor, share: float, num_classes: int, seed: int) -> tu
     flipped = torch.zeros(n, dtype=torch.bool)
     flipped[chosen] = True
     return noisy, flipped
+
+
+def with_flipped_labels(data: TaskData, share: float, num_classes: int, seed: int) -> TaskData:
+    """``data`` whose pool (a ``TensorDataset`` of inputs and labels) has ``share`` of its labels flipped
+    (:func:`flip_labels`); the flipped examples become ``marked`` ("noisy"), the clean labels stay in
+    ``info["clean_labels"]``. Validation and reference sets are left clean."""
+    from torch.utils.data import TensorDataset
+
+    x, y = data.train.tensors
+    noisy, flipped = flip_labels(y, share, num_classes, seed)
+    data.train = TensorDataset(x, noisy)
+    data.marked, data.marked_name = flipped, "noisy"
+    data.info["clean_labels"] = y
+    return data
+
+
+def held_out_split(
+    train_order: Tensor, val_order: Tensor, reference_examples: int, size: TaskSize
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(reference, pool, validation)`` indices from fixed orders of a training and a validation split: the
+    first ``reference_examples`` of the training order are the reference set, held out of every pool; the pool
+    and the validation set are prefixes of the rest (so a smaller size's are inside a larger one's), each sorted."""
+    reference = train_order[:reference_examples].sort().values
+    pool = train_order[reference_examples:][: size.train_examples].sort().values  # [:None] = all
+    return reference, pool, val_order[: size.val_examples].sort().values
 
 
 def seeded_init(seed: int, make: Callable[[], L.LightningModule]) -> L.LightningModule:

@@ -34,9 +34,9 @@ from grace_lightning.bench.tasks.base import (
     TaskOption,
     TaskSize,
     TaskUnavailable,
-    flip_labels,
     fraction_option,
     seeded_init,
+    with_flipped_labels,
 )
 
 __all__ = ["ENV_VAR", "FashionCNN", "FashionMNISTTask", "NoisyFashionMNISTTask", "data_dir", "load_fashion_mnist"]
@@ -199,10 +199,4 @@ class NoisyFashionMNISTTask(FashionMNISTTask):
     options = {"noise": TaskOption(0.3, "share of pool labels flipped to another class", fraction_option("noise"))}
 
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
-        data = super().make_data(size, seed)
-        x, y = data.train.tensors
-        noisy, flipped = flip_labels(y, self.settings["noise"], NUM_CLASSES, DATA_SEED + 7)
-        data.train = TensorDataset(x, noisy)
-        data.marked, data.marked_name = flipped, "noisy"
-        data.info["clean_labels"] = y
-        return data
+        return with_flipped_labels(super().make_data(size, seed), self.settings["noise"], NUM_CLASSES, DATA_SEED + 7)

@@ -48,6 +48,7 @@ from grace_lightning.bench.tasks.base import (
     TaskOption,
     TaskSize,
     TaskUnavailable,
+    held_out_split,
     seeded_init,
 )
 from grace_lightning.bench.tasks.tweets import DATA_SEED, LABELS, VAL_EXAMPLES, corpus_path, load_tweets
@@ -181,9 +182,7 @@ class MiniLMTweetsTask(BenchTask):
         """The pool and validation set of ``size``; ``seed`` is unused (the split comes from a fixed seed)."""
         path = model_path()
         ids, labels, train_order, val_order, pad_id = _encoded(str(corpus_path()), path, self.settings["max_length"])
-        reference = train_order[: self.reference_examples].sort().values  # held out of every pool
-        pool = train_order[self.reference_examples :][: size.train_examples].sort().values  # [:None] = all
-        val_idx = val_order[: size.val_examples].sort().values
+        reference, pool, val_idx = held_out_split(train_order, val_order, self.reference_examples, size)
         return TaskData(
             train=TensorDataset(ids[pool], labels[pool]),
             val=TensorDataset(ids[val_idx], labels[val_idx]),

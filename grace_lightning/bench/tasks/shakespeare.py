@@ -36,6 +36,7 @@ from grace_lightning.bench.tasks.base import (
     TaskData,
     TaskSize,
     TaskUnavailable,
+    held_out_split,
     seeded_init,
 )
 
@@ -163,9 +164,7 @@ class ShakespeareTask(BenchTask):
         path = str(plays_dir())
         chunks = load_chunks(path)
         train_order, val_order = _split(path)
-        reference = train_order[: self.reference_examples].sort().values  # held out of every pool
-        pool = train_order[self.reference_examples :][: size.train_examples].sort().values  # [:None] = all
-        val_idx = val_order[: size.val_examples].sort().values
+        reference, pool, val_idx = held_out_split(train_order, val_order, self.reference_examples, size)
         return TaskData(
             train=ByteChunks(chunks[pool]),
             val=ByteChunks(chunks[val_idx]),

@@ -39,9 +39,10 @@ from grace_lightning.bench.tasks.base import (
     TaskOption,
     TaskSize,
     TaskUnavailable,
-    flip_labels,
     fraction_option,
+    held_out_split,
     seeded_init,
+    with_flipped_labels,
 )
 
 __all__ = ["LABELS", "BagOfEmbeddings", "NoisyTweetsTask", "TweetsTask", "corpus_path", "load_tweets", "tokenize"]
@@ -152,9 +153,7 @@ class TweetsTask(BenchTask):
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
         """The pool and validation set of ``size``; ``seed`` is unused (the split comes from a fixed seed)."""
         ids, labels, train_order, val_order, vocab_size = _encoded(str(corpus_path()))
-        reference = train_order[:self.reference_examples].sort().values  # held out of every pool
-        pool = train_order[self.reference_examples:][: size.train_examples].sort().values  # [:None] = all
-        val_idx = val_order[: size.val_examples].sort().values
+        reference, pool, val_idx = held_out_split(train_order, val_order, self.reference_examples, size)
         return TaskData(
             train=TensorDataset(ids[pool], labels[pool]),
             val=TensorDataset(ids[val_idx], labels[val_idx]),
@@ -182,10 +181,4 @@ class NoisyTweetsTask(TweetsTask):
     options = {"noise": TaskOption(0.3, "share of pool labels flipped to another class", fraction_option("noise"))}
 
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
-        data = super().make_data(size, seed)
-        x, y = data.train.tensors
-        noisy, flipped = flip_labels(y, self.settings["noise"], len(LABELS), DATA_SEED + 7)
-        data.train = TensorDataset(x, noisy)
-        data.marked, data.marked_name = flipped, "noisy"
-        data.info["clean_labels"] = y
-        return data
+        return with_flipped_labels(super().make_data(size, seed), self.settings["noise"], len(LABELS), DATA_SEED + 7)
