@@ -264,12 +264,17 @@ def test_equal_wall_clock_gain_is_paired_by_seed_and_signed_for_the_metric():
         _run("full", 1.0, 0, 0.90, [0.70, 0.80, 0.85, 0.90]),
         _run("random", 0.3, 0, 0.70, [0.60, 0.70]),  # evaluations at 1 s and 2 s
         _run("random", 0.3, 1, 0.50, [0.40, 0.50]),
-        _run("grace", 0.3, 0, 0.75, [0.55, 0.62, 0.75]),  # ends at 3 s: random had 0.70 by then (its last point)
+        _run("grace", 0.3, 0, 0.75, [0.55, 0.62, 0.75]),  # ends at 3 s: random 0.3 had 0.70 by then (its last point)
         _run("grace", 0.3, 1, 0.52, [0.52]),  # ends at 1 s: random had 0.40 by then
     ]
     summarize(rows, task)
     grace0, grace1 = rows[3], rows[4]
     assert grace0["random_at_equal_seconds"] == 0.70 and grace0["gain_vs_random"] == pytest.approx(0.05)
+    # With a larger random budget in the same time, that is what grace meets: random's frontier over budgets.
+    rows.append(_run("random", 0.5, 0, 0.80, [0.65, 0.72, 0.80]))
+    summarize(rows, task)
+    assert grace0["random_at_equal_seconds"] == 0.80 and grace0["gain_vs_random"] == pytest.approx(-0.05)
+    assert grace1["random_at_equal_seconds"] == 0.40  # seed 1 has no 0.5 run
     assert grace0["full_at_equal_seconds"] == 0.85  # full's last evaluation at or before 3 s
     assert grace1["random_at_equal_seconds"] == 0.40 and grace1["gain_vs_random"] == pytest.approx(0.12)
     assert grace1["full_at_equal_seconds"] is None  # seed 1 has no full run

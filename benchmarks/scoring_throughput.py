@@ -1,0 +1,91 @@
+"""Throughput of the plugin's scoring pass against a plain forward loop, on a bench task's model and pool.
+
+The scoring pass is what informed strategies pay per example they rescore: a forward-only pass (eval mode,
+``no_grad``) through the plugin's own loader (a ``Subset`` of the training set at the scoring batch size),
+with the closed-form signals (loss, last-layer gradient norm, embedding) computed from the head's input and
+output and copied to the CPU. The baseline is ``model(x)`` over the same examples as contiguous tensor slices
+under ``torch.inference_mode()``: no loader, no signals. Each is the median of ``--repeats`` passes after one
+untimed pass, interleaved.
+
+    python benchmarks/scoring_throughput.py                       # fashion-mnist, 20,000 examples
+    python benchmarks/scoring_throughput.py --task tweets --batch-sizes 128,1024
+
+Writes ``benchmarks/results/scoring_throughput.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from grace_lightning.bench.tasks import TaskSize, get_task
+from grace_lightning.signals.capture import SignalExtractor, inference_forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="fashion-mnist")
+    parser.add_argument("--examples", type=int, default=20_000)
+    parser.add_argument("--batch-sizes", default="128,512,2048")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scoring_throughput.json"))
+    args = parser.parse_args()
+
+    task = get_task(args.task)
+    data = task.make_data(TaskSize(args.examples, 100, 1), seed=0)
+    model = task.build_model(data, seed=0)
+    subset = Subset(data.train, list(range(len(data.train))))
+    tensors = data.train.tensors
+    extractor = SignalExtractor.for_module(model, next(iter(DataLoader(subset, batch_size=4))))
+
+    def scoring(batch_size: int) -> float:
+        began = time.perf_counter()
+        with inference_forward(model):
+            for batch in DataLoader(subset, batch_size=batch_size, shuffle=False):
+                extractor.score_batch(batch).detach_cpu()
+        return time.perf_counter() - began
+
+    def plain(batch_size: int) -> float:
+        began = time.perf_counter()
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, tensors[0].shape[0], batch_size):
+                model(tensors[0][start : start + batch_size])
+        return time.perf_counter() - began
+
+    rows = []
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        scoring(batch_size), plain(batch_size)  # untimed: first-call setup
+        times = {"scoring": [], "plain": []}
+        for _ in range(args.repeats):
+            times["scoring"].append(scoring(batch_size))
+            times["plain"].append(plain(batch_size))
+        n = len(data.train)
+        row = {
+            "batch_size": batch_size,
+            "scoring_examples_per_s": n / statistics.median(times["scoring"]),
+            "plain_examples_per_s": n / statistics.median(times["plain"]),
+        }
+        row["scoring_over_plain"] = row["plain_examples_per_s"] / row["scoring_examples_per_s"]
+        rows.append(row)
+        print(f"batch {batch_size:>5}: scoring pass {row['scoring_examples_per_s']:,.0f} ex/s, plain model(x) "
+              f"{row['plain_examples_per_s']:,.0f} ex/s ({row['scoring_over_plain']:.2f}x the time)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "task": args.task, "examples": len(data.train), "repeats": args.repeats, "rows": rows,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "processor": platform.processor() or platform.machine()},
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
