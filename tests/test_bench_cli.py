@@ -415,6 +415,7 @@ def test_a_suite_runs_each_comparison_into_its_folder_and_validates_all_first(tm
         assert len((tmp_path / "out" / name / "runs.jsonl").read_text().splitlines()) == 2
     report = (tmp_path / "out" / "suite.md").read_text()
     assert "## mixture-quick" in report and "## mix-constant" in report and "commit:" in report
+    assert "| strategy | budget | seeds |" in report and "| random | 0.3 | 1 |" in report  # Markdown tables
     assert main(["bench", "--suite", str(suite), "--only", "mix-constant"]) == 0
     assert "0 runs to do" in capsys.readouterr().out
 

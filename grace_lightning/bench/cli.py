@@ -17,7 +17,9 @@ from dataclasses import replace
 from typing import Optional, Sequence
 
 from grace_lightning.bench.config import BenchConfig, add_arguments, resolve
-from grace_lightning.bench.report import EVAL_COLUMNS, RUN_COLUMNS, SUMMARY_COLUMNS, format_table, summarize, write_results
+from grace_lightning.bench.report import (
+    EVAL_COLUMNS, RUN_COLUMNS, SUMMARY_COLUMNS, format_markdown, format_table, summarize, write_results,
+)
 from grace_lightning.bench.runner import plan, quiet_and_restored, run_one
 
 __all__ = ["EVAL_COLUMNS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "bench_main", "main", "run_bench"]
@@ -95,7 +97,7 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, tables: 
     print()
     print(table)
     if tables is not None:
-        tables.append((title or config.task, config, table))
+        tables.append((title or config.task, config, format_markdown(summary, task)))
     files = write_results(config, task, rows, summary)
     from grace_lightning.bench.plots import write_plots  # matplotlib only once there is something to plot
 

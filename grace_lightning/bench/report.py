@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 from dataclasses import asdict
 from typing import Optional
@@ -38,7 +39,7 @@ from typing import Optional
 from grace_lightning.bench.config import BenchConfig
 from grace_lightning.bench.tasks import BenchTask
 
-__all__ = ["EVAL_COLUMNS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "format_table", "summarize", "write_results"]
+__all__ = ["EVAL_COLUMNS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "format_markdown", "format_table", "summarize", "write_results"]
 
 RUN_COLUMNS = [
     "task",
@@ -260,6 +261,18 @@ def format_table(summary: list[dict], task: BenchTask) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(headers), rule, *(fmt(line) for line in lines)])
+
+
+def format_markdown(summary: list[dict], task: BenchTask) -> str:
+    """The comparison as a Markdown table (for ``suite.md`` and the README): the printed table's columns."""
+    lines = format_table(summary, task).splitlines()
+    header, rows = lines[0], lines[2:]
+    # The printed table aligns columns with runs of 2+ spaces; cells never contain two spaces in a row.
+    split = lambda line: [cell.strip() for cell in re.split(r"\s{2,}", line.strip())]  # noqa: E731
+    head = split(header)
+    out = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    out += ["| " + " | ".join(split(row)) + " |" for row in rows]
+    return "\n".join(out)
 
 
 def environment() -> dict:

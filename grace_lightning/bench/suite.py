@@ -121,5 +121,5 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         }
         if config.task_options:
             options["task_options"] = config.task_options
-        lines += [f"## {name}", "", "`" + ", ".join(f"{k}={v}" for k, v in options.items()) + "`", "", "```", table, "```", ""]
+        lines += [f"## {name}", "", "`" + ", ".join(f"{k}={v}" for k, v in options.items()) + "`", "", table, ""]
     return "\n".join(lines)
