@@ -412,9 +412,10 @@ def test_a_suite_runs_each_comparison_into_its_folder_and_validates_all_first(tm
     out = capsys.readouterr().out
     assert "2 comparisons, 4 runs to do" in out and "[4/4]" in out
     for name in ("mixture-quick", "mix-constant"):
-        assert len((tmp_path / "out" / name / "runs.jsonl").read_text().splitlines()) == 2
+        lines = (tmp_path / "out" / name / "runs.jsonl").read_text().splitlines()
+        assert len(lines) == 2 and json.loads(lines[0])["row"]["commit"]  # each run records the code it ran
     report = (tmp_path / "out" / "suite.md").read_text()
-    assert "## mixture-quick" in report and "## mix-constant" in report and "commit:" in report
+    assert "## mixture-quick" in report and "## mix-constant" in report and "runs_from_commits" in report
     assert "| strategy | budget | seeds |" in report and "| random | 0.3 | 1 |" in report  # Markdown tables
     assert main(["bench", "--suite", str(suite), "--only", "mix-constant"]) == 0
     assert "0 runs to do" in capsys.readouterr().out

@@ -84,10 +84,13 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, tables: 
     if progress is None:
         progress = Progress(len(todo))
     if todo:
+        from grace_lightning.bench.suite import code_version
+
+        commit = code_version()  # recorded in every row: a resumed comparison may mix commits, and says so
         with quiet_and_restored():
             warm_up(task, config, todo[0])
             for seed, strategy, fraction in todo:
-                row = run_one(task, strategy, fraction, seed, config)
+                row = {**run_one(task, strategy, fraction, seed, config), "commit": commit}
                 journal.add(row)
                 print(progress.line(row, task.metric), flush=True)
     rows = [journal.rows[(seed, strategy, float(fraction))] for seed, strategy, fraction in order]

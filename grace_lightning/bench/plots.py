@@ -81,6 +81,9 @@ def write_plots(rows: list[dict], summary: list[dict], out_dir: str, task: Any) 
                         linestyle="--" if strategy == "full" else "-")
         ax.set(title=f"budget {fraction:g}", xlabel="training seconds")
     axes[0].set_ylabel(f"validation {metric}")
+    limits = _robust_limits([p["metric"] for r in rows for p in r["evals"]])
+    if limits is not None:  # a collapsed run (EL2N on noisy labels) would flatten every other curve
+        axes[0].set_ylim(*limits)
     axes[-1].legend(fontsize=7)
     paths.append(_save(fig, os.path.join(out_dir, PLOT_FILES[0])))
 
@@ -158,6 +161,21 @@ def write_plots(rows: list[dict], summary: list[dict], out_dir: str, task: Any) 
         axes[-1].legend(fontsize=7)
         paths.append(_save(fig, os.path.join(out_dir, MARKED_PLOT)))
     return paths
+
+
+def _robust_limits(values: list[float]) -> Optional[tuple[float, float]]:
+    """Y limits that keep every value inside Tukey's fences (quartiles ± 3 IQR) and cut far outliers, which are
+    drawn leaving the frame; None when nothing lies outside them."""
+    if len(values) < 4:
+        return None
+    ordered = sorted(values)
+    q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
+    low, high = q1 - 3 * (q3 - q1), q3 + 3 * (q3 - q1)
+    inside = [v for v in ordered if low <= v <= high]
+    if len(inside) == len(ordered) or not inside:
+        return None
+    pad = 0.05 * ((inside[-1] - inside[0]) or 1.0)
+    return inside[0] - pad, inside[-1] + pad
 
 
 def _spread(values: list[float]) -> Optional[float]:

@@ -77,7 +77,7 @@ def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) 
     from grace_lightning.bench.journal import Journal
     from grace_lightning.bench.runner import plan
 
-    commit = _commit()  # now: the code that runs, whatever is committed while it runs
+    commit = code_version()  # now: the code that runs, whatever is committed while it runs
     pending = [sum(not journal.done(*key) for key in plan(config)) for journal, config in ((Journal(c), c) for _, c in suite)]
     progress = Progress(sum(pending))
     print(f"grace-lightning bench --suite: {len(suite)} comparisons, {sum(pending)} runs to do", flush=True)
@@ -92,7 +92,8 @@ def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) 
     return 0
 
 
-def _commit() -> str:
+def code_version() -> str:
+    """The repository's short commit, with a mark when tracked files differ from it ("unknown" outside git)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
@@ -108,7 +109,7 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
     env = environment()
     lines = [
         "# Benchmark suite", "",
-        f"- commit: {commit}",
+        f"- tables written at commit {commit}; each comparison names the commits its runs ran at",
         f"- machine: {env['cpu_count']} CPUs ({env['processor']}), {env['platform']}; Python {env['python']}, "
         f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}",
         "",
@@ -121,5 +122,9 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         }
         if config.task_options:
             options["task_options"] = config.task_options
+        from grace_lightning.bench.journal import Journal
+
+        ran_at = sorted({str(row.get("commit", "not recorded")) for row in Journal(config).rows.values()})
+        options["runs_from_commits"] = ran_at
         lines += [f"## {name}", "", "`" + ", ".join(f"{k}={v}" for k, v in options.items()) + "`", "", table, ""]
     return "\n".join(lines)
