@@ -32,8 +32,8 @@ class GraceState:
         seen_step: ``(N,)`` int32 snapshot of the store's ``last_step`` at the previous refresh; an example
             whose ``last_step`` differs was measured since (scored as an anchor or trained on for free).
         last_now: batch position of the previous refresh.
-        projection: ``(d, graph_dim)`` float32 PCA basis fitted at the graph's build, mapping the store's
-            embeddings into the graph's space (``None``: the graph uses the store's embeddings as they are).
+        projection: ``(d, graph_dim)`` float32 basis (top singular directions) fitted at the graph's build,
+            mapping the store's embeddings into the graph's space (``None``: the graph uses the store's embeddings as they are).
     """
 
     def __init__(self, pool_size: int) -> None:
