@@ -33,7 +33,8 @@ class GraceState:
             whose ``last_step`` differs was measured since (scored as an anchor or trained on for free).
         last_now: batch position of the previous refresh.
         projection: ``(d, graph_dim)`` float32 basis (top singular directions) fitted at the graph's build,
-            mapping the store's embeddings into the graph's space (``None``: the graph uses the store's embeddings as they are).
+            mapping the store's embeddings into the graph's space (``None``: the graph uses the store's
+            embeddings as they are).
     """
 
     def __init__(self, pool_size: int) -> None:
