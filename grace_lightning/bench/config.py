@@ -41,9 +41,11 @@ PRESETS = ("quick", "default", "long", "gpu")
 DEFAULT_FRACTIONS = {"quick": [0.3], "default": [0.1, 0.3, 0.5], "long": [0.1, 0.3, 0.5], "gpu": [0.1, 0.3, 0.5]}
 DEFAULT_SEEDS = {"quick": [0], "default": [0, 1, 2], "long": [0, 1, 2], "gpu": [0, 1, 2]}
 LR_SCHEDULES = ("cosine", "constant")
+OVERLAP_MODES = ("auto", "on", "off")
 _FILE_KEYS = {
     "task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "preset", "strategy_kwargs", "task_options",
     "lr_schedule", "refresh_every", "warmup_epochs", "anneal_epochs", "max_selection_share",
+    "overlap",
 }
 
 
@@ -69,6 +71,7 @@ class BenchConfig:
     anneal_epochs: int = 0
     # None = no budget; "default" = whatever CoresetCallback defaults to.
     max_selection_share: Union[float, str, None] = "default"
+    overlap: str = "auto"  # the callback's `overlap`: "auto", "on" or "off"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-selection-share", default=None, help="the callback's overhead budget, a share in (0, 1) or `none` "
         "(default: the callback's own default)",
+    )
+    parser.add_argument(
+        "--overlap", default=None, help="the callback's overlapped selection: auto (the default: on for grace, grip, "
+        "group_mates and gip), on, or off (training waits for every selection)",
     )
 
 
@@ -288,6 +295,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
             share = math.nan
         if not 0.0 < share < 1.0:
             parser.error(f"argument --max-selection-share: must be a share in (0, 1) or `none`, got {pick('max_selection_share')!r}")
+    overlap = str(pick("overlap") or "auto").strip().lower()
+    if overlap not in OVERLAP_MODES:
+        parser.error(f"argument --overlap: must be one of {', '.join(OVERLAP_MODES)}, got {pick('overlap')!r}")
 
     # Data that cannot be built for these options (e.g. too little text for a mixture share) stop here too.
     from grace_lightning.bench.tasks import TaskSize
@@ -317,6 +327,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
         task_options=task_options,
         lr_schedule=lr_schedule,
         max_selection_share=share,
+        overlap=overlap,
         **schedule,
     )
 

@@ -122,6 +122,7 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
         warmup_epochs=config.warmup_epochs,
         anneal_epochs=config.anneal_epochs,
         seed=seed,
+        overlap={"auto": "auto", "on": True, "off": False}[config.overlap],
         reference=None if chosen.reference == "unused" else data.reference,  # group_mates and gip read it
         **budget,
     )

@@ -102,6 +102,9 @@ class Strategy:
     needs: ClassVar[frozenset[str]] = frozenset()
     reference: ClassVar[str] = "unused"
     uses_quality: ClassVar[bool] = False  # whether select() reads inputs.quality (the callback warns if unused)
+    # Whether the callback's overlap="auto" runs select() in a background thread: worth it for costly math
+    # (graphs, clustering, greedy), not for a cheap strategy whose subset should follow its signals at once.
+    overlap_by_default: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -457,6 +457,7 @@ class GIP(Strategy):
     """
 
     needs = frozenset({"embedding"})
+    overlap_by_default = True
     reference = "optional"
     uses_quality = True
 

@@ -113,6 +113,7 @@ class Grace(Strategy):
     """
 
     needs = frozenset({"loss", "grad_norm", "embedding"})
+    overlap_by_default = True
 
     def __init__(
         self,

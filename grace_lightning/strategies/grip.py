@@ -412,6 +412,7 @@ class Grip(Strategy):
     """
 
     needs = frozenset({"loss", "embedding"})
+    overlap_by_default = True
     reference = "unused"
     uses_quality = True
 

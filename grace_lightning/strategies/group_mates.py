@@ -435,6 +435,7 @@ class GroupMates(Strategy):
     """
 
     needs = frozenset({"loss", "embedding"})
+    overlap_by_default = True
     reference = "required"
 
     def __init__(

@@ -1,0 +1,134 @@
+"""Overlapped selection: a strategy's selection runs in a background thread while training goes on.
+
+The callback measures and probes on the training thread (both need the model), then hands the strategy's
+``select`` to :class:`SelectionWorker` and training continues on the current subset. At the *next* decision
+point of the schedule (a refresh, a skipped refresh, or the anneal) the callback collects the result and puts it
+into force from there. The hand-over step is fixed by the schedule, never by when the thread finishes, so a run is
+as much a function of its seed as a synchronous one: it computes the same selection from the same signals, one
+refresh period later. Only the seconds the training thread waits at the hand-over (``exposed``) count as
+selection time; the rest ran beside training (``hidden``).
+
+Strategy math is numpy, faiss and torch CPU kernels, which release the GIL for their heavy parts, so the thread
+takes little from the training loop where a core is free (always, where a GPU trains; on a small CPU machine the
+two share the cores).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from grace_lightning.strategies.base import Selection
+
+__all__ = ["PendingSelection", "SelectionWorker"]
+
+
+@dataclass
+class PendingSelection:
+    """A selection computed (or being computed) from one refresh's signals, waiting for its hand-over.
+
+    Attributes:
+        numbers: the refresh's own telemetry taken when it was submitted (scored examples, phase seconds, ...).
+        prepared_seconds: seconds the training thread spent measuring and probing for it (max over ranks).
+        selection: the result, once collected (rank 0; ``None`` on other ranks, which receive it by broadcast).
+        worker_seconds: seconds the strategy's ``select`` ran in the background thread.
+        waited_seconds: seconds the training thread waited for it at the hand-over (or at a checkpoint).
+    """
+
+    numbers: dict[str, float]
+    prepared_seconds: float
+    selection: Optional[Selection] = None
+    worker_seconds: float = 0.0
+    waited_seconds: float = 0.0
+    future: Optional[Future] = field(default=None, repr=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the finished result (call :meth:`SelectionWorker.finish` first)."""
+        selection = self.selection
+        return {
+            "numbers": dict(self.numbers),
+            "prepared_seconds": self.prepared_seconds,
+            "worker_seconds": self.worker_seconds,
+            "waited_seconds": self.waited_seconds,
+            "selection": None
+            if selection is None
+            else {"indices": selection.indices, "weights": selection.weights, "diagnostics": dict(selection.diagnostics)},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "PendingSelection":
+        saved = state["selection"]
+        selection = None if saved is None else Selection(saved["indices"], saved["weights"], dict(saved["diagnostics"]))
+        return cls(
+            numbers=dict(state["numbers"]),
+            prepared_seconds=float(state["prepared_seconds"]),
+            selection=selection,
+            worker_seconds=float(state["worker_seconds"]),
+            waited_seconds=float(state["waited_seconds"]),
+        )
+
+
+class SelectionWorker:
+    """One background thread that runs one selection at a time.
+
+    Example::
+
+        worker = SelectionWorker()
+        pending = PendingSelection(numbers={}, prepared_seconds=0.0)
+        worker.submit(pending, lambda: strategy.select(inputs))
+        ...                                    # training goes on
+        worker.finish(pending)                 # waits only if the thread is not done yet
+        pending.selection, pending.waited_seconds
+        worker.close()
+    """
+
+    def __init__(self) -> None:
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._faiss_threads = 1
+
+    def submit(self, pending: PendingSelection, select: Callable[[], Selection]) -> None:
+        """Start ``select()`` in the background; its result lands in ``pending`` at :meth:`finish`."""
+        if self._executor is None:
+            import faiss
+
+            # One core fewer than this process's share, so the thread does not crowd out the training loop.
+            self._faiss_threads = max(1, faiss.omp_get_max_threads() - 1)
+            self._executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="coreset-selection",
+                initializer=_set_faiss_threads,
+                initargs=(self._faiss_threads,),
+            )
+        pending.future = self._executor.submit(_timed, select)
+
+    @staticmethod
+    def finish(pending: PendingSelection) -> None:
+        """Wait for ``pending``'s thread (if it runs) and move its result in; re-raises the strategy's error."""
+        if pending.future is None:
+            return
+        began = time.perf_counter()
+        future, pending.future = pending.future, None
+        selection, seconds = future.result()
+        pending.waited_seconds += time.perf_counter() - began
+        pending.selection, pending.worker_seconds = selection, seconds
+
+    def close(self) -> None:
+        """Stop the thread (after the selection it runs, if any)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _set_faiss_threads(n: int) -> None:
+    # OpenMP's thread count is per calling thread: this leaves the training thread's own setting alone.
+    import faiss
+
+    faiss.omp_set_num_threads(n)
+
+
+def _timed(select: Callable[[], Selection]) -> tuple[Selection, float]:
+    began = time.perf_counter()
+    selection = select()
+    return selection, time.perf_counter() - began
