@@ -124,3 +124,22 @@ def test_grace_is_registered_and_validates_parameters():
         Grace(anchor_fraction=1.5)
     with pytest.raises(ValueError, match="importance"):
         Grace(importance="entropy")
+
+
+def test_smoothing_stops_the_selection_chasing_isolated_spikes():
+    """Spikes (one large gradient among easy neighbours, as a flipped label gives) draw picks without smoothing
+    and lose them with it, while a uniformly important cluster keeps its share."""
+    store, labels = _clustered_store(important=(0,))
+    g = store.grad_norm.clone()
+    spikes = torch.tensor([60 * c + i for c in (2, 3, 4) for i in range(0, 60, 6)])  # 30 spikes in easy clusters
+    g[spikes] = 2.0
+    store.update(torch.arange(store.pool_size), ExampleSignals(loss=g.clone(), grad_norm=g, embedding=store.embedding.float()), step=0)
+    budget = 40
+    plain = Grace(k=8).select(_inputs(store, budget)).indices
+    smoothed = Grace(k=8, smoothing=1.0).select(_inputs(store, budget)).indices
+    share = lambda picked: float(torch.isin(picked, spikes).float().mean())  # noqa: E731
+    assert share(plain) > 0.3 and share(smoothed) < share(plain) / 2, (share(plain), share(smoothed))
+    in_cluster_0 = lambda picked: int((labels[picked] == 0).sum())  # noqa: E731
+    assert in_cluster_0(smoothed) >= in_cluster_0(plain)
+    with pytest.raises(ValueError, match="smoothing"):
+        Grace(smoothing=1.5)

@@ -106,6 +106,10 @@ class Grace(Strategy):
         graph_dim: the graph lives in the span of the embeddings' top ``graph_dim`` singular directions (fitted on
             up to 4,096 examples when the graph is built, then fixed), which cuts every search by ``d / graph_dim``;
             ``None`` keeps the store's dimension.
+        smoothing: the importance the selection weighs is ``(1 - smoothing) * g_i + smoothing * ḡ_{N(i)}``, the
+            example's own mixed with its graph neighbours' edge-weighted mean. Under label noise a mislabeled
+            example has a large gradient among easy neighbours of its true class, so smoothing stops the selection
+            from chasing it; ``0`` (the default) weighs each example's own importance.
 
     Example::
 
@@ -129,6 +133,7 @@ class Grace(Strategy):
         graph_method: str = "auto",
         exact_threshold: int = 20_000,
         graph_dim: Optional[int] = 32,
+        smoothing: float = 0.0,
     ) -> None:
         positive_int("grace", "k", k, hint=" (e.g. 10)")
         if importance not in ("grad_norm", "loss"):
@@ -145,6 +150,7 @@ class Grace(Strategy):
         if drift_threshold is not None:
             non_negative_float("grace", "drift_threshold", drift_threshold)
         non_negative_float("grace", "lam", lam)
+        unit_interval("grace", "smoothing", smoothing, hint=" (e.g. 0.5; 0 selects on each example's own importance)")
         non_negative_float("grace", "staleness_weight", staleness_weight)
         non_negative_float("grace", "disagreement_weight", disagreement_weight)
         self.k = k
@@ -159,6 +165,7 @@ class Grace(Strategy):
         self.graph_method = graph_method
         self.exact_threshold = exact_threshold
         self.graph_dim = graph_dim
+        self.smoothing = smoothing
 
     def __repr__(self) -> str:
         return f"Grace(k={self.k}, importance={self.importance!r}, anchor_fraction={self.anchor_fraction})"
@@ -246,12 +253,16 @@ class Grace(Strategy):
         state.last_now = inputs.now_batch
 
         select_began = time.perf_counter()
+        weights = edge_weights(state.graph.neighbors, state.graph.similarities)
+        importance = state.importance
+        if self.smoothing > 0:
+            # A mislabeled example has a large gradient among easy neighbours of its true class; a hard region is
+            # large throughout. Mixing in the neighbourhood's mean keeps the second and damps the first.
+            importance = (1 - self.smoothing) * importance + self.smoothing * neighbour_mean(
+                importance, state.graph.neighbors, weights
+            )
         result = select_facility_location(
-            state.graph.neighbors,
-            edge_weights(state.graph.neighbors, state.graph.similarities),
-            self._scaled(state.importance),
-            inputs.budget,
-            lam=self.lam,
+            state.graph.neighbors, weights, self._scaled(importance), inputs.budget, lam=self.lam
         )
         diagnostics["selection_seconds"] = time.perf_counter() - select_began
         diagnostics["uncovered"] = float(result.uncovered)
