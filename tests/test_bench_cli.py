@@ -306,12 +306,13 @@ def test_bench_options_reach_the_callback_the_schedule_and_the_task(tmp_path, mo
     monkeypatch.setattr(cli, "run_bench", lambda config: seen.append(config) or 0)
     assert main(["bench", "--task", "fashion-mnist-noisy", "--preset", "long", "--task-option", "noise=0.2",
                  "--lr-schedule", "constant", "--refresh-every", "2", "--warmup-epochs", "1", "--max-selection-share",
-                 "0.05", "--out", str(tmp_path)]) == 0
+                 "0.05", "--overlap", "on", "--out", str(tmp_path)]) == 0
     (config,) = seen
+    assert config.overlap == "on"
     assert config.preset == "long" and config.epochs == 20 and config.task_options == {"noise": "0.2"}
     assert (config.lr_schedule, config.refresh_every, config.warmup_epochs, config.max_selection_share) == ("constant", 2, 1, 0.05)
     assert main(["bench", "--task", "mixture", "--quick", "--out", str(tmp_path)]) == 0
-    assert seen[1].max_selection_share == "default" and seen[1].lr_schedule == "cosine"
+    assert seen[1].max_selection_share == "default" and seen[1].lr_schedule == "cosine" and seen[1].overlap == "auto"
 
 
 @pytest.mark.parametrize(
@@ -326,9 +327,10 @@ def test_bench_options_reach_the_callback_the_schedule_and_the_task(tmp_path, mo
         (["--warmup-epochs", "3", "--epochs", "3"], "--warmup-epochs", "no coreset epoch"),
         (["--max-selection-share", "1.5"], "--max-selection-share", "(0, 1)"),
         (["--only", "a"], "--only", "--suite"),
+        (["--overlap", "sometimes"], "--overlap", "auto, on, off"),
     ],
     ids=["noise-above-1", "option-of-another-task", "option-without-value", "unknown-preset", "unknown-schedule",
-         "refresh-0", "warmup-eats-the-fit", "share-above-1", "only-without-suite"],
+         "refresh-0", "warmup-eats-the-fit", "share-above-1", "only-without-suite", "overlap-unknown"],
 )
 def test_bad_regime_option_exits_2_naming_it(args, option, detail, tmp_path, capsys, monkeypatch):
     import grace_lightning.bench.cli as cli
@@ -444,3 +446,16 @@ def test_data_the_options_cannot_build_stop_the_bench_before_training(tmp_path, 
     assert excinfo.value.code == 2
     err = capsys.readouterr().err
     assert "--task-option" in err and "lower the `code` share" in err
+
+
+def test_journal_fingerprint_separates_overlap_settings():
+    """Runs with the thread forced on or off never mix with "auto" runs (synchronous on the CPU, as before)."""
+    from grace_lightning.bench.config import BenchConfig
+    from grace_lightning.bench.journal import fingerprint
+
+    def config(**kw):
+        return BenchConfig("mixture", ["grace"], [0.3], [0], 2, "out", "quick", None, None, **kw)
+
+    auto, on, off = fingerprint(config()), fingerprint(config(overlap="on")), fingerprint(config(overlap="off"))
+    assert len({auto, on, off}) == 3
+    assert fingerprint(config(refresh_every=2)) != auto
