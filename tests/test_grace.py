@@ -32,7 +32,7 @@ def _inputs(store, budget, state=None, seed=0, now=1):
 
 def test_grace_covers_every_cluster_and_favours_important_ones_over_random():
     store, labels = _clustered_store()
-    grace = Grace(k=8)
+    grace = Grace(k=8, weighting="coverage")
     budget = 40
     selection = grace.select(_inputs(store, budget))
     picked = labels[selection.indices]
@@ -50,8 +50,8 @@ def test_grace_covers_every_cluster_and_favours_important_ones_over_random():
 
 def test_same_inputs_same_selection():
     store, _ = _clustered_store()
-    a = Grace().select(_inputs(store, 30, seed=1))
-    b = Grace().select(_inputs(store, 30, seed=1))
+    a = Grace(weighting="coverage").select(_inputs(store, 30, seed=1))
+    b = Grace(weighting="coverage").select(_inputs(store, 30, seed=1))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
 
 
@@ -126,6 +126,13 @@ def test_grace_is_registered_and_validates_parameters():
         Grace(importance="entropy")
 
 
+def test_defaults_smooth_importance_and_give_no_weights():
+    store, _ = _clustered_store()
+    grace = Grace()
+    assert (grace.smoothing, grace.weighting) == (1.0, "none")
+    assert grace.select(_inputs(store, 30)).weights is None
+
+
 def test_smoothing_stops_the_selection_chasing_isolated_spikes():
     """Spikes (one large gradient among easy neighbours, as a flipped label gives) draw picks without smoothing
     and lose them with it, while a uniformly important cluster keeps its share."""
@@ -135,7 +142,7 @@ def test_smoothing_stops_the_selection_chasing_isolated_spikes():
     g[spikes] = 2.0
     store.update(torch.arange(store.pool_size), ExampleSignals(loss=g.clone(), grad_norm=g, embedding=store.embedding.float()), step=0)
     budget = 40
-    plain = Grace(k=8).select(_inputs(store, budget)).indices
+    plain = Grace(k=8, smoothing=0.0).select(_inputs(store, budget)).indices
     smoothed = Grace(k=8, smoothing=1.0).select(_inputs(store, budget)).indices
     share = lambda picked: float(torch.isin(picked, spikes).float().mean())  # noqa: E731
     assert share(plain) > 0.3 and share(smoothed) < share(plain) / 2, (share(plain), share(smoothed))
