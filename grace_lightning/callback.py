@@ -33,8 +33,8 @@ from grace_lightning.inputs import (
     warn_unused_inputs,
 )
 from grace_lightning.knn import set_faiss_threads
-from grace_lightning.overlap import PendingSelection, SelectionWorker
 from grace_lightning.loaders import TrainingLoader, adopt_sampler, explain_resume_warning, wrap_train_source
+from grace_lightning.overlap import PendingSelection, SelectionWorker
 from grace_lightning.rng import ResumeStreams
 from grace_lightning.sampler import CoresetSampler
 from grace_lightning.schedule import Action
@@ -117,8 +117,9 @@ class CoresetCallback(Callback):
             one refresh period after the signals it was chosen from. Measuring and probing stay on the training
             thread (they need the model); only the seconds training waits for the thread count as selection time
             (``exposed_seconds``; the rest is logged as ``hidden_seconds``). Deterministic like the synchronous
-            mode: the hand-over step is fixed by the schedule, not by when the thread finishes. A refresh with no
-            decision point after it runs synchronously; a checkpoint written while the thread runs waits for it.
+            mode: the hand-over step is fixed by the schedule, not by when the thread finishes. A refresh whose next
+            decision point is not a refresh (the anneal, or the end of training) runs synchronously; a checkpoint
+            written while the thread runs waits for it.
             ``"auto"`` (the default): on where the model trains on an accelerator (a GPU) and the strategy's
             selection is costly (``grace``, ``grip``, ``group_mates``, ``gip``); off for the cheap strategies, whose
             subsets then follow their signals at once, and off when training runs on the CPU, where the thread
@@ -444,6 +445,7 @@ class CoresetCallback(Callback):
                 self._worker.finish(pending)
             except Exception:  # noqa: BLE001 - the fit is over (or failing for its own reason); its result is unused
                 pass
+            self._log.selection_seconds += pending.prepared_seconds + pending.waited_seconds
 
     def _capturing(self) -> bool:
         # With several training loaders the head also runs on the other loaders' batches, so a hooked forward
@@ -568,13 +570,13 @@ class CoresetCallback(Callback):
 
     # ------------------------------------------------------------------ overlapped selection
     def _overlaps_from(self, trainer: Trainer, now_batch: int) -> bool:
-        """Whether this refresh's selection can run in the background: overlap is on and a hand-over lies ahead."""
+        """Whether this refresh's selection can run in the background: overlap is on and the next decision point
+        is a refresh, where its subset is handed over (at the anneal or the end of training it would never train)."""
         if not self.overlap or trainer.train_dataloader is None:
             return False
         position = self._loader.position(trainer)
         per_epoch = self.sampler.batches_per_epoch(position.batch_size, position.drop_last)
-        epoch = max(now_batch - 1, 0) // per_epoch
-        return self.schedule.decides_again(now_batch, epoch, per_epoch)
+        return self.schedule.next_action(now_batch, per_epoch) is Action.SELECT
 
     def _hand_over(self, trainer: Trainer, start_batch: int, now_batch: int, apply: bool) -> None:
         """At a decision point, put the pending overlapped selection into force from ``start_batch`` (or drop it)."""
@@ -583,6 +585,7 @@ class CoresetCallback(Callback):
             return
         self._worker.finish(pending)  # rank 0 waits here if the thread is not done (the exposed seconds)
         if not apply:
+            self._log.selection_seconds += pending.prepared_seconds + pending.waited_seconds  # spent all the same
             return
         selection = trainer.strategy.broadcast(pending.selection, src=0)
         waited = max_over_ranks(trainer.strategy, pending.waited_seconds, trainer.lightning_module.device)

@@ -78,24 +78,25 @@ class RefreshSchedule:
                 action = Action.SELECT
         return action
 
-    def decides_again(self, batches_done: int, epoch: int, batches_per_epoch: int) -> bool:
-        """Whether a decision point (a refresh or a switch to the whole pool) follows batch ``batches_done``.
+    def next_action(self, batches_done: int, batches_per_epoch: int) -> Optional[Action]:
+        """The action of the first decision point after batch position ``batches_done`` (None: none before the end).
 
-        ``epoch`` is the epoch that batch belongs to. An overlapped selection is handed over at the next decision
-        point; one with none ahead would never train, so it is not started.
+        An overlapped selection submitted at ``batches_done`` is handed over there, so it is started only when that
+        action is :attr:`Action.SELECT` (a subset handed over at the anneal, or never, would not train).
         """
-        if self.max_epochs is None:
-            return True
-        mid_epoch = batches_done < (epoch + 1) * batches_per_epoch  # then this epoch's own end is still ahead
-        if any(self.at_epoch_end(e) is not None for e in range(epoch if mid_epoch else epoch + 1, self.max_epochs)):
-            return True
-        if self.every_n_steps:  # a step-interval refresh later in the selection phase
-            last = self.max_epochs * batches_per_epoch
-            nxt = (batches_done // self.every_n_steps + 1) * self.every_n_steps
-            for position in range(nxt, last, self.every_n_steps):
-                if self.phase(position // batches_per_epoch) is Phase.SELECT:
-                    return True
-        return False
+        last = None if self.max_epochs is None else self.max_epochs * batches_per_epoch
+        epoch_end = (batches_done // batches_per_epoch + 1) * batches_per_epoch
+        step = (batches_done // self.every_n_steps + 1) * self.every_n_steps if self.every_n_steps else None
+        while last is None or min(epoch_end, step or epoch_end) <= last:
+            position = epoch_end if step is None else min(epoch_end, step)
+            action = self.decide(position, (position - 1) // batches_per_epoch, position % batches_per_epoch == 0)
+            if action is not None:
+                return action
+            if position == epoch_end:
+                epoch_end += batches_per_epoch
+            if step is not None and position == step:
+                step += self.every_n_steps
+        return None
 
     def epoch_and_progress(self, start_batch: int, batches_per_epoch: Optional[int]) -> tuple[int, Optional[float]]:
         """The epoch a selection starting at ``start_batch`` falls in, and the share of training done then.
