@@ -1,16 +1,16 @@
 """Overlapped selection: a strategy's selection runs in a background thread while training goes on.
 
 The callback measures and probes on the training thread (both need the model), then hands the strategy's
-``select`` to :class:`SelectionWorker` and training continues on the current subset. At the *next* decision
-point of the schedule (a refresh, a skipped refresh, or the anneal) the callback collects the result and puts it
-into force from there. The hand-over step is fixed by the schedule, never by when the thread finishes, so a run is
+``select`` to :class:`SelectionWorker` and training continues on the current subset. At the schedule's *next*
+refresh (run or skipped by the overhead budget) the callback collects the result and puts it into force from
+there; a refresh followed by no other (the last one, or the one before the anneal) runs synchronously. The hand-over step is fixed by the schedule, never by when the thread finishes, so a run is
 as much a function of its seed as a synchronous one: it computes the same selection from the same signals, one
 refresh period later. Only the seconds the training thread waits at the hand-over (``exposed``) count as
 selection time; the rest ran beside training (``hidden``).
 
 Strategy math is numpy, faiss and torch CPU kernels, which release the GIL for their heavy parts, so the thread
-takes little from the training loop where a core is free (always, where a GPU trains; on a small CPU machine the
-two share the cores).
+takes little from the training loop where a core is free (always, where a GPU trains). On a small CPU machine
+the two share the cores, and the thread costs more than it hides: ``overlap="auto"`` leaves it off there.
 """
 
 from __future__ import annotations
