@@ -1,7 +1,8 @@
 """Throughput of the plugin's scoring pass against a plain forward loop, on a bench task's model and pool.
 
 The scoring pass is what informed strategies pay per example they rescore: a forward-only pass (eval mode,
-``no_grad``) through the plugin's own loader (a ``Subset`` of the training set at the scoring batch size),
+``no_grad``) through the plugin's own loader (the pool rows at the scoring batch size, fetched a batch at a time
+from a ``TensorDataset``, else example by example through a ``Subset``),
 with the closed-form signals (loss, last-layer gradient norm, embedding) computed from the head's input and
 output and copied to the CPU. The baseline is ``model(x)`` over the same examples as contiguous tensor slices
 under ``torch.inference_mode()``: no loader, no signals. Each is the median of ``--repeats`` passes after one
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from grace_lightning.bench.tasks import TaskSize, get_task
+from grace_lightning.scoring import Measurements, rows_of
 from grace_lightning.signals.capture import SignalExtractor, inference_forward
 
 
@@ -41,14 +43,15 @@ def main() -> None:
     task = get_task(args.task)
     data = task.make_data(TaskSize(args.examples, 100, 1), seed=0)
     model = task.build_model(data, seed=0)
-    subset = Subset(data.train, list(range(len(data.train))))
+    like = DataLoader(data.train)  # the training loader's dataset and collate, as the callback sees them
+    pool = rows_of(data.train, torch.arange(len(data.train)), like.collate_fn)  # what the callback's pass reads
     tensors = data.train.tensors
-    extractor = SignalExtractor.for_module(model, next(iter(DataLoader(subset, batch_size=4))))
+    extractor = SignalExtractor.for_module(model, next(iter(DataLoader(Subset(data.train, range(4)), batch_size=4))))
 
     def scoring(batch_size: int) -> float:
         began = time.perf_counter()
         with inference_forward(model):
-            for batch in DataLoader(subset, batch_size=batch_size, shuffle=False):
+            for batch in Measurements(None, batch_size, 0).loader(pool, like):
                 extractor.score_batch(batch).detach_cpu()
         return time.perf_counter() - began
 

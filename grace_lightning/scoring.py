@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from grace_lightning.distributed import gather_rows, max_over_ranks
 from grace_lightning.probes import ProbeRequest, ProbeResults, ProbeRunner
@@ -29,7 +29,42 @@ from grace_lightning.signals import ExampleSignals, SignalExtractor, SignalStore
 from grace_lightning.signals.capture import inference_forward
 from grace_lightning.telemetry import ScoringProgressBar
 
-__all__ = ["Measurements"]
+__all__ = ["Measurements", "TensorRows", "rows_of"]
+
+
+class TensorRows(Dataset):
+    """Rows ``indices`` of a :class:`~torch.utils.data.TensorDataset`, fetched a batch at a time.
+
+    A ``Subset`` fetches and collates example by example (one Python call per example); this indexes each tensor
+    once per batch. ``__getitems__`` returns what ``default_collate`` makes of the same examples (a list of the
+    stacked tensors), bit for bit, so the DataLoader takes it with :func:`already_batched` as its collate.
+    """
+
+    def __init__(self, dataset: TensorDataset, indices: Tensor) -> None:
+        self.tensors = dataset.tensors
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+    def __getitem__(self, position: int) -> tuple[Tensor, ...]:
+        return tuple(t[self.indices[position]] for t in self.tensors)
+
+    def __getitems__(self, positions: list[int]) -> list[Tensor]:
+        rows = self.indices[positions]
+        return [t[rows] for t in self.tensors]
+
+
+def already_batched(batch: Any) -> Any:
+    """The collate of a :class:`TensorRows` loader: its ``__getitems__`` already made the batch."""
+    return batch
+
+
+def rows_of(dataset: Dataset, indices: Tensor, collate_fn: Any) -> Dataset:
+    """The examples ``indices`` of ``dataset`` for a scoring pass: batched fetches where the result is the same."""
+    if isinstance(dataset, TensorDataset) and collate_fn is default_collate:
+        return TensorRows(dataset, indices)
+    return Subset(dataset, indices.tolist())
 
 
 class Measurements:
@@ -115,7 +150,7 @@ class Measurements:
     def score(self, trainer: Trainer, pl_module: LightningModule, indices: Tensor, now_batch: int, like: DataLoader) -> int:
         """Forward-only pass over this rank's shard of pool ``indices``; gather; write every rank's store."""
         shard = indices[trainer.global_rank :: trainer.world_size]
-        loader = self.loader(Subset(like.dataset, shard.tolist()), like)
+        loader = self.loader(rows_of(like.dataset, shard, like.collate_fn), like)
         rows = self._forward(trainer, pl_module, loader, shard)
         self.store.update(rows["index"], ExampleSignals.from_rows(rows), step=now_batch)
         return int(rows["index"].numel())
@@ -123,7 +158,7 @@ class Measurements:
     def score_reference(self, trainer: Trainer, pl_module: LightningModule, reference: DataLoader) -> ExampleSignals:
         """The reference set's signals under the live model, embeddings mapped into the store's space (unit rows)."""
         shard = torch.arange(len(reference.dataset))[trainer.global_rank :: trainer.world_size]
-        loader = self.loader(Subset(reference.dataset, shard.tolist()), reference)
+        loader = self.loader(rows_of(reference.dataset, shard, reference.collate_fn), reference)
         rows = self._forward(trainer, pl_module, loader, shard)
         signals = ExampleSignals.from_rows(rows).select(torch.argsort(rows["index"]))
         if signals.embedding is not None and self.store is not None:
@@ -137,7 +172,7 @@ class Measurements:
             batch_size=self.batch_size or like.batch_size or 1,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=like.collate_fn,
+            collate_fn=already_batched if isinstance(dataset, TensorRows) else like.collate_fn,
         )
 
     def reference_loader(self, reference: Union[Dataset, DataLoader], like: DataLoader) -> DataLoader:

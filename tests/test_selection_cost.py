@@ -85,3 +85,34 @@ def test_grace_builds_its_graph_in_a_fixed_low_dimensional_basis_that_survives_a
     assert same.projection is None and same.node_embedding.shape == (300, 16)
     with pytest.raises(ValueError, match="graph_dim"):
         Grace(graph_dim=0)
+
+
+def test_scoring_a_tensor_dataset_fetches_whole_batches_with_the_same_result():
+    """A TensorDataset pool is scored a batch at a time (no per-example Python); the store is the same bit for bit."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
+
+    from grace_lightning import CoresetCallback, CoresetSampler
+    from grace_lightning.scoring import TensorRows, rows_of
+    from tests.toy import IndexedBlobs, TinyClassifier, quiet_trainer
+
+    blobs = IndexedBlobs(n=256)
+    tensors = TensorDataset(blobs.x, blobs.y, torch.arange(256))
+    idx = torch.tensor([9, 3, 200, 0, 41])
+    assert isinstance(rows_of(tensors, idx, default_collate), TensorRows)
+    assert isinstance(rows_of(tensors, idx, lambda batch: batch), Subset)  # a custom collate sees examples
+    assert isinstance(rows_of(blobs, idx, default_collate), Subset)
+    fast = next(iter(DataLoader(rows_of(tensors, idx, default_collate), batch_size=5, collate_fn=lambda b: b)))
+    slow = next(iter(DataLoader(Subset(tensors, idx.tolist()), batch_size=5)))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
+
+    stores = []
+    for dataset in (tensors, blobs):
+        sampler = CoresetSampler(dataset, fraction=0.25, seed=7)
+        callback = CoresetCallback(sampler, strategy="grace", seed=11)
+        quiet_trainer(max_epochs=3, callbacks=[callback]).fit(
+            TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler)
+        )
+        assert callback.history[1]["scored"] > 0  # the first informed refresh scored the unmeasured pool
+        stores.append(callback.store)
+    for name in ("loss", "grad_norm", "embedding", "last_step"):
+        assert torch.equal(getattr(stores[0], name), getattr(stores[1], name)), name
