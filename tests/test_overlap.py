@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from grace_lightning import CoresetCallback, CoresetSampler, Selection, SelectionInput
 from grace_lightning.schedule import RefreshSchedule
 from tests.harness import TopLoss, fit, load_records, load_weights
 from tests.toy import IndexedBlobs, TinyClassifier, quiet_trainer
-from torch.utils.data import DataLoader
 
 POOL, FRACTION, BATCH = 256, 0.25, 8
 PER_EPOCH = int(POOL * FRACTION) // BATCH
@@ -189,7 +189,7 @@ def test_resume_is_bit_exact_with_overlap(tmp_path, devices, strategy):
         _assert_resumed_equals_uninterrupted(tmp_path, devices, point)
 
 
-def test_overlap_under_ddp_matches_one_rank_per_selection(tmp_path):
+def test_two_ranks_agree_on_every_subset_with_overlap(tmp_path):
     """Two ranks (ddp_fork) agree on every subset with the selection running on rank 0's thread."""
     fit(tmp_path, "ddp", devices=2, schedule="epoch", strategy="grace", overlap=True, max_epochs=4)
     ranks = load_records(tmp_path, "ddp", 2)
