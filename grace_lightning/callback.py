@@ -411,7 +411,10 @@ class CoresetCallback(Callback):
         # At an epoch end the next iterator does not exist yet; mid-epoch, workers have drawn `lag` batches ahead.
         lag = 0 if trainer.is_last_batch else self._loader.prefetch_lag(trainer)
         start = position.batches_done + lag
-        self._hand_over(trainer, start, position.batches_done, apply=action is Action.SELECT)
+        if action is Action.SELECT:
+            self._hand_over(trainer, start, position.batches_done)
+        else:
+            self._drop_pending()  # only a schedule changed on resume leaves one here: its subset would not train
         if action is Action.FULL_POOL:
             self.sampler.set_selection(None, start_batch=start, now_batch=position.batches_done)
         elif self._within_budget(trainer):
@@ -438,7 +441,10 @@ class CoresetCallback(Callback):
         self.on_fit_end(trainer, pl_module)
 
     def _drop_pending(self) -> None:
-        """The fit ends with a selection still pending: nobody trains on it; wait for its thread, drop it."""
+        """A selection still pending that nobody will train on (the fit ends): wait for its thread, drop it.
+
+        Its seconds were spent all the same, so they count in the fit's selection total.
+        """
         pending, self._pending = self._pending, None
         if pending is not None:
             try:
@@ -578,15 +584,12 @@ class CoresetCallback(Callback):
         per_epoch = self.sampler.batches_per_epoch(position.batch_size, position.drop_last)
         return self.schedule.next_action(now_batch, per_epoch) is Action.SELECT
 
-    def _hand_over(self, trainer: Trainer, start_batch: int, now_batch: int, apply: bool) -> None:
-        """At a decision point, put the pending overlapped selection into force from ``start_batch`` (or drop it)."""
+    def _hand_over(self, trainer: Trainer, start_batch: int, now_batch: int) -> None:
+        """At a refresh, put the pending overlapped selection into force from ``start_batch``."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
         self._worker.finish(pending)  # rank 0 waits here if the thread is not done (the exposed seconds)
-        if not apply:
-            self._log.selection_seconds += pending.prepared_seconds + pending.waited_seconds  # spent all the same
-            return
         selection = trainer.strategy.broadcast(pending.selection, src=0)
         waited = max_over_ranks(trainer.strategy, pending.waited_seconds, trainer.lightning_module.device)
         numbers = {k: v for k, v in pending.numbers.items() if k in ("scored", "submitted_batch")}
