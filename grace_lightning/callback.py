@@ -23,6 +23,8 @@ from grace_lightning.distributed import max_over_ranks
 from grace_lightning.handback import Origin
 from grace_lightning.inputs import (
     check_budget_source,
+    check_embeddings,
+    check_fixed_embedding_inputs,
     check_one_callback_per_sampler,
     check_reference_type,
     check_quality,
@@ -131,6 +133,15 @@ class CoresetCallback(Callback):
             measure their loss on it. Typically 64-256 held-out examples of the target task.
         quality: ``(N,)`` user quality scores of the pool examples (any real numbers; higher is better), for
             strategies that read them (``grip`` budgets, ``gip`` queries).
+        embeddings: ``(N, D)`` embeddings of the pool examples from an encoder of your own (a sentence encoder,
+            a pretrained vision model), used instead of the live model's head input by the strategies that read
+            embeddings (``grace``, ``grip``, ``group_mates``, ``gip``), as the GRIP, Group-MATES and GIP papers
+            embed data with a separate model. They are never re-measured, so a strategy that reads nothing else
+            (``gip``) runs no scoring pass. Use them when the model's own embeddings do not separate what matters:
+            early in pretraining, a small model's mean-pooled hidden states barely tell domains apart (see the
+            README's lm-mixture findings). Rows are compared by direction (stored as projected unit rows, fp16).
+        reference_embeddings: ``(m, D)`` embeddings of the ``reference`` set's examples from the same encoder;
+            required with ``embeddings`` when the strategy compares the pool with the reference set (``gip``).
         max_invalid_share: a refresh fails (``RuntimeError``, with the likely cause) when more than this share
             of the signals measured since the last refresh were NaN or infinite, typically a diverged loss:
             selecting from such a store would silently use stale or missing data.
@@ -147,7 +158,8 @@ class CoresetCallback(Callback):
         TypeError: if ``sampler`` is not a :class:`CoresetSampler`.
         ValueError: for an unknown strategy, non-positive intervals, both intervals at once, or negative
             warm-up/anneal lengths, a strategy that needs a reference set or quality scores and got none,
-            malformed ``quality``; in ``setup``, for Trainer settings that fight the budget
+            malformed ``quality``, ``embeddings`` or ``reference_embeddings`` (shape, NaN, zero rows, one without
+            the other); in ``setup``, for Trainer settings that fight the budget
             (``limit_train_batches``, ``overfit_batches``) or an anneal without ``max_epochs``; at the start
             of training, if the sampler is not in the training DataLoader.
 
@@ -191,6 +203,8 @@ class CoresetCallback(Callback):
         max_invalid_share: float = 0.5,
         reference: Optional[Union[Dataset, DataLoader]] = None,
         quality: Optional[Any] = None,
+        embeddings: Optional[Any] = None,
+        reference_embeddings: Optional[Any] = None,
         log_prefix: str = "coreset/",
         restore_rng: bool = True,
     ) -> None:
@@ -205,6 +219,9 @@ class CoresetCallback(Callback):
         self.quality: Optional[Tensor] = None
         self.strategy.check_inputs(reference is not None, quality is not None)
         warn_unused_inputs(self.strategy, reference is not None, quality is not None)
+        check_fixed_embedding_inputs(self.strategy, embeddings, reference_embeddings, reference is not None)
+        self._embeddings_input, self._reference_embeddings_input = embeddings, reference_embeddings
+        self._reference_embedding: Optional[Tensor] = None  # the reference set's fixed embeddings, in the store's space
         self.scoring_batch_size = positive_int_or_none(_OWNER, "scoring_batch_size", scoring_batch_size)
         self.scoring_num_workers = non_negative_int(_OWNER, "scoring_num_workers", scoring_num_workers)
         self.capture_training_signals = bool(capture_training_signals)
@@ -252,6 +269,25 @@ class CoresetCallback(Callback):
         self._batch = TrainingBatchView(sampler, self.strategy.name)
         if self.strategy.needs:
             self.store = self._measure.store = SignalStore(sampler.pool_size, **self._store_args)
+            if self._embeddings_input is not None and "embedding" in self.strategy.needs:
+                self._fix_embeddings(sampler.pool_size)
+
+    def _fix_embeddings(self, pool_size: int) -> None:
+        """Put the user's embeddings into the store (and the reference set's beside them), checked against the pool."""
+        pool = check_embeddings(self._embeddings_input, pool_size, "embeddings", "pool example")
+        self.store.fix_embedding(pool)
+        if self._reference_embeddings_input is None:
+            return
+        reference_set = self.reference.dataset if isinstance(self.reference, DataLoader) else self.reference
+        reference = check_embeddings(
+            self._reference_embeddings_input, len(reference_set), "reference_embeddings", "reference example"
+        )
+        if reference.shape[1] != pool.shape[1]:
+            raise ValueError(
+                f"CoresetCallback: `reference_embeddings` have width {reference.shape[1]} and `embeddings` "
+                f"{pool.shape[1]}; embed both with the same encoder."
+            )
+        self._reference_embedding = self.store.to_store_space(reference)
 
     @property
     def state_key(self) -> str:
@@ -526,11 +562,16 @@ class CoresetCallback(Callback):
                 scored = self._measure.score(trainer, pl_module, to_score, now_batch, self._loader.loader(trainer))
                 scoring_seconds = time.perf_counter() - scoring_began
             self._measure.check_mostly_valid(self.max_invalid_share, self.strategy.name)
-        cold = self.strategy.is_cold(inputs)
+        # A strategy that reads signals starts from a uniform subset even when all of them were given up front
+        # (gip on the user's embeddings): before training, the reference set cannot be scored like training data.
+        cold = self.strategy.is_cold(inputs) or (not score and bool(self.strategy.needs))
         if score and not cold:  # probe
             reference = None if self.reference is None else self._reference(trainer)
             if reference is not None and self.strategy.reference != "unused":
-                inputs = replace(inputs, reference=self._measure.score_reference(trainer, pl_module, reference))
+                signals = self._measure.score_reference(trainer, pl_module, reference)
+                if self._reference_embedding is not None:  # the user's encoder, like the pool's fixed embeddings
+                    signals.embedding = self._reference_embedding.clone()
+                inputs = replace(inputs, reference=signals)
             request = self.strategy.to_probe(inputs) if trainer.is_global_zero else None
             request = trainer.strategy.broadcast(request, src=0)
             if request is not None:

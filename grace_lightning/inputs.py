@@ -23,6 +23,8 @@ _OWNER = "CoresetCallback"
 
 __all__ = [
     "check_budget_source",
+    "check_embeddings",
+    "check_fixed_embedding_inputs",
     "check_one_callback_per_sampler",
     "check_quality",
     "check_reference_format",
@@ -48,6 +50,55 @@ def check_quality(quality: Any, pool_size: int) -> Optional[Tensor]:
     if not bool(torch.isfinite(q).all()):
         raise ValueError("CoresetCallback: `quality` contains NaN or infinite scores; give finite numbers.")
     return q
+
+
+def check_embeddings(embeddings: Any, rows: int, name: str, what: str) -> Tensor:
+    """``embeddings`` as a finite ``(rows, D)`` float32 CPU tensor with no all-zero row (rows are normalised)."""
+    try:
+        e = torch.as_tensor(embeddings, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"CoresetCallback: `{name}` must be a ({rows}, D) array of numbers: {err}") from err
+    if e.ndim != 2 or e.shape[0] != rows or e.shape[1] < 1:
+        raise ValueError(
+            f"CoresetCallback: `{name}` must have one row per {what}, shape ({rows}, D), got {tuple(e.shape)}."
+        )
+    if not bool(torch.isfinite(e).all()):
+        raise ValueError(f"CoresetCallback: `{name}` contains NaN or infinite values; give finite embeddings.")
+    zero = (e == 0).all(dim=1).nonzero().squeeze(1)
+    if zero.numel():
+        raise ValueError(
+            f"CoresetCallback: `{name}` has {zero.numel()} all-zero rows (first: {int(zero[0])}); embeddings are "
+            "compared by direction, so every row needs one."
+        )
+    return e
+
+
+def check_fixed_embedding_inputs(strategy: Strategy, embeddings: Any, reference_embeddings: Any, has_reference: bool) -> None:
+    """At construction: ``reference_embeddings`` only beside ``embeddings`` and a reference set, and required where
+    the strategy compares the two (the live model's reference embeddings live in another space than the user's)."""
+    if reference_embeddings is not None and embeddings is None:
+        raise ValueError(
+            "CoresetCallback: `reference_embeddings` needs `embeddings` for the pool from the same encoder; pass both, "
+            "or neither to use the live model's embeddings."
+        )
+    if reference_embeddings is not None and not has_reference:
+        raise ValueError(
+            "CoresetCallback: `reference_embeddings` are the reference set's embeddings, and there is no `reference`; "
+            "pass CoresetCallback(..., reference=dataset, reference_embeddings=...)."
+        )
+    if embeddings is None:
+        return
+    if "embedding" not in strategy.needs:
+        rank_zero_warn(
+            f"CoresetCallback: strategy {strategy.name!r} reads no embeddings, so `embeddings` is ignored "
+            "(grace, grip, group_mates and gip read them). Drop `embeddings` or pick a strategy that uses them."
+        )
+    elif has_reference and strategy.reads_reference_embedding and reference_embeddings is None:
+        raise ValueError(
+            f"CoresetCallback: strategy {strategy.name!r} compares the pool's embeddings with the reference set's, and "
+            "the pool's come from your encoder (`embeddings`): pass the reference set's from the same encoder as "
+            "`reference_embeddings` (one row per reference example, same width)."
+        )
 
 
 def _item_layout(item: Any) -> str:

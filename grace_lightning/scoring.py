@@ -18,7 +18,6 @@ import time
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
@@ -162,7 +161,7 @@ class Measurements:
         rows = self._forward(trainer, pl_module, loader, shard)
         signals = ExampleSignals.from_rows(rows).select(torch.argsort(rows["index"]))
         if signals.embedding is not None and self.store is not None:
-            signals.embedding = F.normalize(self.store.project(signals.embedding), dim=1)
+            signals.embedding = self.store.to_store_space(signals.embedding)
         return signals
 
     def loader(self, dataset: Dataset, like: DataLoader) -> DataLoader:

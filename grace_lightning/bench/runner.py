@@ -115,6 +115,12 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
     val_loader = DataLoader(data.val, batch_size=task.val_batch_size, shuffle=False, collate_fn=data.collate_fn)
     chosen = build_strategy(strategy, **(config.strategy_kwargs.get(strategy) or {}))
     budget = {} if config.max_selection_share == "default" else {"max_selection_share": config.max_selection_share}
+    reference = None if chosen.reference == "unused" else data.reference  # group_mates and gip read it
+    encoder = {}
+    if data.embeddings is not None and "embedding" in chosen.needs:  # the task's own encoder, for those that read it
+        encoder["embeddings"] = data.embeddings
+        if reference is not None and chosen.reads_reference_embedding:
+            encoder["reference_embeddings"] = data.reference_embeddings
     callback = CoresetCallback(
         sampler,
         strategy=chosen,
@@ -123,8 +129,9 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
         anneal_epochs=config.anneal_epochs,
         seed=seed,
         overlap={"auto": "auto", "on": True, "off": False}[config.overlap],
-        reference=None if chosen.reference == "unused" else data.reference,  # group_mates and gip read it
+        reference=reference,
         **budget,
+        **encoder,
     )
     clock = EvalClock(callback, data.marked)
     trainer = L.Trainer(

@@ -33,6 +33,11 @@ class SignalStore:
     With ``memmap_dir`` the arrays live in files there (``numpy.memmap``), for pools that do not fit in RAM;
     the operating system pages them in and out.
 
+    Fixed embeddings: :meth:`fix_embedding` writes embeddings the user computed with an encoder of their own
+    (``CoresetCallback(embeddings=...)``) for the whole pool at once, mapped into the store's space like measured
+    ones; measurements never overwrite them, and :meth:`has` reports the signal present for every example. The
+    other signals are still measured by the live model.
+
     Checkpoints: :meth:`state_dict` holds every array as a tensor, so a resumed run continues from exactly
     the signals the interrupted run had (not a re-measurement, which would see different weights).
 
@@ -83,6 +88,7 @@ class SignalStore:
         self.projection: Optional[Tensor] = None  # (D, d) float32, when embeddings arrive wider than d
         self.invalid_count = 0
         self.offered_count = 0  # rows offered to `update`, valid or not
+        self.fixed: frozenset[str] = frozenset()  # signals given for the whole pool up front, never re-measured
 
     def _array(self, name: str, shape: tuple, dtype, fill) -> Tensor:
         if self.memmap_dir is None:
@@ -105,6 +111,31 @@ class SignalStore:
     def measured(self) -> Tensor:
         """Bool mask of examples with at least one finite measurement."""
         return self.last_step >= 0
+
+    def has(self, name: str) -> Tensor:
+        """Bool mask of the examples whose ``name`` signal is known: all of them when it is fixed, else :attr:`measured`."""
+        if name in self.fixed:
+            return torch.ones(self.pool_size, dtype=torch.bool)
+        return self.measured
+
+    def fix_embedding(self, embedding: Tensor) -> None:
+        """Store ``embedding`` (``(N, D)``, finite, no zero row) for the whole pool, in place of measured embeddings.
+
+        Rows are projected (when ``D`` exceeds ``max_embedding_dim``) and normalised like measured ones.
+        """
+        if embedding.ndim != 2 or embedding.shape[0] != self.pool_size:
+            raise ValueError(
+                f"SignalStore.fix_embedding: expected ({self.pool_size}, D) embeddings, got {tuple(embedding.shape)}."
+            )
+        rows = self.to_store_space(embedding.float())
+        if self.embedding is not None and tuple(self.embedding.shape[1:]) != tuple(rows.shape[1:]):
+            self.embedding = None  # measured embeddings of another width give way to the fixed ones
+        self._column(next(spec for spec in SIGNALS if spec.name == "embedding"), tuple(rows.shape[1:]))[:] = rows
+        self.fixed = self.fixed | {"embedding"}
+
+    def to_store_space(self, embedding: Tensor) -> Tensor:
+        """``(B, D)`` embeddings as the store keeps them: projected (see :meth:`project`) unit rows."""
+        return F.normalize(self.project(embedding), dim=1)
 
     def update(self, indices: Tensor, signals: ExampleSignals, step: Union[int, Tensor]) -> int:
         """Write ``signals`` for dataset ``indices`` measured at ``step``; return how many were rejected.
@@ -138,9 +169,11 @@ class SignalStore:
             value = getattr(s, spec.name)
             if value is None:
                 continue
+            if spec.name in self.fixed:
+                continue
             value = value[keep]
             if spec.name == "embedding":  # stored as unit rows, projected to at most max_embedding_dim
-                value = F.normalize(self.project(value), dim=1)
+                value = self.to_store_space(value)
             column = self._column(spec, tuple(value.shape[1:]))
             column[idx] = value.to(column.dtype)
         return rejected

@@ -105,6 +105,9 @@ class Strategy:
     # Whether the callback's overlap="auto" runs select() in a background thread: worth it for costly math
     # (graphs, clustering, greedy), not for a cheap strategy whose subset should follow its signals at once.
     overlap_by_default: ClassVar[bool] = False
+    # Whether select() reads the reference set's embeddings (inputs.reference.embedding): with fixed pool
+    # embeddings (CoresetCallback(embeddings=...)) the reference's must then come from the same encoder.
+    reads_reference_embedding: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -117,13 +120,18 @@ class Strategy:
         if cls.reference not in ("unused", "optional", "required"):
             raise TypeError(f"Strategy {cls.__name__}: `reference` must be 'unused', 'optional' or 'required'.")
 
+    def model_needs(self, store: Optional[SignalStore]) -> frozenset[str]:
+        """The signals of :attr:`needs` the live model must measure: those the store was not given up front."""
+        return self.needs - (store.fixed if store is not None else frozenset())
+
     def is_cold(self, inputs: SelectionInput) -> bool:
-        """Whether nothing informs a selection yet: the strategy reads signals and none was measured.
+        """Whether nothing informs a selection yet: the model must measure signals and none was measured.
 
         Then the refresh runs no probes (an untrained model's answers carry no information) and takes
         :meth:`cold_start`'s subset instead of :meth:`select`'s.
         """
-        return bool(self.needs) and inputs.store is not None and not bool(inputs.store.measured.any())
+        needed = self.model_needs(inputs.store)
+        return bool(needed) and inputs.store is not None and not bool(inputs.store.measured.any())
 
     def cold_start(self, inputs: SelectionInput) -> Selection:
         """The selection when :meth:`is_cold`: a uniform subset of the budget's size."""
@@ -157,9 +165,9 @@ class Strategy:
 
         The default, for a strategy that reads signals: everything never measured, plus the stalest
         ``rescore_fraction`` of the pool (the whole pool by default). Strategies that choose what to rescore
-        otherwise (GRACE's anchors) override this.
+        otherwise (GRACE's anchors) override this. Nothing when every signal read was given up front.
         """
-        return stalest_first(inputs, self.rescore_fraction) if self.needs else None
+        return stalest_first(inputs, self.rescore_fraction) if self.model_needs(inputs.store) else None
 
     def select(self, inputs: SelectionInput) -> Selection:
         raise NotImplementedError

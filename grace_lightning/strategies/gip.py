@@ -450,6 +450,10 @@ class GIP(Strategy):
         ValueError: for a parameter outside the values above; in :meth:`check_inputs`, when the callback has
             neither a reference set nor quality scores (or lacks the one ``queries`` names).
 
+    With embeddings from an encoder of the user's own (``CoresetCallback(embeddings=..., reference_embeddings=...)``,
+    as the paper embeds documents with a separate model), every example is a candidate from the first refresh and
+    no scoring pass runs: a refresh costs the greedy alone.
+
     Example::
 
         CoresetCallback(sampler, strategy="gip", reference=heldout_examples)
@@ -458,6 +462,7 @@ class GIP(Strategy):
 
     needs = frozenset({"embedding"})
     overlap_by_default = True
+    reads_reference_embedding = True
     reference = "optional"
     uses_quality = True
 
@@ -554,7 +559,9 @@ class GIP(Strategy):
         require_embeddings(store, "gip")
         began = time.perf_counter()
         budget = min(int(inputs.budget), inputs.pool_size)
-        measured = store.measured.nonzero().squeeze(1)
+        # Candidates: the examples whose embedding is known (the whole pool when it was given up front).
+        known = store.has("embedding")
+        measured = known.nonzero().squeeze(1)
         x = store.embedding[measured].float().numpy()
         q, source = self._query_matrix(inputs, measured, x)
         dim = x.shape[1]
@@ -594,7 +601,7 @@ class GIP(Strategy):
             diagnostics["logdet_picks"] = float(filled.picks.size)
             picks = np.concatenate([picks, filled.picks])
         chosen = measured[torch.from_numpy(picks)]
-        unmeasured = (~store.measured).nonzero().squeeze(1)
+        unmeasured = (~known).nonzero().squeeze(1)
         missing = budget - chosen.numel()
         if missing > 0:  # fewer measured examples than the budget: fill uniformly from the rest
             fill = uniform_draw(unmeasured, missing, inputs.generator)

@@ -72,6 +72,10 @@ class TaskData:
     # it marks, e.g. "noisy" or "off-target". The bench reports the share of trained examples that were marked.
     marked: Optional[Tensor] = None
     marked_name: str = ""
+    # Embeddings from an encoder other than the model (``CoresetCallback(embeddings=...)``): (N, D) for the pool and
+    # (m, D) for the reference set, or None for the live model's own.
+    embeddings: Optional[Tensor] = None
+    reference_embeddings: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ Data (all offline, nothing downloaded), one source per option:
   none of its structure;
 - ``random`` (default 0.2): uniformly random bytes in 1..255 (byte 0 is the model's BOS/EOS id).
 
-The options are shares of the pool, each in ``[0, 1)``; they must sum to 1 and ``shakespeare`` must be
+The source options are shares of the pool, each in ``[0, 1)``; they must sum to 1 and ``shakespeare`` must be
 positive. The pool of ``size.train_examples`` chunks (``None`` = the default preset's 10,000) gets a
 largest-remainder count per source (ties go to the earlier source in the order above), then a fixed-seed
 shuffle of the pool order. The pool is a function of the options and the size, never of the run seed.
@@ -36,6 +36,13 @@ the reference set its 64 held-out training chunks (the same ones the ``shakespea
 pool's Shakespeare chunks come from the rest of the training split: the first half of its fixed order for
 ``shakespeare``, the second half for ``shuffled``.
 
+Embeddings (option ``embedding``): ``model`` (the default) leaves strategies the live model's own (the mean of
+the head's input over a chunk); ``minilm`` hands them, through ``TaskData.embeddings``, the sentence embeddings
+of the pretrained all-MiniLM-L6-v2 encoder (the ``minilm-tweets`` task's package) of each chunk's bytes decoded
+as UTF-8 (undecodable bytes become U+FFFD), for the pool and the reference set: an encoder of the user's own,
+as the GRIP, Group-MATES and GIP papers embed documents with a separate model. Encoding the default pool takes
+about half a minute on 2 CPU cores, once per process.
+
 Model: the ``shakespeare`` task's :class:`~grace_lightning.bench.tasks.shakespeare.ByteGPT` (2-layer byte GPT-2,
 no dropout, random init from the run seed). Metric: Shakespeare validation perplexity (lower is better).
 """
@@ -43,6 +50,7 @@ no dropout, random init from the run seed). Metric: Shakespeare validation perpl
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import sysconfig
@@ -72,9 +80,13 @@ from grace_lightning.bench.tasks.shakespeare import (
     plays_dir,
 )
 
-__all__ = ["LICENSE_DIR", "SOURCES", "LMMixtureTask", "code_chunks", "largest_remainder", "license_chunks"]
+__all__ = [
+    "EMBEDDINGS", "LICENSE_DIR", "SOURCES", "LMMixtureTask", "chunk_embeddings", "code_chunks", "largest_remainder",
+    "license_chunks",
+]
 
 SOURCES = ("shakespeare", "code", "license", "shuffled", "random")
+EMBEDDINGS = ("model", "minilm")
 LICENSE_DIR = Path("/usr/share/common-licenses")
 DATA_SEED = 20_240_504  # fixed: byte permutations, random bytes and the pool order never depend on the run seed
 _EXCLUDED_DIRS = frozenset({"test", "tests", "site-packages"})
@@ -148,6 +160,27 @@ def _empty() -> Tensor:
     return torch.zeros(0, CHUNK, dtype=torch.int64)
 
 
+def _check_embedding(value: Any) -> str:
+    if value not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {value!r}")
+    return str(value)
+
+
+_ENCODED: dict[str, Tensor] = {}  # sha1 of the chunks' bytes -> their embeddings: a suite encodes each pool once
+
+
+def chunk_embeddings(chunks: Tensor) -> Tensor:
+    """``(n, 384)`` all-MiniLM-L6-v2 sentence embeddings of byte chunks ``(n, CHUNK)`` decoded as UTF-8."""
+    from grace_lightning.bench.tasks.minilm_tweets import embed_texts
+
+    data = chunks.to(torch.uint8).numpy()
+    key = hashlib.sha1(data.tobytes()).hexdigest()
+    if key not in _ENCODED:
+        texts = [bytes(row).decode("utf-8", errors="replace") for row in data]
+        _ENCODED[key] = embed_texts(texts, max_length=CHUNK)  # a 64-byte chunk of text is ~20 word pieces
+    return _ENCODED[key]
+
+
 def _permute_rows(rows: Tensor, generator: torch.Generator) -> Tensor:
     """Each row's bytes in a seeded random order, never the original order (a row is not constant)."""
     perm = torch.rand(rows.shape, generator=generator).argsort(dim=1)
@@ -191,6 +224,10 @@ class LMMixtureTask(BenchTask):
             0.2, "share of Shakespeare chunks with their bytes permuted, in [0, 1)", fraction_option("shuffled")
         ),
         "random": TaskOption(0.2, "share of uniformly random byte chunks, in [0, 1)", fraction_option("random")),
+        "embedding": TaskOption(
+            "model", "embeddings the strategies read: model (the byte GPT's own) or minilm (a pretrained encoder's)",
+            _check_embedding,
+        ),
     }
 
     def __init__(self, **options: Any) -> None:
@@ -198,7 +235,7 @@ class LMMixtureTask(BenchTask):
         shares = self.shares()
         total = sum(shares)
         if abs(total - 1.0) > _TOLERANCE:
-            given = ", ".join(f"{k}={v:g}" for k, v in self.settings.items())
+            given = ", ".join(f"{k}={self.settings[k]:g}" for k in SOURCES)
             raise ValueError(
                 f"the shares {', '.join(SOURCES)} must sum to 1, got {total:g} ({given}); "
                 "change one of them so that they add up to 1"
@@ -218,6 +255,10 @@ class LMMixtureTask(BenchTask):
 
     def check_available(self) -> None:
         plays_dir()
+        if self.settings["embedding"] == "minilm":
+            from grace_lightning.bench.tasks.minilm_tweets import model_path
+
+            model_path()
         if not _stdlib_files(str(stdlib_dir())) and self.settings["code"] > 0:
             raise TaskUnavailable(
                 f"lm-mixture: no Python sources under {stdlib_dir()}; give --task-option code=0 "
@@ -281,6 +322,9 @@ class LMMixtureTask(BenchTask):
         order = torch.randperm(ids.shape[0], generator=gen)
         ids, source, within = ids[order], source[order], within[order]
         val_idx = val_order[: size.val_examples].sort().values
+        encoded = {}
+        if self.settings["embedding"] == "minilm":
+            encoded = {"embeddings": chunk_embeddings(ids), "reference_embeddings": chunk_embeddings(plays[reference])}
         return TaskData(
             train=ByteChunks(ids),
             val=ByteChunks(plays[val_idx]),
@@ -293,6 +337,7 @@ class LMMixtureTask(BenchTask):
                 # pool: chunk number within its source (shakespeare/shuffled: plays chunk); val/reference: plays chunk
                 "source_ids": {"train": within, "val": val_idx, "reference": reference},
             },
+            **encoded,
         )
 
     def build_model(self, data: TaskData, seed: int) -> ByteGPT:

