@@ -182,6 +182,64 @@ def test_lm_mixture_model_scores_a_pool_batch(mixture_default):
     assert 4.0 < float(losses.mean()) < 7.0  # a fresh byte model is near uniform: log(256) = 5.5
 
 
+def test_lm_mixture_embedding_option_hands_strategies_an_encoders_embeddings(mixture_default, tiny_encoder, monkeypatch):
+    _, own = mixture_default
+    assert get_task("lm-mixture").settings["embedding"] == "model"
+    assert own.embeddings is None and own.reference_embeddings is None
+    with pytest.raises(ValueError, match=r"embedding must be one of model, minilm, got 'bert'"):
+        get_task("lm-mixture", embedding="bert")
+    monkeypatch.setattr(lm_mixture, "_ENCODED", {})
+    task = get_task("lm-mixture", embedding="minilm")
+    task.check_available()
+    data = task.make_data(SMALL, seed=0)
+    assert torch.equal(_rows(data.train), _rows(own.train)), "the option changes the embeddings, not the pool"
+    assert data.embeddings.shape == (1000, 32) and data.reference_embeddings.shape == (64, 32)  # the tiny encoder
+    assert bool(torch.isfinite(data.embeddings).all()) and bool((data.embeddings.norm(dim=1) > 0).all())
+    assert len(tiny_encoder.calls) == 2  # the pool, then the reference set
+    again = task.make_data(SMALL, seed=1)
+    assert again.embeddings is data.embeddings and len(tiny_encoder.calls) == 2, "each pool is encoded once a process"
+    # a chunk's embedding is its own text's, whatever else is padded into its batch (same encoder weights)
+    def seeded(path):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return tiny_encoder(path)
+
+    monkeypatch.setattr(minilm_tweets, "build_encoder", seeded)
+    rows = _rows(data.train)[:40]
+    batched = lm_mixture.chunk_embeddings(rows)
+    alone = lm_mixture.chunk_embeddings(rows[3:4])
+    assert torch.allclose(alone[0], batched[3], atol=1e-4)
+
+
+def test_bench_runner_gives_the_encoders_embeddings_only_to_strategies_that_read_them(monkeypatch, tiny_encoder):
+    import grace_lightning
+    from grace_lightning.bench.config import BenchConfig
+    from grace_lightning.bench.runner import run_one
+
+    given = {}
+
+    class Recording(grace_lightning.CoresetCallback):
+        def __init__(self, sampler, **kwargs):
+            given[kwargs["strategy"].name] = {k for k in ("embeddings", "reference_embeddings") if k in kwargs}
+            super().__init__(sampler, **kwargs)
+
+    monkeypatch.setattr(grace_lightning, "CoresetCallback", Recording)
+    monkeypatch.setattr(lm_mixture, "_ENCODED", {})
+    task = get_task("lm-mixture", embedding="minilm")
+    config = BenchConfig(
+        task="lm-mixture", strategies=["random", "gip", "group_mates"], fractions=[0.3], seeds=[0], epochs=2,
+        out="unused", preset="quick", train_examples=120, val_examples=20,
+    )
+    for strategy in config.strategies:
+        row = run_one(task, strategy, 0.3, 0, config)
+        assert row["strategy"] == strategy and math.isfinite(row["final_metric"])
+    assert given == {
+        "random": set(),  # reads no embeddings
+        "gip": {"embeddings", "reference_embeddings"},  # compares the pool with the reference set
+        "group_mates": {"embeddings"},  # reads the reference set's loss only
+    }
+
+
 # ------------------------------------------------------------------------------------------ minilm-tweets
 
 

@@ -72,6 +72,19 @@ def test_gip_with_an_encoders_embeddings_scores_nothing_and_finds_the_target():
     assert float(target[own_sampler.selection].float().mean()) < 0.6
 
 
+def test_grace_on_fixed_embeddings_builds_its_graph_once_and_never_repairs_it():
+    dataset = IndexedBlobs(n=POOL)
+    given = _encoder_view(POOL, 0, torch.arange(POOL) % 2 == 0)
+    sampler = CoresetSampler(dataset, fraction=0.25, seed=0)
+    callback = CoresetCallback(sampler, strategy="grace", seed=0, embeddings=given)
+    quiet_trainer(max_epochs=4, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=16, sampler=sampler))
+    _, built, *repaired = callback.history  # a uniform start, the graph's build, then refreshes
+    assert built["anchors"] == POOL and repaired
+    assert all(r["moved"] == 0 and r["graph_seconds"] == 0 and r["anchors"] > 0 for r in repaired)
+    assert torch.allclose(callback.store.embedding.float(), callback.store.to_store_space(given), atol=1e-3)
+    assert bool(callback.store.measured.all()), "loss and gradient norm still come from the live model"
+
+
 def _fixed_kwargs(strategy):
     kwargs = {"embeddings": _encoder_view(POOL, 0, torch.arange(POOL) % 2 == 0)}
     if strategy == "gip":

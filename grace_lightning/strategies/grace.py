@@ -16,6 +16,7 @@ from torch import Tensor
 
 from grace_lightning.knn import KnnGraph
 from grace_lightning.propagation import edge_weights, neighbour_mean, propagate, propagate_drift
+from grace_lightning.signals.store import SignalStore
 from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, require_embeddings
 from grace_lightning.submodular import select_facility_location
 from grace_lightning.validation import non_negative_float, positive_int, unit_interval
@@ -237,23 +238,10 @@ class Grace(Strategy):
             importance = state.importance.copy()
             importance[anchors] = measured[anchors]
             state.importance = propagate(importance, state.graph.neighbors, weights, anchors, mode=self.propagation)
-            # propagate_drift makes the one fp32 copy of the fp16 node embeddings; at 1M x 128 each (N, d) fp32
-            # array is 512 MB, so no other is kept alive beside it and the drift.
-            fresh = self._to_graph_space(store.embedding.numpy()[anchors], state)
-            drift = np.zeros(state.node_embedding.shape, dtype=np.float32)
-            drift[anchors] = fresh - state.node_embedding[anchors].astype(np.float32)
-            moved = self._moved(anchors, drift)
-            nodes = propagate_drift(
-                state.node_embedding, drift, state.graph.neighbors, weights, anchors, mode=self.propagation
-            )
-            del drift
-            nodes[anchors] = fresh
-            diagnostics["propagation_seconds"] = time.perf_counter() - began
-            diagnostics["moved"] = float(moved.size)
-            graph_began = time.perf_counter()
-            state.node_embedding = nodes.astype(np.float16)
-            state.graph.update(nodes, moved)
-            diagnostics["graph_seconds"] = time.perf_counter() - graph_began
+            if "embedding" in store.fixed:  # the user's embeddings never move: nothing to propagate or repair
+                diagnostics.update(propagation_seconds=time.perf_counter() - began, moved=0.0, graph_seconds=0.0)
+            else:
+                self._follow_drift(store, state, anchors, weights, began, diagnostics)
         state.seen_step = store.last_step.numpy().copy()
         state.last_now = inputs.now_batch
 
@@ -294,6 +282,27 @@ class Grace(Strategy):
             x = x @ state.projection
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return x
+
+    def _follow_drift(
+        self, store: SignalStore, state: GraceState, anchors: np.ndarray, weights: np.ndarray, began: float,
+        diagnostics: dict[str, float],
+    ) -> None:
+        """Move the graph's nodes with the anchors' new embeddings (propagated drift) and repair what moved most."""
+        # propagate_drift makes the one fp32 copy of the fp16 node embeddings; at 1M x 128 each (N, d) fp32
+        # array is 512 MB, so no other is kept alive beside it and the drift.
+        fresh = self._to_graph_space(store.embedding.numpy()[anchors], state)
+        drift = np.zeros(state.node_embedding.shape, dtype=np.float32)
+        drift[anchors] = fresh - state.node_embedding[anchors].astype(np.float32)
+        moved = self._moved(anchors, drift)
+        nodes = propagate_drift(state.node_embedding, drift, state.graph.neighbors, weights, anchors, mode=self.propagation)
+        del drift
+        nodes[anchors] = fresh
+        diagnostics["propagation_seconds"] = time.perf_counter() - began
+        diagnostics["moved"] = float(moved.size)
+        graph_began = time.perf_counter()
+        state.node_embedding = nodes.astype(np.float16)
+        state.graph.update(nodes, moved)
+        diagnostics["graph_seconds"] = time.perf_counter() - graph_began
 
     def _moved(self, anchors: np.ndarray, drift: np.ndarray) -> np.ndarray:
         ids = anchors.nonzero()[0]
