@@ -30,6 +30,7 @@ from grace_lightning.inputs import (
     check_quality,
     check_reference_format,
     check_trainer,
+    dataset_of,
     overlap_setting,
     refresh_schedule,
     warn_unused_inputs,
@@ -278,9 +279,8 @@ class CoresetCallback(Callback):
         self.store.fix_embedding(pool)
         if self._reference_embeddings_input is None:
             return
-        reference_set = self.reference.dataset if isinstance(self.reference, DataLoader) else self.reference
         reference = check_embeddings(
-            self._reference_embeddings_input, len(reference_set), "reference_embeddings", "reference example"
+            self._reference_embeddings_input, len(dataset_of(self.reference)), "reference_embeddings", "reference example"
         )
         if reference.shape[1] != pool.shape[1]:
             raise ValueError(
@@ -491,8 +491,14 @@ class CoresetCallback(Callback):
 
     def _capturing(self) -> bool:
         # With several training loaders the head also runs on the other loaders' batches, so a hooked forward
-        # cannot be attributed to the coreset's examples: signals then come from scoring passes only.
-        return self.store is not None and self.capture_training_signals and not self._loader.path
+        # cannot be attributed to the coreset's examples: signals then come from scoring passes only. A strategy
+        # whose every signal was given up front (gip on fixed embeddings) needs nothing from the training batches.
+        return (
+            self.store is not None
+            and self.capture_training_signals
+            and not self._loader.path
+            and bool(self.strategy.model_needs(self.store))
+        )
 
     @property
     def history(self) -> list[dict[str, float]]:

@@ -110,9 +110,14 @@ def _item_layout(item: Any) -> str:
     return f"a {type(item).__name__}"
 
 
+def dataset_of(data: Union[Dataset, DataLoader]) -> Dataset:
+    """The dataset behind a DataLoader, or the dataset itself."""
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
 def check_reference_format(reference: Union[Dataset, DataLoader], train_set: Dataset) -> None:
     """The reference set's items must be laid out like the training set's (labels included): fail at setup."""
-    reference_set = reference.dataset if isinstance(reference, DataLoader) else reference
+    reference_set = dataset_of(reference)
     if len(reference_set) == 0:
         raise ValueError("CoresetCallback: `reference` is empty; give it 64-256 held-out examples of the target task.")
     mine, theirs = _item_layout(reference_set[0]), _item_layout(train_set[0])

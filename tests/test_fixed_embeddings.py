@@ -62,6 +62,7 @@ def test_gip_with_an_encoders_embeddings_scores_nothing_and_finds_the_target():
         reference_embeddings=_encoder_view(16, 1, torch.ones(16, dtype=torch.bool), noise=0.0),
     )
     assert callback.history and all(r["scored"] == 0 for r in callback.history), "GIP reads nothing else: no scoring"
+    assert not bool(callback.store.measured.any()), "nothing was captured from the training batches either"
     first, *informed = callback.history  # the first subset is uniform, as for every strategy that reads signals
     assert "candidates" not in first and informed
     assert all(r["candidates"] == POOL for r in informed), "every example is a candidate from the first refresh"
