@@ -94,24 +94,31 @@ def _pass(model, dataset, collate, grad_ref=None):
     return emb, loss, torch.cat(aligns).double().numpy()
 
 
-def measure_seed(seed: int, fraction: float, epochs: int) -> dict:
+def warm_model(seed: int, fraction: float, epochs: int):
+    """The task's data and model after ``epochs`` on a random ``fraction`` of the pool (what a bench run has
+    trained at its first informed refresh), with the trainer that holds its optimizer, and the seconds taken."""
     task = get_task("lm-mixture")
     data = task.make_data(TaskSize(None, None, epochs), seed)
     model = task.build_model(data, seed)
     model.lr_schedule = "constant"
     generator = torch.Generator().manual_seed(seed)
-    pool = len(data.train)
-    subset = torch.randperm(pool, generator=generator)[: int(fraction * pool)].tolist()
+    subset = torch.randperm(len(data.train), generator=generator)[: int(fraction * len(data.train))].tolist()
     loader = DataLoader(
         Subset(data.train, subset), batch_size=task.batch_size, shuffle=True, collate_fn=data.collate_fn,
         generator=generator,
     )
     began = time.perf_counter()
-    L.Trainer(
+    trainer = L.Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, deterministic=True,
-    ).fit(model, loader)
-    train_seconds = time.perf_counter() - began
+    )
+    trainer.fit(model, loader)
+    return data, model, trainer, time.perf_counter() - began
+
+
+def measure_seed(seed: int, fraction: float, epochs: int) -> dict:
+    data, model, _, train_seconds = warm_model(seed, fraction, epochs)
+    pool = len(data.train)
     model.eval()
     ref_emb, _, grad_ref = _pass(model, data.reference, data.collate_fn)
     emb, loss, align = _pass(model, data.train, data.collate_fn, grad_ref=grad_ref)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -459,3 +460,24 @@ def test_journal_fingerprint_separates_overlap_settings():
     auto, on, off = fingerprint(config()), fingerprint(config(overlap="on")), fingerprint(config(overlap="off"))
     assert len({auto, on, off}) == 3
     assert fingerprint(config(refresh_every=2)) != auto
+
+
+def test_rows_name_the_commit_and_mark_only_code_changes(tmp_path):
+    from grace_lightning.bench.suite import code_version
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "runs.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert code_version(str(tmp_path)) == head.stdout.strip()
+    (tmp_path / "benchmarks" / "results" / "runs.jsonl").write_text("{}\n{}\n")  # a run appended its row
+    assert code_version(str(tmp_path)) == head.stdout.strip()
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(str(tmp_path)) == head.stdout.strip() + " (with uncommitted changes)"
+    assert code_version(str(tmp_path / "missing")) == "unknown"

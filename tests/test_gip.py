@@ -307,6 +307,14 @@ def test_auto_switches_to_the_stochastic_greedy_for_large_problems():
     assert small.diagnostics["stochastic_greedy"] == 0.0 and large.diagnostics["stochastic_greedy"] == 1.0
     assert large.indices.numel() == 500 == torch.unique(large.indices).numel()
     assert large.diagnostics["objective_value"] >= 0.99 * small.diagnostics["objective_value"]
+    # the switch counts the width: the same picks x candidates go stochastic sooner on wider embeddings
+    limit = 500 * n * 1.5  # between picks x candidates x 16/128 and x 256/128
+    assert GIP(exact_limit=limit).select(inputs).diagnostics["stochastic_greedy"] == 0.0
+    wide = SignalStore(n, max_embedding_dim=None)
+    wide.update(torch.arange(n), ExampleSignals(loss=torch.rand(n), grad_norm=torch.rand(n), embedding=torch.randn(n, 256, generator=g)), step=0)
+    wide_ref = ExampleSignals(loss=torch.rand(32), grad_norm=torch.rand(32), embedding=torch.randn(32, 256, generator=g))
+    wide_inputs = SelectionInput(pool_size=n, budget=500, store=wide, generator=torch.Generator().manual_seed(1), reference=wide_ref)
+    assert GIP(exact_limit=limit).select(wide_inputs).diagnostics["stochastic_greedy"] == 1.0
     with pytest.raises(ValueError, match="`greedy` must be"):
         GIP(greedy="lazy")
     with pytest.raises(ValueError, match="`epsilon` must be"):

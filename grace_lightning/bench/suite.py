@@ -92,10 +92,11 @@ def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) 
     return 0
 
 
-def code_version() -> str:
-    """The repository's short commit, with a mark when tracked files differ from it ("unknown" outside git)."""
+def code_version(where: Optional[str] = None) -> str:
+    """The short commit of the repository at ``where`` (this package's, by default), marked when tracked files
+    other than benchmark results differ from it ("unknown" outside git)."""
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = where or os.path.dirname(os.path.abspath(__file__))
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
         # The journals and tables a run writes are tracked too; only a change elsewhere means other code ran.
         dirty = subprocess.run(

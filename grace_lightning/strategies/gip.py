@@ -61,6 +61,8 @@ _REFACTOR_EVERY = 128
 _RESCORE_EVERY = 512
 # Rows handled at once when gains are computed for the whole pool (bounds the float64 temporaries).
 _CHUNK = 8192
+# The embedding width at which ``exact_limit`` counts picks x candidates as they are.
+_EXACT_LIMIT_WIDTH = 128
 
 
 def _matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -440,9 +442,12 @@ class GIP(Strategy):
             ``O(B N d)`` in all: about two minutes for ``B = 18,000`` of ``N = 60,000`` at ``d = 128`` on 2 CPU
             cores), ``"stochastic"`` (:func:`greedy_logdet_stochastic`: each pick looks at
             ``(N/B) ln(1/epsilon)`` random candidates; seconds at that size), or ``"auto"`` (default):
-            stochastic once ``picks x candidates`` exceeds ``exact_limit``.
+            stochastic once ``picks x candidates x d / 128`` exceeds ``exact_limit``.
         epsilon: the stochastic greedy's ``ε`` in ``(0, 1)``: smaller looks at more candidates a pick.
-        exact_limit: the ``"auto"`` switch point (default ``5e7``, about 2 s of exact greedy).
+        exact_limit: the ``"auto"`` switch point, in picks x candidates at ``d = 128`` (the exact greedy's cost
+            grows with the width too, so wider embeddings switch sooner); the default ``5e7`` is 2-3 s of exact
+            greedy on 2 CPU cores, where the stochastic one takes a third of that or less
+            (``benchmarks/gip_greedy_cost.py``).
         rescore_fraction: share of the pool rescored per refresh beyond what was never measured, stalest first
             (what was trained since the last refresh is measured for free); 1 rescores the whole pool.
 
@@ -586,7 +591,8 @@ class GIP(Strategy):
             )
         if picks.size < want:
             rest = want - picks.size
-            stochastic = self.greedy == "stochastic" or (self.greedy == "auto" and rest * x.shape[0] > self.exact_limit)
+            work = rest * x.shape[0] * x.shape[1] / _EXACT_LIMIT_WIDTH  # the exact greedy's O(B N d), at d = 128
+            stochastic = self.greedy == "stochastic" or (self.greedy == "auto" and work > self.exact_limit)
             if stochastic:
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
                 filled = greedy_logdet_stochastic(
