@@ -15,19 +15,19 @@ Writes ``benchmarks/results/gip_greedy_cost.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from grace_lightning.bench.tasks import TaskSize, get_task
-from grace_lightning.bench.tasks.lm_mixture import chunk_embeddings
-from grace_lightning.signals import SignalStore
-from grace_lightning.strategies.gip import GIP, greedy_logdet, greedy_logdet_stochastic
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_mixture_signals import write_report  # noqa: E402
+
+from grace_lightning.bench.tasks import TaskSize, get_task  # noqa: E402
+from grace_lightning.bench.tasks.lm_mixture import chunk_embeddings  # noqa: E402
+from grace_lightning.signals import SignalStore  # noqa: E402
+from grace_lightning.strategies.gip import GIP, greedy_logdet, greedy_logdet_stochastic  # noqa: E402
 
 
 def _views(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,16 +76,8 @@ def main() -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",")]
     rows = [row for s in args.seeds.split(",") for row in measure_seed(int(s), fractions, epsilons)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {
-        "command": f"python benchmarks/gip_greedy_cost.py --seeds {args.seeds} --fractions {args.fractions} "
-        f"--epsilons {args.epsilons}",
-        "commit": commit,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    command = f"python benchmarks/gip_greedy_cost.py --seeds {args.seeds} --fractions {args.fractions} --epsilons {args.epsilons}"
+    write_report(args.out, command, {"rows": rows})
     print(f"{'fraction':>8} {'greedy':<11}{'epsilon':>8}{'seconds':>9}{'MI vs exact':>13}{'Shakespeare':>13}")
     for fraction in fractions:
         for greedy, epsilon in [("exact", None)] + [("stochastic", e) for e in epsilons]:

@@ -27,9 +27,6 @@ Writes ``benchmarks/results/group_mates_oracle.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_mixture_signals import auc, warm_model  # noqa: E402
+from lm_mixture_signals import auc, warm_arguments, warm_model, write_report  # noqa: E402
 
 from grace_lightning.bench.tasks.lm_mixture import chunk_embeddings  # noqa: E402
 from grace_lightning.probes import ModelSnapshot  # noqa: E402
@@ -107,25 +104,17 @@ def measure_seed(seed: int, fraction: float, epochs: int, probes: int, l2: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--fraction", type=float, default=0.3, help="random share of the pool trained on first")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser = warm_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--probes", type=int, default=512, help="chunks probed (group_mates' buffer holds 512)")
     parser.add_argument("--l2", type=float, default=1e-2, help="ridge penalty (group_mates' default)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "group_mates_oracle.json"))
     args = parser.parse_args()
     runs = [measure_seed(int(s), args.fraction, args.epochs, args.probes, args.l2) for s in args.seeds.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {
-        "command": f"python benchmarks/group_mates_oracle.py --seeds {args.seeds} --fraction {args.fraction} "
-        f"--epochs {args.epochs} --probes {args.probes} --l2 {args.l2}",
-        "commit": commit,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    command = (
+        f"python benchmarks/group_mates_oracle.py --seeds {args.seeds} --fraction {args.fraction} "
+        f"--epochs {args.epochs} --probes {args.probes} --l2 {args.l2}"
+    )
+    write_report(args.out, command, {"runs": runs})
     print(f"{'rule':<13}{'AUC':>7}{'mean':>11}{'spread':>11}{'own grad r2':>13}{'ridge AUC':>11}")
     for rule in RULES:
         cells = {k: np.mean([r["rules"][rule][k] for r in runs]) for k in runs[0]["rules"][rule]}

@@ -16,9 +16,7 @@ Writes ``benchmarks/results/group_mates_quotas.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gip_greedy_cost import _views  # noqa: E402
+from lm_mixture_signals import write_report  # noqa: E402
 
 from grace_lightning.clustering import spherical_kmeans  # noqa: E402
 from grace_lightning.strategies.group_mates import cluster_budgets  # noqa: E402
@@ -59,11 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
     runs = [measure_seed(int(s), fractions) for s in args.seeds.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"command": f"python benchmarks/group_mates_quotas.py --seeds {args.seeds} --fractions {args.fractions}",
-              "commit": commit, "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_report(args.out, f"python benchmarks/group_mates_quotas.py --seeds {args.seeds} --fractions {args.fractions}", {"runs": runs})
     print(f"clusters {runs[0]['clusters']}; Shakespeare chunks in clusters over 90% Shakespeare: "
           f"{np.mean([r['target_in_target_clusters'] for r in runs]):.3f}")
     for f in fractions:

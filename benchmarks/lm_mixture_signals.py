@@ -59,6 +59,14 @@ def auc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def write_report(out: str, command: str, payload: dict) -> None:
+    """Write ``payload`` to ``out`` as JSON with the command that made it, the commit and the machine."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"command": command, "commit": commit, "machine": machine, **payload}, indent=1))
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -116,6 +124,14 @@ def warm_model(seed: int, fraction: float, epochs: int):
     return data, model, trainer, time.perf_counter() - began
 
 
+def warm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--seeds``, and ``--fraction`` and ``--epochs`` of :func:`warm_model`."""
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--fraction", type=float, default=0.3, help="random share of the pool trained on first")
+    parser.add_argument("--epochs", type=int, default=1)
+    return parser
+
+
 def measure_seed(seed: int, fraction: float, epochs: int) -> dict:
     data, model, _, train_seconds = warm_model(seed, fraction, epochs)
     pool = len(data.train)
@@ -165,23 +181,12 @@ def measure_seed(seed: int, fraction: float, epochs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--fraction", type=float, default=0.3, help="random share of the pool trained on first")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser = warm_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm_mixture_signals.json"))
     args = parser.parse_args()
     runs = [measure_seed(int(s), args.fraction, args.epochs) for s in args.seeds.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {
-        "command": "python benchmarks/lm_mixture_signals.py "
-        + f"--seeds {args.seeds} --fraction {args.fraction} --epochs {args.epochs}",
-        "commit": commit,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    command = f"python benchmarks/lm_mixture_signals.py --seeds {args.seeds} --fraction {args.fraction} --epochs {args.epochs}"
+    write_report(args.out, command, {"runs": runs})
     print(f"{'signal':<14}{'AUC all':>9}{'vs shuffled':>13}{'vs rest':>9}{'top 10%':>9}{'top 30%':>9}")
     for name in SIGNAL_NAMES:
         cells = [[r["signals"][name][k] for r in runs] for k in (
