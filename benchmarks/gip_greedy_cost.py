@@ -22,25 +22,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_mixture_signals import write_report  # noqa: E402
+from lm_mixture_signals import task_views, write_report  # noqa: E402
 
-from grace_lightning.bench.tasks import TaskSize, get_task  # noqa: E402
-from grace_lightning.bench.tasks.lm_mixture import chunk_embeddings  # noqa: E402
-from grace_lightning.signals import SignalStore  # noqa: E402
 from grace_lightning.strategies.gip import GIP, greedy_logdet, greedy_logdet_stochastic  # noqa: E402
 
 
-def _views(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pool's and the reference set's embeddings as the callback stores them, and the pool's target mask."""
-    data = get_task("lm-mixture").make_data(TaskSize(None, None, 1), seed)
-    store = SignalStore(len(data.train), max_embedding_dim=256, seed=seed)
-    store.fix_embedding(chunk_embeddings(data.train.ids))
-    reference = store.to_store_space(chunk_embeddings(data.reference.ids))
-    return store.embedding.float().numpy(), reference.double().numpy(), ~data.marked.numpy()
-
-
 def measure_seed(seed: int, fractions: list[float], epsilons: list[float]) -> list[dict]:
-    x, q, target = _views(seed)
+    x, q, target = task_views(seed)
     defaults = GIP()
     rows = []
     for fraction in fractions:

@@ -34,11 +34,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_mixture_signals import auc, warm_arguments, warm_model, write_report  # noqa: E402
+from lm_mixture_signals import auc, encoder_view, warm_arguments, warm_model, write_report  # noqa: E402
 
-from grace_lightning.bench.tasks.lm_mixture import chunk_embeddings  # noqa: E402
 from grace_lightning.probes import ModelSnapshot  # noqa: E402
-from grace_lightning.signals import SignalStore  # noqa: E402
 
 RULES = ("adamw_live", "adamw_fresh", "sgd")
 
@@ -86,9 +84,7 @@ def measure_seed(seed: int, fraction: float, epochs: int, probes: int, l2: float
     target = ~data.marked.numpy()
     generator = torch.Generator().manual_seed(seed + 1000)
     chunks = torch.randperm(len(data.train), generator=generator)[:probes].tolist()
-    store = SignalStore(len(data.train), max_embedding_dim=256, seed=seed)  # the encoder's view, as stored
-    store.fix_embedding(chunk_embeddings(data.train.ids))
-    pool_rows = store.embedding.double().numpy()
+    pool_rows = encoder_view(data, seed)[0].double().numpy()
     labels = {rule: _oracle_labels(model, optimizer, data, chunks, rule) for rule in RULES}
     on_target = target[chunks]
     result: dict = {"seed": seed, "probed": len(chunks), "probed_target_share": float(on_target.mean()), "rules": {}}

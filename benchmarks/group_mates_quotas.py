@@ -16,24 +16,23 @@ Writes ``benchmarks/results/group_mates_quotas.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gip_greedy_cost import _views  # noqa: E402
-from lm_mixture_signals import write_report  # noqa: E402
+from lm_mixture_signals import task_views, write_report  # noqa: E402
 
 from grace_lightning.clustering import spherical_kmeans  # noqa: E402
-from grace_lightning.strategies.group_mates import cluster_budgets  # noqa: E402
+from grace_lightning.strategies.group_mates import cluster_budgets, default_clusters  # noqa: E402
 
 
 def measure_seed(seed: int, fractions: list[float]) -> dict:
-    x, _, target = _views(seed)
+    x, _, target = task_views(seed)
     n = x.shape[0]
-    k = max(1, int(round(math.sqrt(n) / 2)))
+    # group_mates' default count; its cap at the budget does not bind at these budgets (checked below)
+    k = default_clusters(n, n)
     partition = spherical_kmeans(x, k, seed=seed)
     on_target = np.array([int(target[partition.members(c)].sum()) for c in range(partition.k)])
     sizes = partition.sizes()
@@ -42,6 +41,8 @@ def measure_seed(seed: int, fractions: list[float]) -> dict:
               "budgets": {}}
     for fraction in fractions:
         budget = int(fraction * n)
+        if default_clusters(n, budget) != k:
+            raise ValueError(f"group_mates would use {default_clusters(n, budget)} clusters at fraction {fraction}, not {k}")
         quotas = cluster_budgets(sizes, budget)
         result["budgets"][str(fraction)] = {
             "ceiling_with_quotas": float(np.minimum(quotas, on_target).sum() / budget),

@@ -67,6 +67,22 @@ def write_report(out: str, command: str, payload: dict) -> None:
     Path(out).write_text(json.dumps({"command": command, "commit": commit, "machine": machine, **payload}, indent=1))
 
 
+def encoder_view(data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool's and the reference set's all-MiniLM-L6-v2 embeddings as the callback stores them (projected to
+    256 dimensions, unit rows; the pool's in the store's fp16), as ``lm-mixture-minilm`` hands them over."""
+    store = SignalStore(len(data.train), max_embedding_dim=256, seed=seed)
+    store.fix_embedding(chunk_embeddings(data.train.ids))
+    return store.embedding, store.to_store_space(chunk_embeddings(data.reference.ids))
+
+
+def task_views(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`encoder_view` of seed ``seed``'s lm-mixture data (pool rows float32, reference float64), and the
+    pool's Shakespeare mask; no model is trained."""
+    data = get_task("lm-mixture").make_data(TaskSize(None, None, 1), seed)
+    pool, reference = encoder_view(data, seed)
+    return pool.float().numpy(), reference.double().numpy(), ~data.marked.numpy()
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -145,10 +161,7 @@ def measure_seed(seed: int, fraction: float, epochs: int) -> dict:
     shuffled = sources == names.index("shuffled")
     mean = emb.mean(0, keepdims=True)
     raw, centered = _unit(emb), _unit(emb - mean)
-    store = SignalStore(pool, max_embedding_dim=256, seed=seed)  # the encoder's view, as the callback stores it
-    store.fix_embedding(chunk_embeddings(data.train.ids))
-    encoded = store.embedding.double().numpy()
-    encoded_ref = store.to_store_space(chunk_embeddings(data.reference.ids)).double().numpy()
+    encoded, encoded_ref = (rows.double().numpy() for rows in encoder_view(data, seed))
     scores = {
         "cos_raw": raw @ _unit(_unit(ref_emb).mean(0, keepdims=True))[0],
         "cos_centered": centered @ _unit(_unit(ref_emb - mean).mean(0, keepdims=True))[0],

@@ -39,6 +39,7 @@ __all__ = [
     "GroupMatesState",
     "RelationalFit",
     "cluster_budgets",
+    "default_clusters",
     "fit_relational_model",
     "greedy_group_selection",
     "prefix_similarity",
@@ -314,6 +315,17 @@ def cluster_budgets(sizes: np.ndarray, budget: int) -> np.ndarray:
     )
 
 
+def default_clusters(candidates: int, budget: int) -> int:
+    """The k-means centroids used when ``clusters=None``: ``round(sqrt(N)/2)``, at most 10,000 and the budget.
+
+    Example::
+
+        >>> default_clusters(10_000, 1_000)
+        50
+    """
+    return max(1, min(10_000, budget, int(round(math.sqrt(candidates) / 2))))
+
+
 def _spearman(a: Tensor, b: Tensor) -> float:
     if a.numel() < 2:
         return 0.0
@@ -580,9 +592,7 @@ class GroupMates(Strategy):
         h = _unit_rows(store.embedding[candidates])
         scores = (h @ fit.w).numpy()
         h_np = h.numpy()
-        k = self.clusters
-        if k is None:
-            k = max(1, min(10_000, budget, int(round(math.sqrt(candidates.numel()) / 2))))
+        k = self.clusters if self.clusters is not None else default_clusters(candidates.numel(), budget)
         partition = spherical_kmeans(h_np.astype(np.float32), k, seed=seed)
         alpha, temp = (1.0, 1.0) if self.fixed_relational else (fit.alpha, fit.temp)
         chosen = []
