@@ -445,9 +445,9 @@ class GIP(Strategy):
             stochastic once ``picks x candidates x d / 128`` exceeds ``exact_limit``.
         epsilon: the stochastic greedy's ``ε`` in ``(0, 1)``: smaller looks at more candidates a pick.
         exact_limit: the ``"auto"`` switch point, in picks x candidates at ``d = 128`` (the exact greedy's cost
-            grows with the width too, so wider embeddings switch sooner); the default ``5e7`` is 2-3 s of exact
-            greedy on 2 CPU cores, where the stochastic one takes a third of that or less
-            (``benchmarks/gip_greedy_cost.py``).
+            grows with the width too, so wider embeddings switch sooner). Measured at ``d = 256`` on 2 CPU cores
+            (``benchmarks/gip_greedy_cost.py``): ``2e7`` of these units took 2.5 s of exact greedy and ``6e7``
+            9.9 s, where the stochastic greedy took 0.7 s and 1.9 s.
         rescore_fraction: share of the pool rescored per refresh beyond what was never measured, stalest first
             (what was trained since the last refresh is measured for free); 1 rescores the whole pool.
 
