@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FacilityLocationResult", "facility_location_value", "select_facility_location"]
+__all__ = ["FacilityLocationResult", "coverage_weights", "facility_location_value", "select_facility_location"]
 
 # Machine epsilon of float64 (twice the unit roundoff): inflates the vectorised initial gains into safe upper bounds.
 _EPS = float(np.finfo(np.float64).eps)
@@ -551,6 +551,28 @@ def _coverage(selected, neighbors, weights):
     return counts, uncovered
 
 
+def _spread(counts: np.ndarray, uncovered: int) -> np.ndarray:
+    if not counts.size:
+        return np.zeros(0, dtype=np.float32)
+    spread = counts + uncovered / counts.size  # float: uncovered nodes shared evenly by every pick
+    return (spread / spread.mean()).astype(np.float32)
+
+
+def coverage_weights(selected, neighbors, weights) -> np.ndarray:
+    """CRAIG-style training weights (mean 1) for any set of picks, as :func:`select_facility_location` gives its own.
+
+    Example::
+
+        >>> import numpy as np
+        >>> nb = np.array([[1], [0], [1]])                     # node 2's only neighbour is node 1
+        >>> coverage_weights(np.array([1]), nb, np.ones((3, 1), dtype=np.float32)).tolist()
+        [1.0]
+    """
+    selected = np.asarray(selected, dtype=np.int64)
+    counts, uncovered = _coverage(selected, np.asarray(neighbors), np.asarray(weights))
+    return _spread(counts, uncovered)
+
+
 def select_facility_location(
     neighbors, weights, importance, budget, lam=1.0, lazy=True, batch_size=None
 ) -> FacilityLocationResult:
@@ -626,11 +648,7 @@ def select_facility_location(
     selected = np.asarray(selected, dtype=np.int64)
     gains = np.asarray(gains, dtype=np.float64)
     counts, uncovered = _coverage(selected, neighbors, weights)
-    if budget:
-        spread = counts + uncovered / budget  # float: uncovered nodes shared evenly by every pick
-        weights_out = (spread / spread.mean()).astype(np.float32)
-    else:
-        weights_out = np.zeros(0, dtype=np.float32)
+    weights_out = _spread(counts, uncovered)
     return FacilityLocationResult(
         selected=selected,
         gains=gains,

@@ -150,3 +150,30 @@ def test_smoothing_stops_the_selection_chasing_isolated_spikes():
     assert in_cluster_0(smoothed) >= in_cluster_0(plain)
     with pytest.raises(ValueError, match="smoothing"):
         Grace(smoothing=1.5)
+
+
+def test_sample_selector_draws_the_budget_in_proportion_to_importance():
+    """`selector="sample"`: exactly `budget` distinct picks, the important clusters drawn about as often as their
+    share of the importance says (not all of the budget, as a top-k would), and the same draw for the same seed."""
+    store, labels = _clustered_store(important=(0, 1))  # importance 1.0 in 2 clusters, 0.1 in 3
+    budget = 100
+    grace = Grace(k=8, selector="sample", smoothing=0.0)
+    picked = grace.select(_inputs(store, budget, seed=3)).indices
+    assert picked.dtype == torch.int64 and picked.unique().numel() == budget and bool((picked.diff() > 0).all())
+    important = float(torch.isin(labels[picked], torch.tensor([0, 1])).float().mean())
+    # Pool: 120 examples of weight ~1, 180 of ~0.1; proportional sampling without replacement gives about 0.8 here,
+    # random 0.4, a top-k 1.0.
+    assert 0.6 < important < 0.95, important
+    again = grace.select(_inputs(store, budget, seed=3)).indices
+    other = grace.select(_inputs(store, budget, seed=4)).indices
+    assert torch.equal(picked, again) and not torch.equal(picked, other)
+    assert grace.select(_inputs(store, store.pool_size)).indices.tolist() == list(range(store.pool_size))
+    with pytest.raises(ValueError, match="selector"):
+        Grace(selector="topk")
+
+
+def test_sample_selector_gives_coverage_weights_on_request():
+    store, _ = _clustered_store()
+    selection = Grace(k=8, selector="sample", weighting="coverage").select(_inputs(store, 40))
+    assert selection.weights is not None and selection.weights.shape == (40,)
+    assert abs(float(selection.weights.mean()) - 1.0) < 1e-5

@@ -408,3 +408,13 @@ def test_initial_bounds_are_upper_bounds_of_exact_first_gains():
         plain_sum = lam * importance + np.add.reduceat(w * imp_src, indptr[:-1])
         low += int(np.sum(plain_sum < exact))
     assert low > 0  # the uninflated vectorised sum does fall below the exact one: the test has teeth
+
+
+def test_coverage_weights_match_the_greedys_own_for_its_picks():
+    from grace_lightning.submodular import coverage_weights
+
+    rng = np.random.default_rng(5)
+    nb = rng.integers(0, 300, size=(300, 6))
+    w = rng.random((300, 6), dtype=np.float32)
+    result = select_facility_location(nb, w, rng.random(300), budget=40)
+    assert np.array_equal(coverage_weights(result.selected, nb, w), result.weights)
