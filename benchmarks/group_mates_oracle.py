@@ -19,6 +19,16 @@ spread across chunks against their common mean, the share of their variance a ch
 the chunks' MiniLM embeddings (in the signal store's space) to the labels: what a linear influence model, as
 Group-MATES' ``w · h``, learns from that many labels.
 
+Then, for the live-AdamW labels (what the strategy probes with), which part of the strategy's selection keeps it
+off target: the Shakespeare share of the budget (10% and 30% of the pool) picked from the ridge's pool scores,
+fitted on the first 128 probed chunks (what one in-loop refresh absorbs) and on all of them, by
+
+* ``top_k``: the lowest predicted influences (no relational term: MATES' individual selection);
+* ``greedy``: Group-MATES' relational greedy (``greedy_group_selection``, ``alpha = temp = 1`` as the released
+  code) over the whole pool as one cluster (``clusters=1``);
+* ``greedy_quotas``: the same greedy within the default k-means clusters, each given its quota
+  (``cluster_budgets``), as the strategy runs by default.
+
     python benchmarks/group_mates_oracle.py           # seeds 0,1,2; about two minutes a seed on 2 cores
 
 Writes ``benchmarks/results/group_mates_oracle.json`` (or ``--out``).
@@ -36,9 +46,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_mixture_signals import auc, encoder_view, warm_arguments, warm_model, write_report  # noqa: E402
 
+from grace_lightning.clustering import spherical_kmeans  # noqa: E402
 from grace_lightning.probes import ModelSnapshot  # noqa: E402
+from grace_lightning.strategies.group_mates import cluster_budgets, default_clusters, greedy_group_selection  # noqa: E402
 
 RULES = ("adamw_live", "adamw_fresh", "sgd")
+LABEL_COUNTS = (128, 512)
+FRACTIONS = (0.1, 0.3)
 
 
 def _loss(model, batch) -> torch.Tensor:
@@ -78,6 +92,34 @@ def _ridge_pool_scores(rows: np.ndarray, labels: np.ndarray, pool_rows: np.ndarr
     return pool_rows @ w
 
 
+def _picks(method: str, rows: np.ndarray, scores: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    if method == "top_k":
+        return np.argsort(scores, kind="stable")[:budget]
+    if method == "greedy":
+        return greedy_group_selection(rows, scores, budget)
+    partition = spherical_kmeans(rows.astype(np.float32), default_clusters(rows.shape[0], budget), seed=seed)
+    chosen = []
+    for c, quota in enumerate(cluster_budgets(partition.sizes(), budget)):
+        members = partition.members(c)
+        if quota:
+            chosen.append(members[greedy_group_selection(rows[members], scores[members], int(quota))])
+    return np.concatenate(chosen)
+
+
+def selection_shares(pool_rows, chunks, labels, target, l2: float, seed: int) -> dict:
+    """Shakespeare share of each selection method's picks, per label count and budget."""
+    out: dict = {}
+    for count in LABEL_COUNTS:
+        used = min(count, len(chunks))
+        scores = _ridge_pool_scores(pool_rows[chunks[:used]], labels[:used], pool_rows, l2)
+        for fraction in FRACTIONS:
+            budget = int(round(fraction * pool_rows.shape[0]))
+            for method in ("top_k", "greedy", "greedy_quotas"):
+                picks = _picks(method, pool_rows, scores, budget, seed)
+                out[f"{method}@{fraction}/{used}"] = float(target[picks].mean())
+    return out
+
+
 def measure_seed(seed: int, fraction: float, epochs: int, probes: int, l2: float) -> dict:
     data, model, trainer, _ = warm_model(seed, fraction, epochs)
     optimizer = trainer.optimizers[0]
@@ -96,6 +138,7 @@ def measure_seed(seed: int, fraction: float, epochs: int, probes: int, l2: float
             "own_gradient_r2": float(np.corrcoef(y, labels["sgd"])[0, 1] ** 2),
             "ridge_pool_auc": auc(-_ridge_pool_scores(pool_rows[chunks], y, pool_rows, l2), target),
         }
+    result["selection_target_share"] = selection_shares(pool_rows, chunks, labels["adamw_live"], target, l2, seed)
     return result
 
 
@@ -116,6 +159,14 @@ def main() -> None:
         cells = {k: np.mean([r["rules"][rule][k] for r in runs]) for k in runs[0]["rules"][rule]}
         print(f"{rule:<13}{cells['auc']:>7.3f}{cells['mean']:>11.2e}{cells['spread']:>11.2e}"
               f"{cells['own_gradient_r2']:>13.3f}{cells['ridge_pool_auc']:>11.3f}")
+    print("Shakespeare share of the picks (live-AdamW labels; the pool: 0.2), mean over seeds:")
+    print(f"{'labels':>7}{'budget':>8}" + "".join(f"{m:>15}" for m in ("top_k", "greedy", "greedy_quotas")))
+    for count in LABEL_COUNTS:
+        used = min(count, args.probes)
+        for fraction in FRACTIONS:
+            cells = [np.mean([r["selection_target_share"][f"{m}@{fraction}/{used}"] for r in runs])
+                     for m in ("top_k", "greedy", "greedy_quotas")]
+            print(f"{used:>7}{fraction:>8}" + "".join(f"{c:>15.3f}" for c in cells))
     print(f"probed Shakespeare share {np.mean([r['probed_target_share'] for r in runs]):.3f}; wrote {args.out}")
 
 
