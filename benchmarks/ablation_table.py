@@ -1,15 +1,19 @@
-"""GRACE's ablation table: each variant of benchmarks/grace_ablation.toml beside full data and random.
+"""An ablation's table: each variant of an ablation suite beside the suite's full data and random runs.
 
-    python benchmarks/grace_ablation_table.py      # after: grace-lightning bench --suite benchmarks/grace_ablation.toml
+    python benchmarks/ablation_table.py grace_ablation   # after: grace-lightning bench --suite benchmarks/grace_ablation.toml
+    python benchmarks/ablation_table.py cost_knobs       # after: grace-lightning bench --suite benchmarks/cost_knobs.toml
 
-Full data and random come from the suite's own journals (benchmarks/suite.toml: fashion-mnist-noisy and
+An ablation suite writes one journal per comparison under ``benchmarks/results/<name>/``, each comparison named
+``<regime>-<variant>`` (``noisy-sample``, ``long-defaults``); its rows appear as ``<strategy> <variant>``. Full
+data and random come from the suite's own journals (benchmarks/suite.toml: fashion-mnist-noisy and
 fashion-mnist-long) at the ablation's seeds, so every variant is paired by seed with the same references, and
 "vs random @ equal s" compares it with random's frontier (the best any random run of the seed had reached in the
-same training seconds). Writes benchmarks/results/grace_ablation/ablation.md.
+same training seconds). Writes ``benchmarks/results/<name>/ablation.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -27,14 +31,19 @@ def _rows(journal: Path) -> list[dict]:
 
 
 def main() -> None:
-    out = ["# GRACE ablation (budget 0.3)", ""]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="the ablation's folder under benchmarks/results (its suite file's `out`)")
+    name = parser.parse_args().name
+    out = [f"# {name} (budget 0.3)", ""]
     for prefix, (suite_name, task_name) in REGIMES.items():
-        variants = sorted(p for p in (ROOT / "grace_ablation").glob(f"{prefix}-*/runs.jsonl"))
-        rows = [r for p in variants for r in _rows(p)]
-        for path, name in ((p, p.parent.name.removeprefix(f"{prefix}-")) for p in variants):
-            for row in _rows(path):
-                rows.append({**row, "strategy": f"grace {name}"})
-        rows = [r for r in rows if r["strategy"] != "grace"]  # each variant appears once, under its name
+        variants = sorted((ROOT / name).glob(f"{prefix}-*/runs.jsonl"))
+        if not variants:
+            continue
+        rows = [
+            {**row, "strategy": f"{row['strategy']} {path.parent.name.removeprefix(f'{prefix}-')}"}
+            for path in variants
+            for row in _rows(path)
+        ]
         seeds = {r["seed"] for r in rows}
         references = [
             r for r in _rows(ROOT / "suite" / suite_name / "runs.jsonl")
@@ -42,7 +51,7 @@ def main() -> None:
         ]
         summary = summarize(references + rows, get_task(task_name))
         out += [f"## {suite_name} (seeds {sorted(seeds)})", "", format_markdown(summary, get_task(task_name)), ""]
-    path = ROOT / "grace_ablation" / "ablation.md"
+    path = ROOT / name / "ablation.md"
     path.write_text("\n".join(out))
     print("\n".join(out))
     print(f"wrote {path}")
