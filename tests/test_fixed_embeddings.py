@@ -86,6 +86,25 @@ def test_grace_on_fixed_embeddings_builds_its_graph_once_and_never_repairs_it():
     assert bool(callback.store.measured.all()), "loss and gradient norm still come from the live model"
 
 
+def test_group_mates_on_an_encoders_embeddings_runs_no_scoring_pass_but_still_probes():
+    """Group-MATES reads only embeddings (its labels come from probes): given them, the live model measures
+    nothing, while every informed refresh still probes the whole pool's candidates."""
+    dataset = IndexedBlobs(n=POOL)
+    sampler = CoresetSampler(dataset, fraction=0.25, seed=0)
+    callback = CoresetCallback(
+        sampler, strategy="group_mates", reference=IndexedBlobs(n=16, seed=1), seed=0,
+        embeddings=_encoder_view(POOL, 0, torch.arange(POOL) % 2 == 0),
+        strategy_kwargs={"trajectories": 4, "trajectory_length": 2, "clusters": 2},
+    )
+    quiet_trainer(max_epochs=3, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=16, sampler=sampler))
+    first, *informed = callback.history
+    assert informed and all(r["scored"] == 0 for r in callback.history), "no scoring pass on given embeddings"
+    assert not bool(callback.store.measured.any()), "nothing was captured from the training batches either"
+    assert "oracle_steps" not in first, "the first subset is uniform: an untrained model's probes tell nothing"
+    assert all(r["oracle_steps"] == 8 and r["fitted"] == 1 for r in informed)
+    assert all(r["filled_unmeasured"] == 0 for r in informed), "every example is a candidate"
+
+
 def _fixed_kwargs(strategy):
     kwargs = {"embeddings": _encoder_view(POOL, 0, torch.arange(POOL) % 2 == 0)}
     if strategy == "gip":

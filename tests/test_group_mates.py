@@ -334,7 +334,7 @@ def test_probe_results_that_do_not_match_the_request_raise():
 def test_group_mates_requires_a_reference_set():
     strategy = build_strategy("group_mates")
     assert isinstance(strategy, GroupMates) and strategy.reference == "required"
-    assert strategy.needs == frozenset({"loss", "embedding"})
+    assert strategy.needs == frozenset({"embedding"}), "its labels come from probes, not from per-example losses"
     with pytest.raises(ValueError, match="reference"):
         strategy.check_inputs(has_reference=False, has_quality=False)
     strategy.check_inputs(has_reference=True, has_quality=False)

@@ -446,7 +446,9 @@ class GroupMates(Strategy):
                         strategy_kwargs={"trajectories": 32, "trajectory_length": 4})
     """
 
-    needs = frozenset({"loss", "embedding"})
+    # Only the embeddings: the oracle labels come from probes, never from a per-example loss. On an encoder's
+    # embeddings (CoresetCallback(embeddings=...)) the live model then runs no scoring pass at all.
+    needs = frozenset({"embedding"})
     overlap_by_default = True
     reference = "required"
 
@@ -607,8 +609,9 @@ class GroupMates(Strategy):
 
 
 def _candidates(store) -> Tensor:
-    """Bool mask of the examples with a measured embedding (a capture without embeddings leaves zero rows)."""
-    return store.measured & (store.embedding != 0).any(dim=1)
+    """Bool mask of the examples with a known embedding: measured (a capture without embeddings leaves zero rows)
+    or given up front."""
+    return store.has("embedding") & (store.embedding != 0).any(dim=1)
 
 
 def _state(inputs: SelectionInput) -> GroupMatesState:
