@@ -119,7 +119,7 @@ class Grace(Strategy):
         selector: how the picks are made from the (smoothed) importance. ``"facility_location"`` (the default)
             maximises the objective above by lazy greedy; ``"sample"`` draws the budget without replacement with
             probabilities in proportion to the importance (Efraimidis-Spirakis keys from the seeded generator),
-            which costs O(N log N) instead of the greedy's gain evaluations, and spreads the picks by chance
+            which costs O(N) instead of the greedy's gain evaluations, and spreads the picks by chance
             instead of by coverage. With ``smoothing > 0`` the importance it samples by is a graph-neighbourhood
             mean, so the graph still shapes the draw.
 
@@ -184,7 +184,10 @@ class Grace(Strategy):
         self.selector = selector
 
     def __repr__(self) -> str:
-        return f"Grace(k={self.k}, importance={self.importance!r}, anchor_fraction={self.anchor_fraction})"
+        return (
+            f"Grace(k={self.k}, importance={self.importance!r}, anchor_fraction={self.anchor_fraction}, "
+            f"selector={self.selector!r})"
+        )
 
     def create_state(self, pool_size: int) -> GraceState:
         return GraceState(pool_size)
