@@ -5,8 +5,8 @@
 
 An ablation suite writes one journal per comparison under ``benchmarks/results/<name>/``, each comparison named
 ``<regime>-<variant>`` (``noisy-sample``, ``long-defaults``); its rows appear as ``<strategy> <variant>``. Full
-data and random come from the suite's own journals (benchmarks/suite.toml: fashion-mnist-noisy and
-fashion-mnist-long) at the ablation's seeds, so every variant is paired by seed with the same references, and
+data and random come from the suite's own journals (benchmarks/suite.toml: the comparison each prefix names in
+``REGIMES``) at the ablation's seeds, so every variant is paired by seed with the same references, and
 "vs random @ equal s" compares it with random's frontier (the best any random run of the seed had reached in the
 same training seconds). Writes ``benchmarks/results/<name>/ablation.md``.
 """
@@ -22,7 +22,12 @@ from grace_lightning.bench.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent / "results"
 # ablation prefix -> (the suite comparison holding full and random, the task)
-REGIMES = {"noisy": ("fashion-mnist-noisy", "fashion-mnist-noisy"), "long": ("fashion-mnist-long", "fashion-mnist")}
+REGIMES = {
+    "noisy": ("fashion-mnist-noisy", "fashion-mnist-noisy"),
+    "long": ("fashion-mnist-long", "fashion-mnist"),
+    "tweets-noisy": ("tweets-noisy", "tweets-noisy"),
+    "tweets-long": ("tweets-long", "tweets"),
+}
 
 
 def _rows(journal: Path) -> list[dict]:
