@@ -129,7 +129,7 @@ def test_grace_is_registered_and_validates_parameters():
 def test_defaults_smooth_importance_and_give_no_weights():
     store, _ = _clustered_store()
     grace = Grace()
-    assert (grace.smoothing, grace.weighting) == (1.0, "none")
+    assert (grace.smoothing, grace.weighting, grace.selector) == (1.0, "none", "sample")
     assert grace.select(_inputs(store, 30)).weights is None
 
 
@@ -142,8 +142,8 @@ def test_smoothing_stops_the_selection_chasing_isolated_spikes():
     g[spikes] = 2.0
     store.update(torch.arange(store.pool_size), ExampleSignals(loss=g.clone(), grad_norm=g, embedding=store.embedding.float()), step=0)
     budget = 40
-    plain = Grace(k=8, smoothing=0.0).select(_inputs(store, budget)).indices
-    smoothed = Grace(k=8, smoothing=1.0).select(_inputs(store, budget)).indices
+    plain = Grace(k=8, smoothing=0.0, selector="facility_location").select(_inputs(store, budget)).indices
+    smoothed = Grace(k=8, smoothing=1.0, selector="facility_location").select(_inputs(store, budget)).indices
     share = lambda picked: float(torch.isin(picked, spikes).float().mean())  # noqa: E731
     assert share(plain) > 0.3 and share(smoothed) < share(plain) / 2, (share(plain), share(smoothed))
     in_cluster_0 = lambda picked: int((labels[picked] == 0).sum())  # noqa: E731
