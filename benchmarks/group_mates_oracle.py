@@ -46,9 +46,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_mixture_signals import auc, encoder_view, warm_arguments, warm_model, write_report  # noqa: E402
 
-from grace_lightning.clustering import spherical_kmeans  # noqa: E402
 from grace_lightning.probes import ModelSnapshot  # noqa: E402
-from grace_lightning.strategies.group_mates import cluster_budgets, default_clusters, greedy_group_selection  # noqa: E402
+from grace_lightning.strategies.group_mates import (  # noqa: E402
+    clustered_group_selection,
+    default_clusters,
+    greedy_group_selection,
+)
 
 RULES = ("adamw_live", "adamw_fresh", "sgd")
 LABEL_COUNTS = (128, 512)
@@ -97,13 +100,7 @@ def _picks(method: str, rows: np.ndarray, scores: np.ndarray, budget: int, seed:
         return np.argsort(scores, kind="stable")[:budget]
     if method == "greedy":
         return greedy_group_selection(rows, scores, budget)
-    partition = spherical_kmeans(rows.astype(np.float32), default_clusters(rows.shape[0], budget), seed=seed)
-    chosen = []
-    for c, quota in enumerate(cluster_budgets(partition.sizes(), budget)):
-        members = partition.members(c)
-        if quota:
-            chosen.append(members[greedy_group_selection(rows[members], scores[members], int(quota))])
-    return np.concatenate(chosen)
+    return clustered_group_selection(rows, scores, budget, default_clusters(rows.shape[0], budget), seed)[0]
 
 
 def selection_shares(pool_rows, chunks, labels, target, l2: float, seed: int) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Protocol, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -267,3 +268,12 @@ def uniform_draw(items: Tensor, count: int, generator: torch.Generator) -> Tenso
 def uniform_sample(pool_size: int, count: int, generator: torch.Generator) -> Tensor:
     """``count`` distinct pool indices drawn uniformly (sorted, int64): the shared cold-start draw."""
     return torch.randperm(pool_size, generator=generator)[:count].sort().values
+
+
+def gumbel_top_k(probabilities: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """Positions of ``count`` draws without replacement ∝ ``probabilities`` (Gumbel-top-k on ``generator`` noise)."""
+    n = len(probabilities)
+    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-12, 1.0 - 1e-12).numpy()
+    with np.errstate(divide="ignore"):
+        keys = np.log(np.asarray(probabilities, dtype=np.float64)) - np.log(-np.log(u))
+    return np.argsort(-keys, kind="stable")[:count]

@@ -17,7 +17,14 @@ from torch import Tensor
 from grace_lightning.knn import KnnGraph
 from grace_lightning.propagation import edge_weights, neighbour_mean, propagate, propagate_drift
 from grace_lightning.signals.store import SignalStore
-from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, require_embeddings
+from grace_lightning.strategies.base import (
+    Selection,
+    SelectionInput,
+    Strategy,
+    gumbel_top_k,
+    register_strategy,
+    require_embeddings,
+)
 from grace_lightning.submodular import coverage_weights, select_facility_location
 from grace_lightning.validation import non_negative_float, positive_int, unit_interval
 
@@ -118,8 +125,8 @@ class Grace(Strategy):
             (``README.md``; with ``weighting="none"``) it raised accuracy under 30% label noise by 2 points and
             cost 0.3 on clean 20-epoch training; ``0`` weighs each example's own importance.
         selector: how the picks are made from the (smoothed) importance. ``"sample"`` (the default) draws the
-            budget without replacement with probabilities in proportion to the importance (Efraimidis-Spirakis
-            keys from the seeded generator), in O(N); with ``smoothing > 0`` that importance is a graph-neighbourhood
+            budget without replacement with probabilities in proportion to the importance (Gumbel top-k on the
+            seeded generator, as GRIP draws inside its clusters); with ``smoothing > 0`` that importance is a graph-neighbourhood
             mean, so the graph still shapes the draw. ``"facility_location"`` maximises the objective above by
             lazy greedy, which spreads the picks by coverage and costs most of a later refresh. In the ablation
             (``README.md``; 4 regimes, 30% budget) sampling had the better mean and worst case against random
@@ -272,36 +279,19 @@ class Grace(Strategy):
             importance = (1 - self.smoothing) * importance + self.smoothing * neighbour_mean(
                 importance, state.graph.neighbors, weights
             )
+        scaled = self._scaled(importance)
         if self.selector == "sample":
-            picked = self._sample(self._scaled(importance), inputs.budget, inputs.generator)
-            diagnostics["selection_seconds"] = time.perf_counter() - select_began
-            coverage = None
-            if self.weighting == "coverage":
-                coverage = coverage_weights(picked, state.graph.neighbors, weights)
-            indices = torch.from_numpy(picked)
-            weights = None if coverage is None else torch.from_numpy(coverage.astype(np.float32))
-            return Selection(indices, weights, diagnostics)
-        result = select_facility_location(
-            state.graph.neighbors, weights, self._scaled(importance), inputs.budget, lam=self.lam
-        )
+            # A floor keeps every example drawable, so the budget is always filled.
+            picked = np.sort(gumbel_top_k(np.maximum(scaled, 1e-3), inputs.budget, inputs.generator))
+            coverage = coverage_weights(picked, state.graph.neighbors, weights) if self.weighting == "coverage" else None
+        else:
+            result = select_facility_location(state.graph.neighbors, weights, scaled, inputs.budget, lam=self.lam)
+            picked, coverage = result.selected, result.weights
+            diagnostics["uncovered"] = float(result.uncovered)
         diagnostics["selection_seconds"] = time.perf_counter() - select_began
-        diagnostics["uncovered"] = float(result.uncovered)
-        indices = torch.from_numpy(result.selected.astype(np.int64))
-        weights = torch.from_numpy(result.weights.astype(np.float32)) if self.weighting == "coverage" else None
-        return Selection(indices, weights, diagnostics)
-
-    @staticmethod
-    def _sample(importance: np.ndarray, budget: int, generator: torch.Generator) -> np.ndarray:
-        """``budget`` sorted indices drawn without replacement, each with probability in proportion to ``importance``.
-
-        Efraimidis-Spirakis: the ``budget`` largest keys ``log(u_i) / w_i``. A floor on ``w`` keeps every
-        example drawable, so the budget is always filled.
-        """
-        w = np.maximum(importance, 1e-3)
-        u = torch.rand(importance.shape[0], generator=generator, dtype=torch.float64).numpy()
-        keys = np.log(np.maximum(u, np.finfo(np.float64).tiny)) / w
-        picked = np.argpartition(-keys, budget - 1)[:budget] if budget < keys.size else np.arange(keys.size)
-        return np.sort(picked).astype(np.int64)
+        indices = torch.from_numpy(picked.astype(np.int64))
+        training_weights = torch.from_numpy(coverage.astype(np.float32)) if self.weighting == "coverage" else None
+        return Selection(indices, training_weights, diagnostics)
 
     def _fit_projection(self, embeddings: np.ndarray) -> Optional[np.ndarray]:
         """The top ``graph_dim`` right singular vectors of (a fixed sample of) the measured embeddings."""

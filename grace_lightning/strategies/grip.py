@@ -31,6 +31,7 @@ from grace_lightning.strategies.base import (
     Selection,
     SelectionInput,
     Strategy,
+    gumbel_top_k,
     register_strategy,
     require_embeddings,
     uniform_draw,
@@ -299,15 +300,6 @@ def intra_cluster_probabilities(
     prior = np.clip(np.exp(beta * length_feature(lengths)), 1.0 / length_clip, length_clip)
     pi = prior / local_density(embeddings, knn)
     return pi / pi.sum()
-
-
-def gumbel_top_k(probabilities: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
-    """Positions of ``count`` draws without replacement ∝ ``probabilities`` (Gumbel-top-k on ``generator`` noise)."""
-    n = len(probabilities)
-    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-12, 1.0 - 1e-12).numpy()
-    with np.errstate(divide="ignore"):
-        keys = np.log(np.asarray(probabilities, dtype=np.float64)) - np.log(-np.log(u))
-    return np.argsort(-keys, kind="stable")[:count]
 
 
 # ---------------------------------------------------------------------- state

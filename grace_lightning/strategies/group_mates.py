@@ -39,6 +39,7 @@ __all__ = [
     "GroupMatesState",
     "RelationalFit",
     "cluster_budgets",
+    "clustered_group_selection",
     "default_clusters",
     "fit_relational_model",
     "greedy_group_selection",
@@ -279,6 +280,33 @@ def greedy_group_selection(
         picks[i + 1] = int(np.argmin(np.where(available, avg_rel * s, np.inf)))
         available[picks[i + 1]] = False
     return picks
+
+
+def clustered_group_selection(
+    embeddings: np.ndarray, scores: np.ndarray, budget: int, clusters: int, seed: int, alpha: float = 1.0,
+    temp: float = 1.0,
+) -> tuple[np.ndarray, int]:
+    """The strategy's selection step: spherical k-means into ``clusters``, each cluster's quota
+    (:func:`cluster_budgets`) filled by :func:`greedy_group_selection`.
+
+    Returns the ``budget`` picked positions into ``embeddings`` (cluster by cluster, each in pick order) and the
+    number of clusters k-means kept.
+
+    Example::
+
+        >>> h = np.eye(4)
+        >>> positions, k = clustered_group_selection(h, np.array([-1.0, -2.0, -0.5, -3.0]), 2, clusters=1, seed=0)
+        >>> sorted(positions.tolist()), k
+        ([1, 3], 1)
+    """
+    partition = spherical_kmeans(np.asarray(embeddings, dtype=np.float32), clusters, seed=seed)
+    chosen = [np.zeros(0, dtype=np.int64)]
+    for c, quota in enumerate(cluster_budgets(partition.sizes(), budget)):
+        if quota == 0:
+            continue
+        members = partition.members(c)
+        chosen.append(members[greedy_group_selection(embeddings[members], scores[members], int(quota), alpha, temp)])
+    return np.concatenate(chosen), partition.k
 
 
 def cluster_budgets(sizes: np.ndarray, budget: int) -> np.ndarray:
@@ -595,17 +623,10 @@ class GroupMates(Strategy):
         scores = (h @ fit.w).numpy()
         h_np = h.numpy()
         k = self.clusters if self.clusters is not None else default_clusters(candidates.numel(), budget)
-        partition = spherical_kmeans(h_np.astype(np.float32), k, seed=seed)
         alpha, temp = (1.0, 1.0) if self.fixed_relational else (fit.alpha, fit.temp)
-        chosen = []
-        for c, quota in enumerate(cluster_budgets(partition.sizes(), budget)):
-            if quota == 0:
-                continue
-            members = partition.members(c)
-            picks = greedy_group_selection(h_np[members], scores[members], int(quota), alpha, temp)
-            chosen.append(members[picks])
-        picked = candidates[torch.from_numpy(np.concatenate(chosen))]
-        return picked.sort().values, partition.k, 0
+        positions, clusters = clustered_group_selection(h_np, scores, budget, k, seed, alpha, temp)
+        picked = candidates[torch.from_numpy(positions)]
+        return picked.sort().values, clusters, 0
 
 
 def _candidates(store) -> Tensor:
