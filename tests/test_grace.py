@@ -177,3 +177,33 @@ def test_sample_selector_gives_coverage_weights_on_request():
     selection = Grace(k=8, selector="sample", weighting="coverage").select(_inputs(store, 40))
     assert selection.weights is not None and selection.weights.shape == (40,)
     assert abs(float(selection.weights.mean()) - 1.0) < 1e-5
+
+
+def test_outlier_damping_draws_spikes_less_than_their_neighbours_and_keeps_hard_regions():
+    """With smoothing a spike (a flipped label's large gradient among easy neighbours) is drawn as often as its
+    neighbours; `outlier_damping` draws it less, while a uniformly important cluster (no outliers) keeps its share."""
+    store, labels = _clustered_store(important=(0,))
+    g = store.grad_norm.clone()
+    spikes = torch.tensor([60 * c + i for c in (2, 3, 4) for i in range(0, 60, 6)])  # 30 of the 180 easy examples
+    g[spikes] = 2.0
+    store.update(torch.arange(store.pool_size), ExampleSignals(loss=g.clone(), grad_norm=g, embedding=store.embedding.float()), step=0)
+    easy = torch.isin(labels, torch.tensor([2, 3, 4]))
+    budget = 120
+
+    def draws(damping: float) -> tuple[float, float]:
+        spike_share = cluster_0 = 0.0
+        for seed in range(20):
+            picked = Grace(k=8, outlier_damping=damping).select(_inputs(store, budget, seed=seed)).indices
+            spike_share += float(torch.isin(picked, spikes).sum()) / float(easy[picked].sum()) / 20
+            cluster_0 += float((labels[picked] == 0).float().mean()) / 20
+        return spike_share, cluster_0
+
+    plain_spikes, plain_0 = draws(0.0)
+    damped_spikes, damped_0 = draws(1.0)
+    # Spikes are 1/6 of the easy clusters: smoothing alone draws them at about that rate, damping well below it.
+    assert plain_spikes > 0.12 and damped_spikes < plain_spikes / 2, (plain_spikes, damped_spikes)
+    assert damped_0 >= plain_0 - 0.02, (plain_0, damped_0)
+    same = Grace(k=8, outlier_damping=0.0).select(_inputs(store, budget, seed=1)).indices
+    assert torch.equal(same, Grace(k=8).select(_inputs(store, budget, seed=1)).indices)
+    with pytest.raises(ValueError, match="outlier_damping"):
+        Grace(outlier_damping=-1.0)
