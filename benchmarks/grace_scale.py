@@ -8,6 +8,7 @@ scoring forward pass is excluded: it is the model's cost, not the selector's).
 
     python benchmarks/grace_scale.py                       # N = 100k and 1M, writes benchmarks/results/grace_scale.json
     python benchmarks/grace_scale.py --sizes 100000        # one size
+    python benchmarks/grace_scale.py --grace-kwargs '{"hnsw_m": 16}' --out benchmarks/results/grace_scale_m16.json
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _pool(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return emb, importance
 
 
-def run_one(n: int, dim: int, fraction: float, anchor_fraction: float, seed: int) -> dict:
+def run_one(n: int, dim: int, fraction: float, anchor_fraction: float, seed: int, grace_kwargs: dict) -> dict:
     import torch
 
     from grace_lightning import ExampleSignals, SelectionInput, SignalStore
@@ -44,7 +45,10 @@ def run_one(n: int, dim: int, fraction: float, anchor_fraction: float, seed: int
     threads = set_faiss_threads(1)  # all cores: a single process
     emb, importance = _pool(n, dim, seed)
     budget = int(fraction * n)
-    result: dict = {"n": n, "dim": dim, "budget": budget, "anchor_fraction": anchor_fraction, "faiss_threads": threads}
+    result: dict = {
+        "n": n, "dim": dim, "budget": budget, "anchor_fraction": anchor_fraction, "faiss_threads": threads,
+        "grace": repr(Grace(**grace_kwargs)), "grace_kwargs": grace_kwargs,
+    }
 
     store = SignalStore(n, max_embedding_dim=None)
     chunk = 200_000
@@ -61,7 +65,7 @@ def run_one(n: int, dim: int, fraction: float, anchor_fraction: float, seed: int
         )
     # The store now holds the pool (fp16); drop the benchmark's own fp32 copy so peak RSS is the selector's.
     del emb
-    grace = Grace(k=10, anchor_fraction=anchor_fraction)
+    grace = Grace(**{"k": 10, "anchor_fraction": anchor_fraction, **grace_kwargs})
     state = GraceState(n)
 
     def inputs(now: int) -> SelectionInput:
@@ -109,16 +113,18 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1, help="coreset budget as a share of the pool")
     parser.add_argument("--anchor-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grace-kwargs", default="{}", help="JSON: GRACE parameters beyond k=10 and the anchor fraction")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "grace_scale.json"))
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.dim, args.fraction, args.anchor_fraction, args.seed)))
+        kwargs = json.loads(args.grace_kwargs)
+        print(json.dumps(run_one(args.child, args.dim, args.fraction, args.anchor_fraction, args.seed, kwargs)))
         return
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(n), "--dim", str(args.dim), "--fraction", str(args.fraction),
-               "--anchor-fraction", str(args.anchor_fraction), "--seed", str(args.seed)]
+               "--anchor-fraction", str(args.anchor_fraction), "--seed", str(args.seed), "--grace-kwargs", args.grace_kwargs]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"done N={n}", file=sys.stderr)

@@ -207,3 +207,13 @@ def test_outlier_damping_draws_spikes_less_than_their_neighbours_and_keeps_hard_
     assert torch.equal(same, Grace(k=8).select(_inputs(store, budget, seed=1)).indices)
     with pytest.raises(ValueError, match="outlier_damping"):
         Grace(outlier_damping=-1.0)
+
+
+def test_hnsw_m_reaches_the_graph_and_is_validated():
+    store, _ = _clustered_store()
+    state = GraceState(store.pool_size)
+    Grace(k=8, graph_method="hnsw", hnsw_m=8).select(_inputs(store, 40, state=state))
+    assert (state.graph.method, state.graph.hnsw_m) == ("hnsw", 8)
+    assert state.graph.state_dict()["hnsw_m"] == 8  # a resumed run rebuilds its index with the same M
+    with pytest.raises(ValueError, match="hnsw_m"):
+        Grace(hnsw_m=0)

@@ -115,6 +115,8 @@ class Grace(Strategy):
             a large weight, and gained nothing on clean data.
         graph_method: ``"auto"`` (exact below ``exact_threshold`` examples, HNSW above), ``"flat"``, ``"hnsw"``.
         exact_threshold: pool size up to which ``"auto"`` uses exact search.
+        hnsw_m: links per node of the HNSW index (faiss ``M``) when the graph uses one; fewer build and search
+            faster at a lower recall (measured in ``benchmarks/grace_scale.py``, ``README.md``).
         graph_dim: the graph lives in the span of the embeddings' top ``graph_dim`` singular directions (fitted on
             up to 4,096 examples when the graph is built, then fixed), which cuts every search by ``d / graph_dim``;
             ``None`` keeps the store's dimension.
@@ -163,6 +165,7 @@ class Grace(Strategy):
         weighting: str = "none",
         graph_method: str = "auto",
         exact_threshold: int = 20_000,
+        hnsw_m: int = 32,
         graph_dim: Optional[int] = 32,
         smoothing: float = 1.0,
         selector: str = "sample",
@@ -180,6 +183,7 @@ class Grace(Strategy):
             raise ValueError(f"grace: `selector` must be 'facility_location' or 'sample', got {selector!r}.")
         if graph_method not in ("auto", "flat", "hnsw"):
             raise ValueError(f"grace: `graph_method` must be 'auto', 'flat' or 'hnsw', got {graph_method!r}.")
+        positive_int("grace", "hnsw_m", hnsw_m, hint=" (e.g. 32, faiss's M)")
         if graph_dim is not None:
             positive_int("grace", "graph_dim", graph_dim, hint=" (e.g. 32) or None")
         if drift_threshold is not None:
@@ -200,6 +204,7 @@ class Grace(Strategy):
         self.weighting = weighting
         self.graph_method = graph_method
         self.exact_threshold = exact_threshold
+        self.hnsw_m = hnsw_m
         self.graph_dim = graph_dim
         self.smoothing = smoothing
         self.selector = selector
@@ -263,6 +268,7 @@ class Grace(Strategy):
                 k=self.k,
                 method=self.graph_method,
                 exact_threshold=self.exact_threshold,
+                hnsw_m=self.hnsw_m,
             )
             diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
         else:
