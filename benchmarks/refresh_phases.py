@@ -1,9 +1,10 @@
 """Where one fit's selection time goes, refresh by refresh: the callback's own phase timings.
 
-Trains one bench task's model on a coreset (the bench's data, model, batch size and cosine schedule; selection
-synchronous, so every second is on the training thread) and prints, for every refresh, its seconds split into
-the phases the callback and the strategy record: the scoring pass, probes, the strategy's own work and its
-parts (GRACE: graph build or repair, propagation, the greedy or the draw; GRIP: the intra-cluster density).
+Trains one bench run (``grace_lightning.bench.runner.build_run``: the bench's data, model, batch size, cosine
+schedule and per-epoch validation; selection synchronous, so every second is on the training thread) and
+prints, for every refresh, its seconds split into the phases the callback and the strategy record: the scoring
+pass, probes, the strategy's own work and its parts (GRACE: graph build or repair, propagation, the greedy or
+the draw; GRIP: the intra-cluster density).
 
     python benchmarks/refresh_phases.py --strategy grace
     python benchmarks/refresh_phases.py --strategy grace --kwargs '{"selector": "sample"}'
@@ -19,40 +20,29 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
-from torch.utils.data import DataLoader
-
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_mixture_signals import write_report  # noqa: E402
 
-from grace_lightning import CoresetCallback, CoresetSampler, build_strategy  # noqa: E402
-from grace_lightning.bench.runner import quiet_and_restored  # noqa: E402
+from grace_lightning.bench.config import BenchConfig  # noqa: E402
+from grace_lightning.bench.runner import build_run, quiet_and_restored  # noqa: E402
 from grace_lightning.bench.tasks import get_task  # noqa: E402
-from grace_lightning.bench.tasks.base import TaskSize  # noqa: E402
 
 # What a record holds besides the phases: counts and the running totals.
 COUNTS = ("refresh", "scored", "anchors", "moved", "clusters", "probe_examples")
 
 
 def run(task_name: str, options: dict, strategy: str, kwargs: dict, epochs: int, fraction: float, seed: int) -> list[dict]:
-    task = get_task(task_name, **options)
-    data = task.make_data(TaskSize(None, None, epochs), seed)
-    model = task.build_model(data, seed)
-    model.lr_schedule = "cosine"
-    sampler = CoresetSampler(data.train, fraction=fraction, seed=seed)
-    loader = DataLoader(data.train, batch_size=task.batch_size, sampler=sampler, collate_fn=data.collate_fn)
-    chosen = build_strategy(strategy, **kwargs)
-    reference = None if chosen.reference == "unused" else data.reference
-    callback = CoresetCallback(sampler, strategy=chosen, seed=seed, overlap=False, reference=reference)
+    config = BenchConfig(
+        task=task_name, strategies=[strategy], fractions=[fraction], seeds=[seed], epochs=epochs, out="",
+        preset="default", train_examples=None, val_examples=None, strategy_kwargs={strategy: kwargs},
+        task_options=options, overlap="off",
+    )
     with quiet_and_restored():  # Trainer(deterministic=True) sets global flags when it is built
-        trainer = L.Trainer(
-            max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, deterministic=True, callbacks=[callback],
-        )
-        trainer.fit(model, loader)
+        built = build_run(get_task(task_name, **options), strategy, fraction, seed, config)
+        built.trainer.fit(built.model, built.train_loader, built.val_loader)
     return [
         {k: v for k, v in record.items() if k.endswith("seconds") or k in COUNTS}
-        for record in callback.history
+        for record in built.callback.history
     ]
 
 

@@ -13,14 +13,15 @@ import logging
 import os
 import time
 import warnings
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import lightning as L
 
 from grace_lightning.bench.config import BenchConfig
 from grace_lightning.bench.tasks import BenchTask, TaskSize
 
-__all__ = ["EvalClock", "plan", "quiet_and_restored", "run_one"]
+__all__ = ["BenchRun", "EvalClock", "build_run", "plan", "quiet_and_restored", "run_one"]
 
 
 class EvalClock(L.Callback):
@@ -100,8 +101,25 @@ def quiet_and_restored() -> Iterator[None]:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
-def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: BenchConfig) -> dict:
-    """Train one fresh model on a coreset and return its row: the summary columns plus ``evals``."""
+@dataclass
+class BenchRun:
+    """One run, built and not yet fitted: ``trainer.fit(model, train_loader, val_loader)`` trains it."""
+
+    data: Any
+    model: L.LightningModule
+    sampler: Any
+    callback: Any
+    clock: EvalClock
+    trainer: L.Trainer
+    train_loader: Any
+    val_loader: Any
+
+
+def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config: BenchConfig) -> BenchRun:
+    """A fresh model, its coreset sampler and callback, the loaders and the Trainer of one run (not fitted).
+
+    ``Trainer(deterministic=True)`` sets global flags when it is built: build inside :func:`quiet_and_restored`.
+    """
     from torch.utils.data import DataLoader
 
     from grace_lightning import CoresetCallback, CoresetSampler, build_strategy
@@ -147,8 +165,17 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
         num_sanity_val_steps=0,
         callbacks=[callback, clock],
     )
+    return BenchRun(data, model, sampler, callback, clock, trainer, train_loader, val_loader)
+
+
+def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: BenchConfig) -> dict:
+    """Train one fresh model on a coreset and return its row: the summary columns plus ``evals``."""
+    built = build_run(task, strategy, fraction, seed, config)
+    data, model, sampler, callback, clock, trainer = (
+        built.data, built.model, built.sampler, built.callback, built.clock, built.trainer
+    )
     began = time.perf_counter()
-    trainer.fit(model, train_loader, val_loader)
+    trainer.fit(model, built.train_loader, built.val_loader)
     wall = time.perf_counter() - began
     if not callback.history:
         raise RuntimeError(f"bench: the CoresetCallback recorded no selection in the {strategy!r} run.")
