@@ -93,6 +93,8 @@ def test_runs_json_matches_the_csv(tiny_run):
     assert data["task"]["name"] == "mixture" and data["config"]["seeds"] == list(SEEDS)
     runs = data["runs"]
     assert {(r["strategy"], r["fraction"], r["seed"]) for r in runs} == expected_keys() and len(runs) == len(expected_keys())
+    assert len({r["sitting"] for r in runs}) == 1  # one invocation, one sitting: no gain is marked †
+    assert not any(s["gain_other_sitting"] for s in data["summary"])
     _, csv_rows = _read_csv(out / "runs.csv")
     for run, row in zip(runs, csv_rows):
         assert set(RUN_COLUMNS) <= set(run)
@@ -123,6 +125,30 @@ def _run(strategy, fraction, seed, final, curve):
     return {"strategy": strategy, "fraction": fraction, "seed": seed, "final_metric": final, "best_metric": max(curve),
             "train_seconds": float(len(curve)), "wall_seconds": len(curve) + 0.5, "selection_seconds": 0.25,
             "examples_seen": 10, "evals": evals}
+
+
+def test_a_gain_read_against_random_runs_of_another_sitting_is_marked():
+    """Equal-wall-clock gains compare two runs' seconds: a † marks those paired with random runs of another sitting
+    (another bench invocation; for rows from before sittings were recorded, another commit)."""
+    from grace_lightning.bench.report import format_table
+
+    task = get_task("mixture")
+    rows = [_run("random", 0.3, 0, 0.70, [0.60, 0.70]), _run("grace", 0.3, 0, 0.75, [0.55, 0.62, 0.75])]
+    grace_line = lambda summary: next(line for line in format_table(summary, task).splitlines() if line.startswith("grace"))  # noqa: E731
+    for row in rows:
+        row["sitting"] = "2026-12-04T08:00:00Z"
+    summary = summarize(rows, task)
+    assert summary[1]["gain_other_sitting"] is False and "†" not in format_table(summary, task)
+    rows[1]["sitting"] = "2026-12-05T08:00:00Z"
+    summary = summarize(rows, task)
+    assert summary[1]["gain_other_sitting"] is True and grace_line(summary).endswith("†")
+    assert summary[0]["gain_other_sitting"] is False  # random's own row has no gain to mark
+    for row in rows:  # journals from before the sitting was recorded: the commit stands in for it
+        del row["sitting"]
+        row["commit"] = "4eec9ee"
+    assert summarize(rows, task)[1]["gain_other_sitting"] is False
+    rows[0]["commit"] = "62c8dfe"
+    assert summarize(rows, task)[1]["gain_other_sitting"] is True
 
 
 def test_time_to_target_is_the_first_evaluation_within_tolerance_of_full_data_best():

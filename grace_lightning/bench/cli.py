@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from typing import Optional, Sequence
 
 from grace_lightning.bench.config import BenchConfig, add_arguments, resolve
 from grace_lightning.bench.report import (
-    EVAL_COLUMNS, RUN_COLUMNS, SUMMARY_COLUMNS, format_markdown, format_table, summarize, write_results,
+    EVAL_COLUMNS, OTHER_SITTING, RUN_COLUMNS, SUMMARY_COLUMNS, format_markdown, format_table, summarize, write_results,
 )
 from grace_lightning.bench.runner import plan, quiet_and_restored, run_one
 
@@ -87,10 +88,12 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, tables: 
         from grace_lightning.bench.suite import code_version
 
         commit = code_version()  # recorded in every row: a resumed comparison may mix commits, and says so
+        # ... and the sitting: the report marks an equal-wall-clock gain read against random runs of another one.
+        sitting = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with quiet_and_restored():
             warm_up(task, config, todo[0])
             for seed, strategy, fraction in todo:
-                row = {**run_one(task, strategy, fraction, seed, config), "commit": commit}
+                row = {**run_one(task, strategy, fraction, seed, config), "commit": commit, "sitting": sitting}
                 journal.add(row)
                 print(progress.line(row, task.metric), flush=True)
     rows = [journal.rows[(seed, strategy, float(fraction))] for seed, strategy, fraction in order]
@@ -99,6 +102,8 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, tables: 
     table = format_table(summary, task)
     print()
     print(table)
+    if any(s.get("gain_other_sitting") for s in summary):
+        print(OTHER_SITTING)
     if tables is not None:
         tables.append((title or config.task, config, format_markdown(summary, task)))
     files = write_results(config, task, rows, summary)

@@ -18,7 +18,10 @@ evaluation at or before that time; ``None`` before their first one). For random 
 every budget of that seed: a strategy that takes twice random's time at 30% is compared with what random at 50%
 reached in that time, since that is what the same seconds buy. The *gain* over random is the run's final metric
 minus that, signed so that positive is better. A mean gain is *within noise* when a paired t-test over the seeds does not reject zero at 5%
-(two-sided).
+(two-sided). The comparison reads two runs' seconds side by side, so it is only as good as the machine's speed
+was the same for both: a gain is marked ``†`` when a random run it is paired with ran in another *sitting*
+(another bench invocation, recorded as each row's ``sitting``; for rows from before that was recorded, another
+commit).
 
 *Examples to random's final*: the training examples a run had seen when it first matched the final metric of
 random at its budget and seed (for a language-model task, times ``tokens_per_example`` gives tokens).
@@ -39,7 +42,7 @@ from typing import Optional
 from grace_lightning.bench.config import BenchConfig
 from grace_lightning.bench.tasks import BenchTask
 
-__all__ = ["EVAL_COLUMNS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "format_markdown", "format_table", "summarize", "write_results"]
+__all__ = ["EVAL_COLUMNS", "OTHER_SITTING", "RUN_COLUMNS", "SUMMARY_COLUMNS", "format_markdown", "format_table", "summarize", "write_results"]
 
 RUN_COLUMNS = [
     "task",
@@ -75,9 +78,14 @@ SUMMARY_COLUMNS = [
     "train_seconds_mean", "train_seconds_std", "wall_seconds_mean",
     "selection_seconds_mean", "selection_share_mean", "examples_seen_mean",
     "target", "target_reached", "time_to_target_mean",
-    "gain_vs_random_mean", "gain_vs_random_std", "gain_within_noise", "full_at_equal_seconds_mean",
+    "gain_vs_random_mean", "gain_vs_random_std", "gain_within_noise", "gain_other_sitting", "full_at_equal_seconds_mean",
     "examples_to_random_final_mean", "random_final_reached", "marked_share_mean",
 ]
+
+OTHER_SITTING = (
+    "†: paired with random runs from another sitting (another bench invocation or commit); the machine's speed may "
+    "have differed, so those seconds compare loosely"
+)
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1-10); 1.96 beyond.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -147,10 +155,16 @@ def _pair_with_references(rows: list[dict], task: BenchTask) -> None:
         at = best(reached) if reached else None
         row["random_at_equal_seconds"] = at
         row["gain_vs_random"] = None if at is None else sign * (row["final_metric"] - at)
+        row["random_other_sitting"] = any(_sitting(r) != _sitting(row) for r in randoms.get(row["seed"], []))
         same_budget = next((r for r in randoms.get(row["seed"], []) if r["fraction"] == row["fraction"]), None)
         row["examples_to_random_final"] = None if same_budget is None else first_reaching(
             row["evals"], same_budget["final_metric"], task.higher_is_better, "examples_seen"
         )
+
+
+def _sitting(row: dict) -> str:
+    """Which bench invocation ran ``row``: its ``sitting``, or for rows from before that was recorded, its commit."""
+    return str(row.get("sitting") or f"commit {row.get('commit')}")
 
 
 def _std(values: list[float]) -> Optional[float]:
@@ -198,6 +212,7 @@ def summarize(rows: list[dict], task: BenchTask) -> list[dict]:
                 "gain_vs_random_mean": statistics.fmean(gains) if gains else None,
                 "gain_vs_random_std": _std(gains),
                 "gain_within_noise": within_noise(gains),
+                "gain_other_sitting": any(r["random_other_sitting"] for r in runs if r["gain_vs_random"] is not None),
                 "full_at_equal_seconds_mean": statistics.fmean(full_at) if full_at else None,
                 "examples_to_random_final_mean": statistics.fmean(to_random) if to_random else None,
                 "random_final_reached": len(to_random),
@@ -215,14 +230,15 @@ def _gain(s: dict, digits: int) -> str:
     if s["strategy"] == "random" or s["gain_vs_random_mean"] is None:
         return "-"
     text = _pm(s["gain_vs_random_mean"], s["gain_vs_random_std"], digits)
-    return text + (" ~" if s["gain_within_noise"] else "")
+    return text + (" ~" if s["gain_within_noise"] else "") + (" †" if s["gain_other_sitting"] else "")
 
 
 def format_table(summary: list[dict], task: BenchTask) -> str:
     """The printed comparison: one line per (strategy, fraction), means ± sample std over seeds.
 
     "vs random @ equal s" is the paired gain over random (its best at any budget) at equal training seconds
-    (positive is better); a trailing ``~`` marks a gain within noise. "marked" is the share of trained examples the task
+    (positive is better); a trailing ``~`` marks a gain within noise, ``†`` one read against random runs of another
+    sitting (:data:`OTHER_SITTING`). "marked" is the share of trained examples the task
     marks (noisy labels, off-target text), shown only for tasks that mark some.
     """
     digits = 4 if task.higher_is_better and task.metric == "accuracy" else 3

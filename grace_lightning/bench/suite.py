@@ -119,6 +119,10 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}",
         "",
     ]
+    if any("†" in table for _, _, table in tables):
+        from grace_lightning.bench.report import OTHER_SITTING
+
+        lines[-1:-1] = [f"- {OTHER_SITTING}"]
     for name, config, table in tables:
         options: dict[str, Any] = {
             "task": config.task, "preset": config.preset, "epochs": config.epochs, "lr_schedule": config.lr_schedule,
