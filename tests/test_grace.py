@@ -212,11 +212,15 @@ def test_outlier_damping_draws_spikes_less_than_their_neighbours_and_keeps_hard_
 def test_hnsw_settings_reach_the_graph_and_are_validated():
     store, _ = _clustered_store()
     state = GraceState(store.pool_size)
-    Grace(k=8, graph_method="hnsw", hnsw_m=8, ef_search=24).select(_inputs(store, 40, state=state))
-    assert (state.graph.method, state.graph.hnsw_m, state.graph.ef_search) == ("hnsw", 8, 24)
-    saved = state.graph.state_dict()  # a resumed run rebuilds its index with the same settings
-    assert (saved["hnsw_m"], saved["ef_search"]) == (8, 24)
+    Grace(k=8, graph_method="hnsw", hnsw_m=8, ef_construction=12, ef_search=24).select(_inputs(store, 40, state=state))
+    graph = state.graph
+    assert (graph.method, graph.hnsw_m, graph.ef_construction, graph.ef_search) == ("hnsw", 8, 12, 24)
+    assert graph._index.hnsw.efConstruction == 12
+    saved = graph.state_dict()  # a resumed run rebuilds its index with the same settings
+    assert (saved["hnsw_m"], saved["ef_construction"], saved["ef_search"]) == (8, 12, 24)
     with pytest.raises(ValueError, match="hnsw_m"):
         Grace(hnsw_m=0)
     with pytest.raises(ValueError, match="ef_search"):
         Grace(ef_search=0)
+    with pytest.raises(ValueError, match="ef_construction"):
+        Grace(ef_construction=0)

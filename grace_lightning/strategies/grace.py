@@ -117,6 +117,8 @@ class Grace(Strategy):
         exact_threshold: pool size up to which ``"auto"`` uses exact search.
         hnsw_m: links per node of the HNSW index (faiss ``M``) when the graph uses one; fewer build and search
             faster at a lower recall (measured in ``benchmarks/grace_scale.py``, ``README.md``).
+        ef_construction: HNSW's search breadth while it inserts a node (faiss ``efConstruction``); lower builds
+            the index faster, with links that lead to the true neighbours less often.
         ef_search: HNSW's search breadth (faiss ``efSearch``, at least the results a search asks for) for the
             build's query of every node and for repairs; lower is faster at a lower recall.
         graph_dim: the graph lives in the span of the embeddings' top ``graph_dim`` singular directions (fitted on
@@ -168,6 +170,7 @@ class Grace(Strategy):
         graph_method: str = "auto",
         exact_threshold: int = 20_000,
         hnsw_m: int = 32,
+        ef_construction: int = 40,
         ef_search: int = 64,
         graph_dim: Optional[int] = 32,
         smoothing: float = 1.0,
@@ -187,6 +190,7 @@ class Grace(Strategy):
         if graph_method not in ("auto", "flat", "hnsw"):
             raise ValueError(f"grace: `graph_method` must be 'auto', 'flat' or 'hnsw', got {graph_method!r}.")
         positive_int("grace", "hnsw_m", hnsw_m, hint=" (e.g. 32, faiss's M)")
+        positive_int("grace", "ef_construction", ef_construction, hint=" (e.g. 40, faiss's efConstruction)")
         positive_int("grace", "ef_search", ef_search, hint=" (e.g. 64, faiss's efSearch)")
         if graph_dim is not None:
             positive_int("grace", "graph_dim", graph_dim, hint=" (e.g. 32) or None")
@@ -209,6 +213,7 @@ class Grace(Strategy):
         self.graph_method = graph_method
         self.exact_threshold = exact_threshold
         self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
         self.ef_search = ef_search
         self.graph_dim = graph_dim
         self.smoothing = smoothing
@@ -274,6 +279,7 @@ class Grace(Strategy):
                 method=self.graph_method,
                 exact_threshold=self.exact_threshold,
                 hnsw_m=self.hnsw_m,
+                ef_construction=self.ef_construction,
                 ef_search=self.ef_search,
             )
             diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
