@@ -120,7 +120,10 @@ class Grace(Strategy):
         ef_construction: HNSW's search breadth while it inserts a node (faiss ``efConstruction``); lower builds
             the index faster, with links that lead to the true neighbours less often.
         ef_search: HNSW's search breadth (faiss ``efSearch``, at least the results a search asks for) for the
-            build's query of every node and for repairs; lower is faster at a lower recall.
+            build's query of every node and for repairs; lower is faster at a lower recall. The defaults (20 and
+            24; faiss's are 40 and 16) built the graphs of Fashion-MNIST (60k) and tweets (32k) 1.8x and 2.8x
+            faster than 40 and 64, at recall@10 0.998 and 0.936, and in the ablation (``README.md``) cut GRACE's
+            selection time by 8-25% at the same accuracy.
         graph_dim: the graph lives in the span of the embeddings' top ``graph_dim`` singular directions (fitted on
             up to 4,096 examples when the graph is built, then fixed), which cuts every search by ``d / graph_dim``;
             ``None`` keeps the store's dimension.
@@ -170,8 +173,8 @@ class Grace(Strategy):
         graph_method: str = "auto",
         exact_threshold: int = 20_000,
         hnsw_m: int = 32,
-        ef_construction: int = 40,
-        ef_search: int = 64,
+        ef_construction: int = 20,
+        ef_search: int = 24,
         graph_dim: Optional[int] = 32,
         smoothing: float = 1.0,
         selector: str = "sample",
@@ -190,8 +193,8 @@ class Grace(Strategy):
         if graph_method not in ("auto", "flat", "hnsw"):
             raise ValueError(f"grace: `graph_method` must be 'auto', 'flat' or 'hnsw', got {graph_method!r}.")
         positive_int("grace", "hnsw_m", hnsw_m, hint=" (e.g. 32, faiss's M)")
-        positive_int("grace", "ef_construction", ef_construction, hint=" (e.g. 40, faiss's efConstruction)")
-        positive_int("grace", "ef_search", ef_search, hint=" (e.g. 64, faiss's efSearch)")
+        positive_int("grace", "ef_construction", ef_construction, hint=" (e.g. 20, faiss's efConstruction)")
+        positive_int("grace", "ef_search", ef_search, hint=" (e.g. 24, faiss's efSearch)")
         if graph_dim is not None:
             positive_int("grace", "graph_dim", graph_dim, hint=" (e.g. 32) or None")
         if drift_threshold is not None:
