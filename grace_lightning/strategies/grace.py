@@ -121,8 +121,8 @@ class Grace(Strategy):
             the index faster, with links that lead to the true neighbours less often.
         ef_search: HNSW's search breadth (faiss ``efSearch``, at least the results a search asks for) for the
             build's query of every node and for repairs; lower is faster at a lower recall. The defaults (20 and
-            24; faiss's are 40 and 16) built the graphs of Fashion-MNIST (60k) and tweets (32k) 1.8x and 2.8x
-            faster than 40 and 64, at recall@10 0.998 and 0.936, and in the ablation (``README.md``) cut GRACE's
+            24; faiss's are 40 and 16) built the graphs of Fashion-MNIST (60k) and tweets (32k) 1.7x and 2.2x
+            faster than 40 and 64, at recall@10 0.997 and 0.933, and in the ablation (``README.md``) cut GRACE's
             selection time by 8-25% at the same accuracy.
         graph_dim: the graph lives in the span of the embeddings' top ``graph_dim`` singular directions (fitted on
             up to 4,096 examples when the graph is built, then fixed), which cuts every search by ``d / graph_dim``;
