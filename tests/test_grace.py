@@ -102,6 +102,56 @@ def test_refresh_propagates_anchor_changes_to_their_neighbours():
     assert selection.diagnostics["anchors"] == 3.0
 
 
+def _drift_anchors(store, anchors, step, seed=0):
+    """Re-measure ``anchors`` at ``step`` with embeddings moved far (new random directions)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(anchors.numel(), store.embedding.shape[1], generator=g), dim=1)
+    ones = torch.ones(anchors.numel())
+    store.update(anchors, ExampleSignals(loss=ones, grad_norm=ones, embedding=emb), step=step)
+
+
+def test_by_default_the_graph_stays_as_built_and_repair_share_repairs_the_most_drifted_anchors():
+    anchors = torch.arange(0, 300, 3)  # 100 anchors
+    built = {}
+    for share in (0.0, 0.1, 0.5):
+        store, _ = _clustered_store()
+        grace = Grace(k=8, repair_share=share)
+        state = GraceState(store.pool_size)
+        grace.select(_inputs(store, 30, state=state, now=0))
+        built[share] = (state.graph.neighbors.copy(), state.node_embedding.copy())
+        _drift_anchors(store, anchors, step=10)
+        later = grace.select(_inputs(store, 30, state=state, now=10)).diagnostics
+        assert later["anchors"] == 100
+        if share == 0.0:  # nothing followed, nothing repaired: the build's rows and node positions
+            assert later["moved"] == 0 and later["graph_seconds"] == 0
+            assert np.array_equal(state.graph.neighbors, built[share][0])
+            assert np.array_equal(state.node_embedding, built[share][1])
+        else:
+            assert later["moved"] == round(share * 100), later["moved"]
+            assert not np.array_equal(state.graph.neighbors, built[share][0])
+    assert Grace().repair_share == 0.0
+    with pytest.raises(ValueError, match="repair_share"):
+        Grace(repair_share=1.5)
+    with pytest.raises(ValueError, match="repair_share"):
+        Grace(repair_share=-0.1)
+
+
+def test_no_repair_selects_exactly_as_a_repair_threshold_nothing_reaches():
+    """``repair_share=0`` skips following the drift; a threshold no drift exceeds (2: unit vectors) follows it and
+    repairs nothing. Only the nodes' positions differ, and GRACE's picks do not read them."""
+    picks = []
+    for kwargs in ({}, {"drift_threshold": 2.0}):
+        store, _ = _clustered_store()
+        grace, state = Grace(k=8, **kwargs), GraceState(store.pool_size)
+        grace.select(_inputs(store, 30, state=state, now=0))
+        runs = []
+        for step in (10, 20):
+            _drift_anchors(store, torch.arange(step, 300, 7), step=step, seed=step)
+            runs.append(grace.select(_inputs(store, 30, state=state, seed=step, now=step)).indices)
+        picks.append(runs)
+    assert all(torch.equal(a, b) for a, b in zip(*picks))
+
+
 def test_grace_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     store, _ = _clustered_store()
     grace = Grace(k=8)

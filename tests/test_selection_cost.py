@@ -59,7 +59,7 @@ def test_pool_scoring_strategies_rescore_a_slice_by_default_and_the_whole_pool_o
 
 def test_grace_builds_its_graph_in_a_fixed_low_dimensional_basis_that_survives_a_checkpoint():
     store = _store(n=300, dim=16, measured_at=np.zeros(300, dtype=int))
-    grace = Grace(k=5, graph_dim=4, weighting="coverage")
+    grace = Grace(k=5, graph_dim=4, weighting="coverage", repair_share=0.1)  # the repair path projects too
     state = GraceState(300)
     first = grace.select(_inputs(store, state=state, budget=30, now=1))
     assert state.projection.shape == (16, 4) and state.node_embedding.shape == (300, 4)
