@@ -107,7 +107,7 @@ class Grace(Strategy):
         repair_share: share of each refresh's anchors, those whose embedding drifted most, whose graph edges are
             re-searched (the nodes then follow the anchors' propagated drift). ``0`` (the default) keeps the graph
             as the first informed refresh built it: in the ablation (``README.md``; Fashion-MNIST and tweets,
-            noisy and long training) repairing the top ``0.1`` (the default until ``33babd5``) gave the same
+            noisy and long training) repairing the top ``0.1`` (the default before ``52de1e4``) gave the same
             accuracy at 1.4-2.5x the selection time. Pass ``0.1`` where the model's representation keeps
             changing its neighbourhoods (a pretrained encoder fine-tuned far, a curriculum of new domains).
         drift_threshold: instead of ``repair_share``, repair every anchor whose embedding drift (L2 distance
