@@ -88,10 +88,11 @@ class Grace(Strategy):
     Each refresh rescores a few *anchors* (the examples trained since the last refresh, plus the
     ``anchor_fraction`` of the pool with the highest staleness-and-disagreement priority), propagates their
     new importance to their graph neighbours (with ``repair_share`` or ``drift_threshold``: also their embedding
-    drift, and repairs the edges of the anchors that drifted most), and draws the budget in proportion to ``g̃``, each example's importance
-    averaged over its graph neighbourhood (``smoothing``); ``selector="facility_location"`` instead selects by
-    lazy greedy on ``F(S) = Σ_v g̃_v max_{s∈S} w_vs + lam · Σ_{s∈S} g̃_s``. The first informed refresh
-    measures the whole pool and builds the graph. How it works, when to use it, suggested settings and costs:
+    drift, and repairs the edges of the anchors that drifted most), and draws the budget in proportion to
+    ``g̃``, each example's importance averaged over its graph neighbourhood (``smoothing``);
+    ``selector="facility_location"`` instead selects by lazy greedy on
+    ``F(S) = Σ_v g̃_v max_{s∈S} w_vs + lam · Σ_{s∈S} g̃_s``. The first informed refresh measures the whole pool
+    and builds the graph. How it works, when to use it, suggested settings and costs:
     the ``grace`` section of ``grace_lightning/strategies/README.md``.
 
     Args:
