@@ -3,8 +3,9 @@
 Not a test. Each pool size runs in its own subprocess so that peak RSS is that run's own. Embeddings are
 synthetic and low-rank (24 latent dimensions plus noise, unit-normalised), the closest stand-in for real
 penultimate features; importance is log-normal. A refresh re-measures 5% of the pool as anchors, with
-drifted embeddings and new importance, and runs GRACE's propagation, graph repair and selection (the
-scoring forward pass is excluded: it is the model's cost, not the selector's).
+drifted embeddings and new importance, and runs GRACE's propagation, graph repair (only where the GRACE
+settings ask for one: ``repair_share``, ``drift_threshold``) and selection (the scoring forward pass is excluded:
+it is the model's cost, not the selector's).
 
     python benchmarks/grace_scale.py                       # N = 100k and 1M, writes benchmarks/results/grace_scale.json
     python benchmarks/grace_scale.py --sizes 100000        # one size
