@@ -3,7 +3,8 @@
 GRACE reads each training batch's per-example loss, gradient norm and embedding (captured by hooks on the
 model's forward pass, so examples trained on need no rescoring). That work runs inside training steps, so the
 bench counts it in "train s" but not in "selection s". This benchmark separates it: three setups on one bench
-task, the same budget and seed, interleaved over ``--repeats`` rounds (the median is reported):
+task, the same budget and seed, interleaved over ``--repeats`` rounds, the order rotated every round (the
+median is reported):
 
 * ``random``: no signals, nothing captured;
 * ``grace``: GRACE at its defaults, capturing the training batches' signals;
@@ -13,7 +14,7 @@ For each: the fit's training seconds (validation excluded), its selection second
 the difference, the training loop's own seconds. Capture's cost is ``grace`` minus ``grace, no capture`` in
 that last column (the same subsets' sizes; only where each example's signals come from differs).
 
-    python benchmarks/capture_cost.py                       # fashion-mnist-noisy, budget 0.3, 5 epochs, 3 rounds
+    python benchmarks/capture_cost.py --repeats 6           # fashion-mnist-noisy, budget 0.3, 5 epochs
 
 Writes ``benchmarks/results/capture_cost.json``. Run it with nothing else on the machine.
 """
@@ -66,8 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     options = json.loads(args.options)
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in SETUPS}
-    for _ in range(args.repeats):
-        for name, strategy, capture in SETUPS:
+    for round_ in range(args.repeats):
+        # Rotate the order every round: a machine that speeds up or slows down within a round would otherwise
+        # favour whichever setup runs in the same place each time.
+        for name, strategy, capture in SETUPS[round_ % 3:] + SETUPS[: round_ % 3]:
             runs[name].append(fit_once(args.task, options, strategy, capture, args.fraction, args.epochs, args.seed))
     summary = {}
     for name, rows in runs.items():

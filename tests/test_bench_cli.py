@@ -420,7 +420,8 @@ def test_a_killed_bench_resumes_without_rerunning_finished_runs(tmp_path, monkey
     calls.clear()
     monkeypatch.setattr(cli, "run_one", lambda *a: (calls.append(a[1:4]), run_one(*a))[1])
     assert main(args) == 0
-    assert [(c[2], c[0], c[1]) for c in calls[1:]] == [(1, "full", 1.0), (1, "random", 0.3)]  # after the warm-up
+    # after the warm-up; seed 1 is the second seed, so its turn starts with the second strategy
+    assert [(c[2], c[0], c[1]) for c in calls[1:]] == [(1, "random", 0.3), (1, "full", 1.0)]
     assert "resuming: 2 of 4 runs already done" in capsys.readouterr().out
     _, rows = _read_csv(tmp_path / "runs.csv")
     assert len(rows) == 4
@@ -507,3 +508,19 @@ def test_rows_name_the_commit_and_mark_only_code_changes(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert code_version(str(tmp_path)) == head.stdout.strip() + " (with uncommitted changes)"
     assert code_version(str(tmp_path / "missing")) == "unknown"
+
+
+def test_run_order_gives_every_strategy_each_place_within_a_seed():
+    """Seeds outermost; within a seed the strategies take turns going first, each run planned exactly once."""
+    from grace_lightning.bench.config import BenchConfig
+    from grace_lightning.bench.runner import plan
+
+    config = BenchConfig("mixture", ["full", "random", "grace"], [0.1, 0.3], [0, 1, 2], 2, "", "quick", None, None)
+    order = plan(config)
+    subsets = {(s, name, f) for s in (0, 1, 2) for name in ("random", "grace") for f in (0.1, 0.3)}
+    expected = {(s, "full", 1.0) for s in (0, 1, 2)} | subsets
+    assert len(order) == len(expected) and set(order) == expected
+    assert [seed for seed, _, _ in order] == sorted(seed for seed, _, _ in order)  # seeds outermost
+    firsts = [next(name for seed, name, _ in order if seed == s) for s in (0, 1, 2)]
+    lasts = [[name for seed, name, _ in order if seed == s][-1] for s in (0, 1, 2)]
+    assert sorted(firsts) == sorted(lasts) == ["full", "grace", "random"], (firsts, lasts)

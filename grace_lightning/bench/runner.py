@@ -218,9 +218,13 @@ def _marked_share(points: list[dict], marked) -> Optional[float]:
 
 
 def plan(config: BenchConfig) -> list[tuple[int, str, float]]:
-    """Run order: seeds outermost, so slow drifts of the machine spread over every strategy alike."""
-    pairs: list[tuple[str, float]] = []
-    for strategy in config.strategies:
-        for fraction in [1.0] if strategy == "full" else config.fractions:
-            pairs.append((strategy, fraction))
-    return [(seed, strategy, fraction) for seed in config.seeds for strategy, fraction in pairs]
+    """Run order: seeds outermost, so slow drifts of the machine spread over every strategy alike; within a seed
+    the strategies take turns going first (the list rotated by the seed's position), because this machine's speed
+    also drifts within a seed's runs, and a strategy that always ran last would always pay for it."""
+    order: list[tuple[int, str, float]] = []
+    for position, seed in enumerate(config.seeds):
+        shift = position % len(config.strategies)
+        for strategy in config.strategies[shift:] + config.strategies[:shift]:
+            for fraction in [1.0] if strategy == "full" else config.fractions:
+                order.append((seed, strategy, fraction))
+    return order
