@@ -70,7 +70,8 @@ def main() -> None:
     for round_ in range(args.repeats):
         # Rotate the order every round: a machine that speeds up or slows down within a round would otherwise
         # favour whichever setup runs in the same place each time.
-        for name, strategy, capture in SETUPS[round_ % 3:] + SETUPS[: round_ % 3]:
+        shift = round_ % len(SETUPS)
+        for name, strategy, capture in SETUPS[shift:] + SETUPS[:shift]:
             runs[name].append(fit_once(args.task, options, strategy, capture, args.fraction, args.epochs, args.seed))
     summary = {}
     for name, rows in runs.items():

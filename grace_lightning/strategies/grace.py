@@ -279,6 +279,7 @@ class Grace(Strategy):
         require_embeddings(store, "grace")
         diagnostics: dict[str, float] = {}
         began = time.perf_counter()
+        weights: Optional[np.ndarray] = None  # the edges' weights, while the edges stay as they are
         if state.graph is None:
             state.projection = self._fit_projection(store.embedding.numpy())
             state.node_embedding = self._to_graph_space(store.embedding.numpy(), state).astype(np.float16)
@@ -308,11 +309,13 @@ class Grace(Strategy):
                 diagnostics.update(propagation_seconds=time.perf_counter() - began, moved=0.0, graph_seconds=0.0)
             else:
                 self._follow_drift(store, state, anchors, weights, began, diagnostics)
+                weights = None  # the repair changed edges
         state.seen_step = store.last_step.numpy().copy()
         state.last_now = inputs.now_batch
 
         select_began = time.perf_counter()
-        weights = edge_weights(state.graph.neighbors, state.graph.similarities)
+        if weights is None:
+            weights = edge_weights(state.graph.neighbors, state.graph.similarities)
         importance = state.importance
         if self.smoothing > 0:
             # A mislabeled example has a large gradient among easy neighbours of its true class; a hard region is
