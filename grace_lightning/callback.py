@@ -464,6 +464,18 @@ class CoresetCallback(Callback):
             self._measure.flush(trainer)  # leave a complete store for whoever inspects it after fit
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_fit(trainer)
+        if not self._origin.is_here() and trainer.world_size > 1:
+            # Ranks in worker processes leave together once rank 0 has written the hand-back. A rank that exits
+            # first, while its peer is still busy, can reach interpreter shutdown before torch's gloo threads
+            # have released their last collective; releasing it then needs the GIL, which shutdown refuses, and
+            # the process aborts ("terminate called without an active exception", seen under ddp_spawn).
+            trainer.strategy.barrier("grace_lightning.fit_end")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._end_fit(trainer)  # no barrier: a failed rank may never reach it
+
+    def _end_fit(self, trainer: Trainer) -> None:
         self._drop_pending()
         self._worker.close()
         self._hand_back(trainer)
@@ -472,9 +484,6 @@ class CoresetCallback(Callback):
             position = self._loader.position(trainer)
             self.sampler.check_batch_size(position.batch_size, position.drop_last)
         self._measure.detach()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.on_fit_end(trainer, pl_module)
 
     def _drop_pending(self) -> None:
         """A selection still pending that nobody will train on (the fit ends): wait for its thread, drop it.

@@ -63,15 +63,9 @@ def test_two_ranks_share_the_subset_and_split_it_disjointly(tmp_path, strategy):
 
 def test_ddp_spawn_pickles_sampler_and_callback(tmp_path):
     """Spawned ranks get pickled copies: the sampler must re-bind in each process and still shard correctly."""
-    try:
-        fit(tmp_path, "run", devices=2, ddp="ddp_spawn", max_epochs=2)
-    except torch.multiprocessing.ProcessExitedException as error:
-        # Seen rarely on a loaded 2-core machine: a spawned rank aborts *at interpreter exit*, after its fit
-        # ended and its record was written ("terminate called without an active exception" from a C++ thread
-        # torch.distributed leaves behind). The records below still decide the test; any earlier failure
-        # leaves a record missing and fails it.
-        if "SIGABRT" not in str(error) or not all((tmp_path / f"run_rank{r}.json").exists() for r in (0, 1)):
-            raise
+    # Until the callback made the ranks leave together (a barrier at fit end), a spawned rank sometimes aborted
+    # at interpreter exit, after its fit; no tolerance here, so that a return of it fails.
+    fit(tmp_path, "run", devices=2, ddp="ddp_spawn", max_epochs=2)
     rank0, rank1 = load_records(tmp_path, "run", 2)
     assert rank0["selections"] == rank1["selections"]
     for epoch, shard0 in _epochs(rank0).items():
