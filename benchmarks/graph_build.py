@@ -35,6 +35,9 @@ SETTINGS = [
     ("exact", {"method": "flat"}),
     ("hnsw efC40 efS64 (GRACE before 3b98cd0)", {"method": "hnsw", "ef_construction": 40, "ef_search": 64}),
     ("hnsw efC20 efS24 (GRACE's default)", {"method": "hnsw", "ef_construction": 20, "ef_search": 24}),
+    ("hnsw M16 efC20 efS24", {"method": "hnsw", "hnsw_m": 16, "ef_construction": 20, "ef_search": 24}),
+    ("hnsw M8 efC20 efS24", {"method": "hnsw", "hnsw_m": 8, "ef_construction": 20, "ef_search": 24}),
+    ("hnsw M16 efC10 efS24", {"method": "hnsw", "hnsw_m": 16, "ef_construction": 10, "ef_search": 24}),
 ]
 POOLS = [("fashion-mnist", {}), ("tweets", {})]
 
