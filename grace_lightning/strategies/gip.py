@@ -213,7 +213,9 @@ class QueryPosterior:
         self.sigma2 = float(sigma2)
         self.sigma_q2 = float(sigma_q2)
         self.refactor_every = int(refactor_every) if refactor_every is not None else _REFACTOR_EVERY
-        self.gram = np.zeros((self.dim, self.dim))
+        self.gram = np.zeros((self.dim, self.dim))  # X_S^T X_S of the rows up to the last rebuild
+        self._recent = np.zeros((self.refactor_every, self.dim))  # the rows added after it, the first `_n_recent`
+        self._n_recent = 0
         self.size = 0
         self._logdet0 = self._logdet_a(np.eye(self.dim))
         self.mutual_information = 0.0
@@ -224,6 +226,11 @@ class QueryPosterior:
         return float(np.linalg.slogdet(a)[1])
 
     def _rebuild(self) -> None:
+        # The rows added since the last rebuild join the Gram matrix in one matrix product, not one outer product
+        # each: at B = 18,000 picks the per-pick outer products were a third of the greedy's time.
+        recent = self._recent[: self._n_recent]
+        self.gram += recent.T @ recent
+        self._n_recent = 0
         sigma = np.linalg.inv(np.eye(self.dim) + self.gram / self.sigma2)
         self.sigma = (sigma + sigma.T) / 2
         a = self.t @ self.sigma @ self.t.T + self.sigma_q2 * np.eye(self.t.shape[0])
@@ -257,13 +264,16 @@ class QueryPosterior:
         w = self.m @ v
         tau = s - float(v @ w)  # = s (1 − ρ) > 0
         gain = -0.5 * math.log(max(tau / s, 1e-15))
-        self.gram += np.outer(x, x)
+        self._recent[self._n_recent] = x
+        self._n_recent += 1
         self.size += 1
-        if self.size % self.refactor_every == 0:
+        if self._n_recent == self.refactor_every:
             self._rebuild()
         else:
-            self.sigma -= np.outer(v, v) / s
-            self.m += np.outer(w, w) / tau
+            # In-place rank-one updates (BLAS ger through torch, which shares the arrays' memory): no (d, d)
+            # temporary per pick.
+            torch.from_numpy(self.sigma).addr_(torch.from_numpy(v), torch.from_numpy(v), alpha=-1.0 / s)
+            torch.from_numpy(self.m).addr_(torch.from_numpy(w), torch.from_numpy(w), alpha=1.0 / tau)
             self.mutual_information += gain
         return gain
 
