@@ -295,6 +295,51 @@ def test_stochastic_greedy_reaches_the_exact_greedys_value_and_is_seeded():
     assert greedy_logdet_stochastic(x, q, 100, seed=1).values[-1] > post.mutual_information + 0.5  # nats
 
 
+@pytest.mark.parametrize("refactor_every", [None, 5], ids=["rank_b_updates", "rebuild_mid_batch"])
+def test_adding_a_block_equals_adding_its_rows_one_at_a_time(refactor_every):
+    rng = np.random.default_rng(7)
+    x, q = _unit_rows(rng, 40, 12), _unit_rows(rng, 30, 12)
+    one, block = QueryPosterior(q, 0.1, 1e-3, refactor_every), QueryPosterior(q, 0.1, 1e-3, refactor_every)
+    for lo in (0, 3, 9, 17):  # blocks of 3, 6 and 8 rows; with refactor_every=5 the rebuilds fall inside blocks
+        hi = {0: 3, 3: 9, 9: 17, 17: 25}[lo]
+        gains = [one.add(row) for row in x[lo:hi]]
+        assert block.add_many(x[lo:hi]) == pytest.approx(sum(gains), rel=1e-9, abs=1e-12)
+        assert block.size == one.size == hi
+        np.testing.assert_allclose(block.sigma, one.sigma, atol=1e-10)
+        np.testing.assert_allclose(block.m, one.m, atol=1e-8)
+        assert block.mutual_information == pytest.approx(one.mutual_information, rel=1e-9)
+    mi = _information(x[:25], q, 0.1, 1e-3) - _information(x[:0], q, 0.1, 1e-3)
+    assert block.mutual_information == pytest.approx(mi, rel=1e-9)
+
+
+def test_stochastic_greedy_in_steps_of_several_picks_keeps_the_objective():
+    from grace_lightning.strategies.gip import greedy_logdet_stochastic
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 24))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[1500:1600] = x[:100]  # exact duplicates in one step must not break the rank-b update
+    q = rng.standard_normal((48, 24))
+    for budget in (600, 1500):
+        exact = greedy_logdet(x, q, budget)
+        for batch in (4, 16, 64):
+            fast = greedy_logdet_stochastic(x, q, budget, seed=1, batch=batch)
+            assert fast.picks.size == budget == np.unique(fast.picks).size
+            assert fast.values[-1] >= 0.99 * exact.values[-1]
+            mi = _information(x[fast.picks], q, 0.1, 1e-3) - _information(x[:0], q, 0.1, 1e-3)
+            assert fast.values[-1] == pytest.approx(mi, rel=1e-9)
+            steps = np.unique(fast.values).size  # values repeat within a step
+            assert steps >= 64 and steps >= budget // batch
+    # batch=1 is the sequential greedy, bit for bit; so is any batch on a budget under 128 (at least 64 steps)
+    sequential = greedy_logdet_stochastic(x, q, 100, seed=3).picks
+    for batch in (1, 64):
+        assert np.array_equal(greedy_logdet_stochastic(x, q, 100, seed=3, batch=batch).picks, sequential)
+    with pytest.raises(ValueError, match="`batch` must be"):
+        greedy_logdet_stochastic(x, q, 10, batch=0)
+    with pytest.raises(ValueError, match="picks_per_step"):
+        GIP(picks_per_step=0)
+
+
 def test_auto_switches_to_the_stochastic_greedy_for_large_problems():
     n, d = 2000, 16
     g = torch.Generator().manual_seed(0)
