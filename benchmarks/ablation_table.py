@@ -27,6 +27,7 @@ REGIMES = {
     "long": ("fashion-mnist-long", "fashion-mnist"),
     "tweets-noisy": ("tweets-noisy", "tweets-noisy"),
     "tweets-long": ("tweets-long", "tweets"),
+    "lm-minilm": ("lm-mixture-minilm", "lm-mixture"),
 }
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the ablation's folder under benchmarks/results (its suite file's `out`)")
     name = parser.parse_args().name
-    out = [f"# {name} (budget 0.3)", ""]
+    out = [f"# {name}", ""]
     for prefix, (suite_name, task_name) in REGIMES.items():
         variants = sorted((ROOT / name).glob(f"{prefix}-*/runs.jsonl"))
         if not variants:
