@@ -31,21 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_mixture_signals import write_report  # noqa: E402
 
-from grace_lightning.bench.config import BenchConfig  # noqa: E402
-from grace_lightning.bench.runner import build_run, quiet_and_restored  # noqa: E402
-from grace_lightning.bench.tasks import get_task  # noqa: E402
+from grace_lightning.bench.runner import build_single_run, quiet_and_restored  # noqa: E402
 
 SETUPS = [("random", "random", True), ("grace", "grace", True), ("grace, no capture", "grace", False)]
 
 
 def fit_once(task_name: str, options: dict, strategy: str, capture: bool, fraction: float, epochs: int, seed: int) -> dict:
-    config = BenchConfig(
-        task=task_name, strategies=[strategy], fractions=[fraction], seeds=[seed], epochs=epochs, out="",
-        preset="default", train_examples=None, val_examples=None, strategy_kwargs={}, task_options=options,
-        overlap="off",
-    )
     with quiet_and_restored():
-        built = build_run(get_task(task_name, **options), strategy, fraction, seed, config)
+        built = build_single_run(task_name, strategy, fraction, seed, epochs, task_options=options)
         built.callback.capture_training_signals = capture
         began = time.perf_counter()
         built.trainer.fit(built.model, built.train_loader, built.val_loader)

@@ -25,9 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_mixture_signals import write_report  # noqa: E402
 
-from grace_lightning.bench.config import BenchConfig  # noqa: E402
-from grace_lightning.bench.runner import build_run, quiet_and_restored  # noqa: E402
-from grace_lightning.bench.tasks import get_task  # noqa: E402
+from grace_lightning.bench.runner import build_single_run, quiet_and_restored  # noqa: E402
 from grace_lightning.knn import KnnGraph, set_faiss_threads  # noqa: E402
 
 # (label, KnnGraph.build keywords)
@@ -44,12 +42,8 @@ POOLS = [("fashion-mnist", {}), ("tweets", {})]
 
 def run_embeddings(task_name: str, options: dict) -> np.ndarray:
     """GRACE's node embeddings after the first informed refresh of a 2-epoch bench run (budget 0.3, seed 0)."""
-    config = BenchConfig(
-        task=task_name, strategies=["grace"], fractions=[0.3], seeds=[0], epochs=2, out="", preset="default",
-        train_examples=None, val_examples=None, strategy_kwargs={"grace": {}}, task_options=options, overlap="off",
-    )
     with quiet_and_restored():
-        built = build_run(get_task(task_name, **options), "grace", 0.3, 0, config)
+        built = build_single_run(task_name, "grace", 0.3, 0, 2, task_options=options)
         built.trainer.fit(built.model, built.train_loader, built.val_loader)
     return np.ascontiguousarray(built.callback._strategy_state.node_embedding, dtype=np.float32)
 

@@ -1,6 +1,6 @@
 """Where one fit's selection time goes, refresh by refresh: the callback's own phase timings.
 
-Trains one bench run (``grace_lightning.bench.runner.build_run``: the bench's data, model, batch size, cosine
+Trains one bench run (``grace_lightning.bench.runner.build_single_run``: the bench's data, model, batch size, cosine
 schedule and per-epoch validation; selection synchronous, so every second is on the training thread) and
 prints, for every refresh, its seconds split into the phases the callback and the strategy record: the scoring
 pass, probes, the strategy's own work and its parts (GRACE: graph build or repair, propagation, the greedy or
@@ -23,22 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_mixture_signals import write_report  # noqa: E402
 
-from grace_lightning.bench.config import BenchConfig  # noqa: E402
-from grace_lightning.bench.runner import build_run, quiet_and_restored  # noqa: E402
-from grace_lightning.bench.tasks import get_task  # noqa: E402
+from grace_lightning.bench.runner import build_single_run, quiet_and_restored  # noqa: E402
 
 # What a record holds besides the phases: counts and the running totals.
 COUNTS = ("refresh", "scored", "anchors", "moved", "clusters", "probe_examples")
 
 
 def run(task_name: str, options: dict, strategy: str, kwargs: dict, epochs: int, fraction: float, seed: int) -> list[dict]:
-    config = BenchConfig(
-        task=task_name, strategies=[strategy], fractions=[fraction], seeds=[seed], epochs=epochs, out="",
-        preset="default", train_examples=None, val_examples=None, strategy_kwargs={strategy: kwargs},
-        task_options=options, overlap="off",
-    )
     with quiet_and_restored():  # Trainer(deterministic=True) sets global flags when it is built
-        built = build_run(get_task(task_name, **options), strategy, fraction, seed, config)
+        built = build_single_run(
+            task_name, strategy, fraction, seed, epochs, task_options=options, strategy_kwargs=kwargs
+        )
         built.trainer.fit(built.model, built.train_loader, built.val_loader)
     return [
         {k: v for k, v in record.items() if k.endswith("seconds") or k in COUNTS}

@@ -524,3 +524,15 @@ def test_run_order_gives_every_strategy_each_place_within_a_seed():
     firsts = [next(name for seed, name, _ in order if seed == s) for s in (0, 1, 2)]
     lasts = [[name for seed, name, _ in order if seed == s][-1] for s in (0, 1, 2)]
     assert sorted(firsts) == sorted(lasts) == ["full", "grace", "random"], (firsts, lasts)
+
+
+def test_a_single_run_for_measurement_scripts_is_the_benchs_run_with_synchronous_selection():
+    from grace_lightning.bench.runner import build_single_run, quiet_and_restored
+
+    with quiet_and_restored():
+        built = build_single_run("mixture", "grace", 0.25, 3, 2, strategy_kwargs={"k": 5})
+        built.trainer.fit(built.model, built.train_loader, built.val_loader)
+    assert built.callback.strategy.k == 5 and built.callback.overlap is False
+    assert built.sampler.fraction == 0.25 and built.trainer.max_epochs == 2 == built.trainer.current_epoch
+    assert [r["refresh"] for r in built.callback.history] == [1.0, 2.0]
+    assert built.callback.history[-1]["subset_size"] == len(built.sampler.selection)

@@ -168,6 +168,38 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
     return BenchRun(data, model, sampler, callback, clock, trainer, train_loader, val_loader)
 
 
+def build_single_run(
+    task_name: str,
+    strategy: str,
+    fraction: float,
+    seed: int,
+    epochs: int,
+    *,
+    task_options: Optional[dict[str, Any]] = None,
+    strategy_kwargs: Optional[dict[str, Any]] = None,
+) -> BenchRun:
+    """One run of a bench task for a measurement script: the bench's data, model and schedule at the task's default
+    size, the selection synchronous (``overlap="off"``), nothing written. Build and fit inside
+    :func:`quiet_and_restored`.
+
+    Example::
+
+        with quiet_and_restored():
+            built = build_single_run("fashion-mnist-noisy", "grace", 0.3, 0, 4, task_options={"noise": 0.3})
+            built.trainer.fit(built.model, built.train_loader, built.val_loader)
+        built.callback.history
+    """
+    from grace_lightning.bench.tasks import get_task
+
+    options = dict(task_options or {})
+    config = BenchConfig(
+        task=task_name, strategies=[strategy], fractions=[fraction], seeds=[seed], epochs=epochs, out="",
+        preset="default", train_examples=None, val_examples=None,
+        strategy_kwargs={strategy: dict(strategy_kwargs or {})}, task_options=options, overlap="off",
+    )
+    return build_run(get_task(task_name, **options), strategy, fraction, seed, config)
+
+
 def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: BenchConfig) -> dict:
     """Train one fresh model on a coreset and return its row: the summary columns plus ``evals``."""
     built = build_run(task, strategy, fraction, seed, config)
