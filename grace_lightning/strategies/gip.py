@@ -450,7 +450,7 @@ def greedy_logdet_stochastic(
             best_positions = positions[[int(np.argmax(score))]]
         else:
             best_positions = np.sort(positions[np.argsort(-score, kind="stable")[:take]])[::-1]
-        best = remaining[best_positions].copy()
+        best = remaining[best_positions]  # fancy indexing copies: the swap-removes below leave it alone
         if best.size == 1:
             posterior.add(x[int(best[0])])
         else:
