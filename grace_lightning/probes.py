@@ -13,6 +13,11 @@ What a probe task does, given ``ProbeTask(steps, eval_indices, eval_every_step)`
    live optimizer (its current state and learning rate), then, with ``eval_every_step``, measure ``L_{t+1}``;
 3. restore the model and optimizer to the snapshot taken before the task.
 
+Head-only probes (``trainable="head"``) run on frozen features by default (``head_features="frozen"``): the body
+runs once per distinct batch of a task, in eval mode, and the head's steps and evaluations reuse its output, so
+a GRIP probe of ``K`` steps costs about two forwards of the body instead of ``K + 2``, and only the head (with its
+optimizer state) is restored between tasks.
+
 Evaluations are forward-only (``no_grad``, eval mode, every module's mode restored); training steps run in
 train mode. Losses are the per-example losses the signal capture computes (cross-entropy of the head's
 logits; token-mean cross-entropy for causal LMs), so probes work on every module the signals work on.
@@ -32,14 +37,16 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from grace_lightning.seeding import derive_seed
 from grace_lightning.signals.capture import inference_forward
+from grace_lightning.signals.closed_form import IGNORE_INDEX
 
 __all__ = ["ModelSnapshot", "ProbeRequest", "ProbeResults", "ProbeRunner", "ProbeTask"]
 
@@ -80,6 +87,12 @@ class ProbeRequest:
             depend on which rank runs it or what ran before.
         keys: what each task stands for, for the strategy that reads the results (a cluster id per task, say);
             it comes back in :attr:`ProbeResults.request`, so no strategy keeps its request in hidden state.
+        head_features: with ``trainable="head"``, where the head's inputs come from. ``"frozen"``: the body
+            runs once per batch of a task, in eval mode (as a frozen backbone is used for a linear probe), and
+            the head's steps and evaluations reuse its output; ``"live"``: every step runs the whole module in
+            train mode (dropout and BatchNorm batch statistics in the body, restored afterwards). The two agree
+            exactly on a body without dropout or BatchNorm; ``"frozen"`` costs about two forwards a task
+            instead of one per step and evaluation.
     """
 
     tasks: tuple[ProbeTask, ...]
@@ -87,10 +100,13 @@ class ProbeRequest:
     reset_head: bool = False
     seed: int = 0
     keys: Optional[Tensor] = None
+    head_features: str = "frozen"
 
     def __post_init__(self) -> None:
         if self.trainable not in ("all", "head"):
             raise ValueError(f"ProbeRequest: `trainable` must be 'all' or 'head', got {self.trainable!r}.")
+        if self.head_features not in ("frozen", "live"):
+            raise ValueError(f"ProbeRequest: `head_features` must be 'frozen' or 'live', got {self.head_features!r}.")
         if self.keys is not None and len(self.keys) != len(self.tasks):
             raise ValueError(f"ProbeRequest: `keys` must have one entry per task ({len(self.tasks)}), got {len(self.keys)}.")
 
@@ -149,6 +165,41 @@ class ModelSnapshot:
             opt.load_state_dict(copy.deepcopy(state))
 
 
+class _ParameterSnapshot:
+    """The values and optimizer states of a few parameters (a head's), restored between the tasks of one run.
+
+    Cheaper than a :class:`ModelSnapshot` when only these parameters move: restoring it copies them and their
+    optimizers' per-parameter state (and the param groups' hyperparameters), not the whole model's.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.params = list(params)
+        self.optimizers = list(optimizers)
+        self._values = [p.detach().clone() for p in self.params]
+        self._states = [
+            {id(p): copy.deepcopy(opt.state[p]) for p in self.params if p in opt.state} for opt in self.optimizers
+        ]
+        self._groups = [
+            [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in opt.param_groups]
+            for opt in self.optimizers
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.params, self._values):
+                p.copy_(value)
+        for p in self.params:
+            p.grad = None
+        for opt, states, groups in zip(self.optimizers, self._states, self._groups):
+            for p in self.params:
+                if id(p) in states:
+                    opt.state[p] = copy.deepcopy(states[id(p)])
+                else:
+                    opt.state.pop(p, None)
+            for group, saved in zip(opt.param_groups, groups):
+                group.update(copy.deepcopy(saved))
+
+
 class ProbeRunner:
     """Runs probe tasks on a live module and its optimizers, leaving both exactly as it found them.
 
@@ -162,11 +213,15 @@ class ProbeRunner:
         reference: batches of the reference set (already collated), or None.
         eval_batch_size: batch size of loss evaluations on pool examples.
         forward_context: a factory of the precision plugin's forward context (autocast or a no-op).
+        head_inputs, head_losses: ``example_losses`` split at the head (the extractor's
+            :meth:`~grace_lightning.signals.SignalExtractor.head_inputs` and ``head_losses``), for head-only
+            probes on frozen features (``ProbeRequest.head_features="frozen"``).
 
     Example::
 
         runner = ProbeRunner(model, trainer.optimizers, extractor.example_losses, extractor.head, train_set,
-                             None, lambda b: b, reference=None, eval_batch_size=256)
+                             None, lambda b: b, reference=None, eval_batch_size=256,
+                             head_inputs=extractor.head_inputs, head_losses=extractor.head_losses)
         losses = runner.run(request, task_ids=range(len(request.tasks)))
     """
 
@@ -182,6 +237,8 @@ class ProbeRunner:
         reference: Optional[Iterable[Any]] = None,
         eval_batch_size: int = 256,
         forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
+        head_inputs: Optional[Callable[[Any], tuple[Tensor, Tensor]]] = None,
+        head_losses: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     ) -> None:
         from torch.utils.data.dataloader import default_collate
 
@@ -195,35 +252,36 @@ class ProbeRunner:
         self.reference = None if reference is None else list(reference)
         self.eval_batch_size = int(eval_batch_size)
         self.forward_context = forward_context
+        self.head_inputs = head_inputs
+        self.head_losses = head_losses
         self.steps_taken = 0
 
     def _batch(self, indices: Tensor) -> Any:
         return self.to_device(self.collate([self.dataset[int(i)] for i in indices.tolist()]))
 
-    def _mean_loss(self, eval_indices: Optional[Tensor]) -> float:
-        """Mean per-example loss (float64 accumulation) in eval mode without grad; every module's mode restored."""
+    def _eval_batches(self, eval_indices: Optional[Tensor]) -> list[Any]:
+        """The batches a loss evaluation runs over: the reference set's, or ``eval_indices`` in chunks."""
         if eval_indices is None:
             if self.reference is None:
                 raise ValueError("a probe task evaluates on the reference set, but the callback has none")
-            batches = [self.to_device(b) for b in self.reference]
-        else:
-            batches = [self._batch(eval_indices[s : s + self.eval_batch_size]) for s in range(0, eval_indices.numel(), self.eval_batch_size)]
+            return [self.to_device(b) for b in self.reference]
+        return [self._batch(eval_indices[s : s + self.eval_batch_size]) for s in range(0, eval_indices.numel(), self.eval_batch_size)]
+
+    def _mean_loss(self, eval_indices: Optional[Tensor]) -> float:
+        """Mean per-example loss (float64 accumulation) in eval mode without grad; every module's mode restored."""
         total, count = 0.0, 0
         with inference_forward(self.module, self.forward_context):
-            for batch in batches:
+            for batch in self._eval_batches(eval_indices):
                 losses = self.example_losses(batch).double()
                 total += float(losses.sum())
                 count += losses.numel()
         return total / max(count, 1)
 
-    def _step(self, indices: Tensor, params: list[nn.Parameter]) -> None:
-        with self.forward_context():
-            loss = self.example_losses(self._batch(indices)).float().mean()
+    def _apply(self, loss: Tensor, params: list[nn.Parameter]) -> None:
+        """One optimizer step of every optimizer on ``loss``'s gradient with respect to ``params`` only."""
         # autograd.grad, not backward: nothing accumulates into .grad behind our back and DDP's reducer hooks
         # (registered on the gradient accumulators) never fire.
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p in self.module.parameters():
-            p.grad = None  # parameters without a gradient are skipped by the optimizers
         for p, g in zip(params, grads):
             p.grad = g
         for opt in self.optimizers:
@@ -231,6 +289,13 @@ class ProbeRunner:
         for p in params:
             p.grad = None
         self.steps_taken += 1
+
+    def _step(self, indices: Tensor, params: list[nn.Parameter]) -> None:
+        with self.forward_context():
+            loss = self.example_losses(self._batch(indices)).float().mean()
+        for p in self.module.parameters():
+            p.grad = None  # parameters without a gradient are skipped by the optimizers
+        self._apply(loss, params)
 
     def _trainable(self, request: ProbeRequest) -> list[nn.Parameter]:
         if request.trainable == "head":
@@ -242,30 +307,137 @@ class ProbeRunner:
     def run(self, request: ProbeRequest, task_ids: Iterable[int]) -> list[Tensor]:
         """Run ``request.tasks[i]`` for each ``i`` in ``task_ids``; return their losses (float64), in that order."""
         params = self._trainable(request)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        task_ids = list(task_ids)
+        frozen = request.trainable == "head" and request.head_features == "frozen"
+        if frozen and (self.head_inputs is None or self.head_losses is None):
+            raise ValueError("head_features='frozen' needs the runner's `head_inputs` and `head_losses`")
         snapshot = ModelSnapshot(self.module, self.optimizers)
-        out: list[Tensor] = []
+        # On frozen features only the head moves: restoring it between tasks is enough (the whole model is
+        # restored once at the end), and stale gradients of the body must not reach the optimizers' steps.
+        between_tasks = _ParameterSnapshot(params, self.optimizers) if frozen else snapshot
+        if frozen:
+            for p in self.module.parameters():
+                p.grad = None
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        out: dict[int, Tensor] = {}
         try:
             # fork_rng: dropout and re-initialisation inside probes draw from the global generators, which the
             # live run must find exactly as it left them.
-            with torch.random.fork_rng(devices=devices):
-                for i in task_ids:
-                    task = request.tasks[i]
-                    # Seeded per task: a task's dropout noise and head re-initialisation depend on (seed, i) only,
-                    # not on which tasks ran before it on this rank.
-                    torch.manual_seed(derive_seed(request.seed, i))
-                    if request.reset_head and self.head is not None:
-                        self.head.reset_parameters()  # type: ignore[operator]
-                    losses = [self._mean_loss(task.eval_indices)]
-                    for t, step in enumerate(task.steps):
-                        self._step(step, params)
-                        if task.eval_every_step or t == len(task.steps) - 1:
-                            losses.append(self._mean_loss(task.eval_indices))
-                    if not task.steps:
-                        losses.append(losses[0])
-                    out.append(torch.tensor(losses, dtype=torch.float64))
-                    snapshot.restore()
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+                groups = self._feature_groups(request, task_ids) if frozen else [(task_ids, None)]
+                for group, features in groups:
+                    for i in group:
+                        task = request.tasks[i]
+                        # Seeded per task: a task's dropout noise and head re-initialisation depend on (seed, i)
+                        # only, not on which tasks ran before it on this rank. The CPU generator and the current
+                        # device's, as fork_rng saves (torch.manual_seed would also queue a seed for every CUDA
+                        # device, with a stack trace, when CUDA is not initialised: a millisecond a task).
+                        seed = derive_seed(request.seed, i)
+                        torch.default_generator.manual_seed(seed)
+                        if cuda:
+                            torch.cuda.manual_seed(seed)
+                        if request.reset_head and self.head is not None:
+                            self.head.reset_parameters()  # type: ignore[operator]
+                        if features is None:
+                            losses = self._live_task(task, params)
+                        else:
+                            losses = self._frozen_task(task, params, features)
+                        out[i] = torch.tensor(losses, dtype=torch.float64)
+                        between_tasks.restore()
         finally:
             snapshot.restore()
-        return out
+        return [out[i] for i in task_ids]
 
+    def _live_task(self, task: ProbeTask, params: list[nn.Parameter]) -> list[float]:
+        losses = [self._mean_loss(task.eval_indices)]
+        for t, step in enumerate(task.steps):
+            self._step(step, params)
+            if task.eval_every_step or t == len(task.steps) - 1:
+                losses.append(self._mean_loss(task.eval_indices))
+        if not task.steps:
+            losses.append(losses[0])
+        return losses
+
+    def _feature_groups(self, request: ProbeRequest, task_ids: list[int]) -> Iterator[tuple[list[int], "_Features"]]:
+        """Tasks in groups of about one evaluation batch of distinct examples, with the body's features of each group.
+
+        The body runs over a group's examples in batches of ``eval_batch_size`` (a GRIP probe has a few dozen,
+        so one forward serves many tasks), and over the reference set once; only one group's features are held
+        at a time.
+        """
+        reference: Optional[list[tuple[Tensor, Tensor]]] = None
+        if any(request.tasks[i].eval_indices is None for i in task_ids):
+            reference = self._features(self._eval_batches(None))
+        group: list[int] = []
+        examples: set[int] = set()
+        for position, i in enumerate(task_ids):
+            task = request.tasks[i]
+            group.append(i)
+            for indices in (*task.steps, task.eval_indices):
+                if indices is not None:
+                    examples.update(indices.tolist())
+            last = position == len(task_ids) - 1
+            if last or len(examples) >= self.eval_batch_size:
+                ids = torch.tensor(sorted(examples), dtype=torch.int64)
+                batches = [ids[s : s + self.eval_batch_size] for s in range(0, ids.numel(), self.eval_batch_size)]
+                rows: dict[int, tuple[Tensor, Tensor]] = {}
+                for chunk, (inputs, targets) in zip(batches, self._features([self._batch(c) for c in batches])):
+                    rows.update((int(e), (inputs[r], targets[r])) for r, e in enumerate(chunk.tolist()))
+                yield group, _Features(rows, reference)
+                group, examples = [], set()
+
+    def _features(self, batches: list[Any]) -> list[tuple[Tensor, Tensor]]:
+        """The head's inputs and loss targets of each batch, from the body in eval mode."""
+        assert self.head_inputs is not None
+        with inference_forward(self.module, self.forward_context):
+            return [self.head_inputs(batch) for batch in batches]
+
+    def _frozen_task(self, task: ProbeTask, params: list[nn.Parameter], features: "_Features") -> list[float]:
+        """A head-only task on the body's features: the head alone trains and is evaluated."""
+        assert self.head is not None and self.head_losses is not None
+        head_losses = self.head_losses
+        evaluated = features.reference if task.eval_indices is None else [features.batch(task.eval_indices)]
+        assert evaluated is not None
+        stacked: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # GRIP repeats one slice for every step
+
+        def mean_loss() -> float:
+            total, count = 0.0, 0
+            with inference_forward(self.head, self.forward_context):
+                for inputs, targets in evaluated:
+                    losses = head_losses(inputs, targets).double()
+                    total += float(losses.sum())
+                    count += losses.numel()
+            return total / max(count, 1)
+
+        losses = [mean_loss()]
+        for t, step in enumerate(task.steps):
+            key = tuple(step.tolist())
+            if key not in stacked:
+                stacked[key] = features.batch(step)
+            with self.forward_context():
+                loss = head_losses(*stacked[key]).float().mean()
+            self._apply(loss, params)
+            if task.eval_every_step or t == len(task.steps) - 1:
+                losses.append(mean_loss())
+        if not task.steps:
+            losses.append(losses[0])
+        return losses
+
+
+class _Features:
+    """The body's output for a group of probe examples (one row each) and for the reference set's batches."""
+
+    def __init__(self, rows: dict[int, tuple[Tensor, Tensor]], reference: Optional[list[tuple[Tensor, Tensor]]]) -> None:
+        self.rows = rows
+        self.reference = reference
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows of ``indices``, stacked; sequences of different padded lengths are padded again to the longest
+        (features with zeros, labels with the ignored index, so the padding carries no loss)."""
+        inputs = [self.rows[int(i)][0] for i in indices.tolist()]
+        targets = [self.rows[int(i)][1] for i in indices.tolist()]
+        if inputs[0].ndim == 2 and targets[0].ndim == 1:  # (T, D) and (T,) per sequence: causal LM
+            length = max(x.shape[0] for x in inputs)
+            inputs = [F.pad(x, (0, 0, 0, length - x.shape[0])) for x in inputs]
+            targets = [F.pad(y, (0, length - y.shape[0]), value=IGNORE_INDEX) for y in targets]
+        return torch.stack(inputs), torch.stack(targets)

@@ -218,6 +218,8 @@ class Measurements:
             reference=None if reference is None else list(reference),
             eval_batch_size=self.batch_size or train_loader.batch_size or 256,
             forward_context=trainer.precision_plugin.forward_context,
+            head_inputs=self.extractor.head_inputs,
+            head_losses=self.extractor.head_losses,
         )
         began = time.perf_counter()
         mine = list(range(trainer.global_rank, len(request.tasks), trainer.world_size))

@@ -247,6 +247,7 @@ def test_to_probe_asks_one_probe_per_cluster_with_disjoint_halves_of_one_cluster
     state = grip.create_state(store.pool_size)
     request = grip.to_probe(_inputs(store, 60, state))
     assert len(request.tasks) == 3 and request.trainable == "head" and request.reset_head is False
+    assert request.head_features == "frozen"
     total = 0
     for task, cluster in zip(request.tasks, request.keys):
         assert len(task.steps) == 10 and all(torch.equal(s, task.steps[0]) for s in task.steps)
@@ -259,6 +260,7 @@ def test_to_probe_asks_one_probe_per_cluster_with_disjoint_halves_of_one_cluster
         total += train.numel() + heldout.numel()
     assert total == 30  # 10% of 300
     assert sorted(request.keys.tolist()) == [0, 1, 2]
+    assert Grip(clusters=3, probe_fraction=0.1, rap_features="live").to_probe(_inputs(store, 60, grip.create_state(store.pool_size))).head_features == "live"
 
 
 def test_select_returns_budget_distinct_sorted_indices_and_is_deterministic():
@@ -316,7 +318,7 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     "name, value",
     [
         ("clusters", 0), ("kmeans_iters", 0), ("probe_fraction", 1.5), ("probe_min_per_cluster", 1),
-        ("rap_steps", 0), ("rap_trainable", "trunk"), ("rap_reset_head", "yes"), ("alpha", -1.0),
+        ("rap_steps", 0), ("rap_trainable", "trunk"), ("rap_reset_head", "yes"), ("rap_features", "cached"), ("alpha", -1.0),
         ("replay_sign", 0), ("replay_signal", "log"), ("tau", -0.5), ("temperature", 0.0),
         ("quality_gate", 1.0), ("beta", float("nan")), ("knn", 0), ("length_clip", 0.5),
     ],

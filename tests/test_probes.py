@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from grace_lightning import CoresetCallback, CoresetSampler, Selection, SelectionInput, Strategy
+from grace_lightning import CoresetCallback, CoresetSampler, Selection, Strategy
 from grace_lightning.probes import ModelSnapshot, ProbeRequest, ProbeRunner, ProbeTask
 from grace_lightning.signals import SignalExtractor
 from grace_lightning.strategies.base import uniform_sample
@@ -56,55 +56,162 @@ def _assert_same(a, b) -> None:
         assert a == b
 
 
-def _runner_setup():
+class _PlainNet(nn.Module):
+    """No dropout, no BatchNorm: the body gives the same features in train and eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _runner_setup(net=_DropoutNet):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
     data = TensorDataset(x, y)
     torch.manual_seed(1)
-    model = _DropoutNet()
+    model = net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     for s in range(3):  # real steps first, so the optimizer has state and the parameters have gradients
         opt.zero_grad()
         F.cross_entropy(model(x[s * 16 : (s + 1) * 16]), y[s * 16 : (s + 1) * 16]).backward()
         opt.step()
     extractor = SignalExtractor.for_module(model, (x[:4], y[:4]))
-    runner = ProbeRunner(model, [opt], extractor.example_losses, extractor.head, data, None, lambda b: b, eval_batch_size=16)
+    runner = ProbeRunner(
+        model, [opt], extractor.example_losses, extractor.head, data, None, lambda b: b, eval_batch_size=16,
+        head_inputs=extractor.head_inputs, head_losses=extractor.head_losses,
+    )
     return model, opt, runner
 
 
-@pytest.mark.parametrize("trainable,reset_head", [("all", False), ("head", False), ("head", True)])
-def test_probe_runner_restores_model_optimizer_grads_and_rng_exactly(trainable, reset_head):
+_TASKS = (
+    ProbeTask(steps=(torch.tensor([3, 8]), torch.tensor([9, 1]), torch.tensor([4, 2])), eval_indices=torch.arange(32, 48), eval_every_step=True),
+    ProbeTask(steps=(torch.arange(0, 16),) * 5, eval_indices=torch.arange(0, 16)),
+)
+
+
+@pytest.mark.parametrize(
+    "trainable,reset_head,features",
+    [("all", False, "frozen"), ("head", False, "frozen"), ("head", True, "frozen"), ("head", False, "live"), ("head", True, "live")],
+)
+def test_probe_runner_restores_model_optimizer_grads_and_rng_exactly(trainable, reset_head, features):
     model, opt, runner = _runner_setup()
     before = _state(model, opt)
-    tasks = (
-        ProbeTask(steps=(torch.tensor([3, 8]), torch.tensor([9, 1]), torch.tensor([4, 2])), eval_indices=torch.arange(32, 48), eval_every_step=True),
-        ProbeTask(steps=(torch.arange(0, 16),) * 5, eval_indices=torch.arange(0, 16)),
-    )
-    losses = runner.run(ProbeRequest(tasks, trainable=trainable, reset_head=reset_head, seed=3), task_ids=[0, 1])
+    tasks = _TASKS
+    request = ProbeRequest(tasks, trainable=trainable, reset_head=reset_head, seed=3, head_features=features)
+    losses = runner.run(request, task_ids=[0, 1])
     _assert_same(_state(model, opt), before)
     assert [t.shape[0] for t in losses] == [4, 2] and all(t.dtype == torch.float64 for t in losses)
     assert losses[1][1] < losses[1][0]  # five steps on the evaluated examples lower their loss
     if reset_head:  # a re-initialised head starts near chance: log(3)
         assert abs(float(losses[1][0]) - float(torch.log(torch.tensor(3.0)))) < 0.5
     # the same tasks again give the same numbers: every task starts from the same snapshot
-    again = runner.run(ProbeRequest(tasks, trainable=trainable, reset_head=reset_head, seed=3), task_ids=[1, 0])
+    again = runner.run(request, task_ids=[1, 0])
     assert torch.equal(again[0], losses[1]) and torch.equal(again[1], losses[0])
 
 
-def test_head_only_probe_leaves_the_body_unchanged_during_the_task():
+@pytest.mark.parametrize("features", ["frozen", "live"])
+def test_head_only_probe_leaves_the_body_unchanged_during_the_task(features):
     model, opt, runner = _runner_setup()
     body_before = [p.clone() for p in model.body.parameters()]
+    head_before = [p.clone() for p in model.head.parameters()]
     seen = {}
+    spied = "head_losses" if features == "frozen" else "example_losses"
+    original = getattr(runner, spied)
 
-    def spy(batch):
+    def spy(*args):
         seen["body_equal"] = all(torch.equal(a, b) for a, b in zip(model.body.parameters(), body_before))
-        seen.setdefault("head_moved", False)
-        return runner_losses(batch)
+        seen["head_moved"] = not all(torch.equal(a, b) for a, b in zip(model.head.parameters(), head_before))
+        return original(*args)
 
-    runner_losses = runner.example_losses
-    runner.example_losses = spy
-    runner.run(ProbeRequest((ProbeTask(steps=(torch.arange(16),) * 3, eval_indices=torch.arange(16)),), trainable="head"), [0])
-    assert seen["body_equal"]  # checked at the last evaluation, after three head-only steps
+    setattr(runner, spied, spy)
+    task = ProbeTask(steps=(torch.arange(16),) * 3, eval_indices=torch.arange(16))
+    runner.run(ProbeRequest((task,), trainable="head", head_features=features), [0])
+    # checked at the last evaluation, after three head-only steps
+    assert seen["body_equal"] and seen["head_moved"]
+
+
+def test_frozen_head_probes_equal_live_ones_on_a_body_without_dropout_or_batchnorm():
+    tasks = (*_TASKS, ProbeTask(steps=(torch.arange(20, 30),) * 4, eval_indices=torch.arange(40, 64)))
+    results = {}
+    for features in ("frozen", "live"):
+        _, _, runner = _runner_setup(_PlainNet)
+        results[features] = runner.run(ProbeRequest(tasks, trainable="head", reset_head=True, seed=5, head_features=features), [0, 1, 2])
+    for frozen, live in zip(results["frozen"], results["live"]):
+        assert torch.allclose(frozen, live, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_probes_run_the_body_once_per_example_and_start_from_the_live_loss():
+    model, _, runner = _runner_setup()  # dropout and BatchNorm: train-mode steps differ, eval losses do not
+    calls = []
+    model.body.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    # GRIP's shape: one slice for every step, a held-out slice; two tasks share some examples
+    tasks = tuple(
+        ProbeTask(steps=(torch.arange(a, a + 3),) * 10, eval_indices=torch.arange(a + 3, a + 6)) for a in (0, 3, 30, 40, 50)
+    )
+    frozen = runner.run(ProbeRequest(tasks, trainable="head", head_features="frozen"), range(5))
+    # a group closes at 16 distinct examples (eval_batch_size): tasks 0-3 hold 21 (tasks 0 and 1 share 3), in
+    # batches of 16 and 5; task 4 holds 6
+    assert calls == [16, 5, 6]
+    calls.clear()
+    live = runner.run(ProbeRequest(tasks, trainable="head", head_features="live"), range(5))
+    assert len(calls) == 5 * (10 + 2)  # ten steps and two evaluations a task
+    for f, lv in zip(frozen, live):
+        assert torch.allclose(f[0], lv[0], rtol=1e-6)  # the loss before any step: the same eval-mode forward
+        assert f[1] != f[0]  # the head did train
+
+
+def test_frozen_head_probes_on_a_causal_lm_repad_sequences_from_different_batches():
+    """Sequences of different lengths meet in one probe step after the body ran them in different batches."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,  # an untied head: a head-only live step leaves the body as is
+    )
+    lm = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 40, (int(n),), generator=g) for n in torch.randint(3, 12, (24,), generator=g)]
+
+    def collate(items):
+        length = max(x.numel() for x in items)
+        ids = torch.stack([F.pad(x, (0, length - x.numel())) for x in items])
+        mask = torch.stack([F.pad(torch.ones_like(x), (0, length - x.numel())) for x in items])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    extractor = SignalExtractor.for_module(lm, collate(data[:4]))
+    assert extractor.mode == "causal_lm"
+    results = {}
+    for features in ("frozen", "live"):
+        model = copy.deepcopy(lm)
+        head = model.get_output_embeddings()
+        ex = SignalExtractor(model, "causal_lm", head=head, hf_model=model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        runner = ProbeRunner(
+            model, [opt], ex.example_losses, head, data, collate, lambda b: b, eval_batch_size=5,
+            head_inputs=ex.head_inputs, head_losses=ex.head_losses,
+        )
+        tasks = (
+            ProbeTask(steps=(torch.tensor([0, 7, 13]),) * 3, eval_indices=torch.tensor([2, 9, 20])),
+            ProbeTask(steps=(torch.tensor([21, 4]), torch.tensor([16, 1, 11])), eval_indices=torch.arange(5, 12), eval_every_step=True),
+        )
+        results[features] = runner.run(ProbeRequest(tasks, trainable="head", head_features=features), [0, 1])
+    for frozen, live in zip(results["frozen"], results["live"]):
+        assert torch.allclose(frozen, live, rtol=1e-5, atol=1e-6)
+        assert bool((frozen[1:] != frozen[0]).all())  # the head did train
+
+
+def test_frozen_head_probes_need_the_split_losses_and_a_known_feature_mode():
+    model, opt, runner = _runner_setup()
+    runner.head_inputs = None
+    task = ProbeTask(steps=(torch.arange(4),), eval_indices=torch.arange(4, 8))
+    with pytest.raises(ValueError, match="head_inputs"):
+        runner.run(ProbeRequest((task,), trainable="head"), [0])
+    with pytest.raises(ValueError, match="`head_features` must be 'frozen' or 'live'"):
+        ProbeRequest((task,), trainable="head", head_features="cached")
 
 
 def test_snapshot_restores_after_state_was_created_for_the_first_time():
@@ -130,8 +237,8 @@ class _ProbingUniform(Strategy):
     name = "probing_uniform"
     needs = frozenset({"loss"})
 
-    def __init__(self, probe: bool, trainable: str = "all", reference: str = "unused") -> None:
-        self.probe, self.trainable = probe, trainable
+    def __init__(self, probe: bool, trainable: str = "all", reference: str = "unused", features: str = "frozen") -> None:
+        self.probe, self.trainable, self.features = probe, trainable, features
         self.reference = reference
         self.results: list = []
 
@@ -146,7 +253,7 @@ class _ProbingUniform(Strategy):
             ProbeTask(steps=(torch.arange(0, 40),) * 4, eval_indices=torch.arange(0, 40)),
             ProbeTask(steps=(torch.arange(100, 108),), eval_indices=torch.arange(200, 230)),
         )
-        return ProbeRequest(tasks, trainable=self.trainable)
+        return ProbeRequest(tasks, trainable=self.trainable, head_features=self.features)
 
     def select(self, inputs):
         if inputs.probe is not None:
@@ -168,9 +275,9 @@ def _fit(strategy, epochs=3, **kwargs):
     return model, trainer, callback
 
 
-@pytest.mark.parametrize("trainable", ["all", "head"])
-def test_a_run_with_probes_ends_bit_identical_to_one_without(trainable):
-    probing = _ProbingUniform(probe=True, trainable=trainable)
+@pytest.mark.parametrize("trainable,features", [("all", "frozen"), ("head", "frozen"), ("head", "live")])
+def test_a_run_with_probes_ends_bit_identical_to_one_without(trainable, features):
+    probing = _ProbingUniform(probe=True, trainable=trainable, features=features)
     with_probes, trainer_a, callback_a = _fit(probing)
     without, trainer_b, _ = _fit(_ProbingUniform(probe=False))
     assert with_probes.seen == without.seen  # same batches

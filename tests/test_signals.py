@@ -316,3 +316,34 @@ def test_causal_lm_score_batch_and_training_capture() -> None:
     assert torch.allclose(captured.loss, scored.loss, rtol=1e-5)
     assert torch.isfinite(scored.error_norm).all() and torch.allclose(captured.error_norm, scored.error_norm, rtol=1e-5)
     assert not module.model.lm_head._forward_hooks
+
+
+@pytest.mark.parametrize("kind", ["classification", "causal_lm"])
+def test_losses_split_at_the_head_equal_the_whole_modules(kind) -> None:
+    """head_inputs + head_losses (what frozen-feature probes run) give example_losses' numbers and gradients."""
+    if kind == "causal_lm":
+        module, batch = LMModule(), lm_batch(with_labels=True)
+        batch["labels"][0, 2:5] = -100  # unsupervised tokens inside a sequence too
+    else:
+        torch.manual_seed(0)
+        module, batch = MLP(bias=False), (torch.randn(6, 6), torch.tensor([0, 4, 1, 1, 3, 2]))
+    extractor = SignalExtractor.for_module(module, batch)
+    module.eval()
+    whole = extractor.example_losses(batch)
+    with torch.no_grad():
+        inputs, targets = extractor.head_inputs(batch)
+    split = extractor.head_losses(inputs, targets)
+    assert torch.allclose(split, whole, rtol=1e-5, atol=1e-6) and torch.isfinite(split).all()
+    head_weight = extractor.head.weight
+    (g_whole,) = torch.autograd.grad(whole.sum(), head_weight, retain_graph=True)
+    (g_split,) = torch.autograd.grad(split.sum(), head_weight)
+    if kind == "classification":  # a tied head (GPT-2's) also feeds the body, whose share the split leaves out
+        assert torch.allclose(g_split, g_whole, rtol=1e-4, atol=1e-6)
+    assert not inputs.requires_grad and g_split.abs().sum() > 0
+
+
+def test_custom_mode_has_no_head_to_split_at() -> None:
+    module = MLPWithCustom()
+    extractor = SignalExtractor.for_module(module, {"x": torch.randn(3, 6), "y": torch.tensor([0, 1, 2])})
+    with pytest.raises(SignalCaptureError, match="trainable='all'"):
+        extractor.head_inputs({"x": torch.randn(3, 6), "y": torch.tensor([0, 1, 2])})

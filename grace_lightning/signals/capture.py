@@ -353,6 +353,49 @@ class SignalExtractor:
             return classification_losses(logits, batch[1].to(logits.device))
         return causal_lm_losses(logits, _lm_labels(batch).to(logits.device))
 
+    def head_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """The head's input for ``batch`` (detached) and the targets its loss is measured against.
+
+        With :meth:`head_losses` this splits :meth:`example_losses` at the head: probes that train only the head
+        run the body once (the caller chooses the mode, e.g. :func:`inference_forward`) and then the head alone,
+        any number of times. Classification: ``(B, D)`` inputs and the targets; causal LM: ``(B, T, D)`` and the
+        labels.
+
+        Raises:
+            SignalCaptureError: custom mode (there is no hooked head), or the head did not run.
+        """
+        if self.mode == "custom":
+            raise SignalCaptureError(
+                "Head-only probes on features need the hooked output layer; a module with `coreset_signals` has "
+                "none. Probe with trainable='all' instead."
+            )
+        assert self.head is not None
+        recorder = _HeadRecorder()
+        handle = self.head.register_forward_hook(
+            lambda _m, args, kwargs, out: recorder.record(args, kwargs, out), with_kwargs=True
+        )
+        self._scoring = True  # not a training batch: keep it out of the free capture
+        try:
+            self._run_forward(batch)
+        finally:
+            handle.remove()
+            self._scoring = False
+        if recorder.head_input is None:
+            raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
+        targets = batch[1] if self.mode == "classification" else _lm_labels(batch)
+        return recorder.head_input, targets.to(recorder.head_input.device)
+
+    def head_losses(self, head_input: Tensor, targets: Tensor) -> Tensor:
+        """``(B,)`` per-example losses of the head alone on :meth:`head_inputs`' output, with autograd.
+
+        The same definition as :meth:`example_losses`: equal to it whenever the body would give ``head_input``.
+        """
+        assert self.head is not None, "head_losses needs the hooked head (not custom mode)"
+        logits = self.head(head_input)
+        if self.mode == "classification":
+            return classification_losses(logits, targets)
+        return causal_lm_losses(logits, targets)
+
     def _score_custom_raw(self, batch: Any) -> ExampleSignals:
         out = self.pl_module.coreset_signals(batch)  # type: ignore[operator]
         if not isinstance(out, ExampleSignals):

@@ -381,6 +381,9 @@ class Grip(Strategy):
         rap_steps: optimizer steps per probe (the paper's ``K = 10``).
         rap_trainable: ``"head"`` (the paper's ``N = 0`` partial reset: head only) or ``"all"``.
         rap_reset_head: re-initialise the head before each probe, as the paper's proxy does.
+        rap_features: with ``rap_trainable="head"``, ``"frozen"`` trains the head on the body's eval-mode
+            features, computed once per probe (two body forwards a probe instead of ``rap_steps + 2``), or
+            ``"live"``: every step runs the whole model in train mode (dropout, BatchNorm batch statistics).
         alpha: strength of the replay multiplier (>= 0; 0 ignores the probe).
         replay_sign: ``+1``: clusters whose loss drops more get more budget (the paper's "representation
             deficit"); ``-1``: less ("learned instantly = too easy").
@@ -417,6 +420,7 @@ class Grip(Strategy):
         rap_steps: int = 10,
         rap_trainable: str = "head",
         rap_reset_head: bool = False,
+        rap_features: str = "frozen",
         alpha: float = 1.0,
         replay_sign: int = 1,
         replay_signal: str = "ratio",
@@ -440,6 +444,8 @@ class Grip(Strategy):
         if rap_trainable not in ("head", "all"):
             raise ValueError(f"grip: `rap_trainable` must be 'head' or 'all', got {rap_trainable!r}.")
         boolean("grip", "rap_reset_head", rap_reset_head)
+        if rap_features not in ("frozen", "live"):
+            raise ValueError(f"grip: `rap_features` must be 'frozen' or 'live', got {rap_features!r}.")
         non_negative_float("grip", "alpha", alpha)
         if isinstance(replay_sign, bool) or replay_sign not in (1, -1):
             raise ValueError(f"grip: `replay_sign` must be 1 or -1, got {replay_sign!r}.")
@@ -459,6 +465,7 @@ class Grip(Strategy):
         self.rap_steps = rap_steps
         self.rap_trainable = rap_trainable
         self.rap_reset_head = rap_reset_head
+        self.rap_features = rap_features
         self.alpha = float(alpha)
         self.replay_sign = int(replay_sign)
         self.replay_signal = replay_signal
@@ -511,6 +518,7 @@ class Grip(Strategy):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
         return ProbeRequest(
             tuple(tasks), trainable=self.rap_trainable, reset_head=self.rap_reset_head, seed=seed,
+            head_features=self.rap_features,
             keys=torch.tensor(clusters, dtype=torch.int64),  # the cluster each task probes, read back in select
         )
 
