@@ -320,6 +320,7 @@ class ProbeRunner:
                 p.grad = None
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         out: dict[int, Tensor] = {}
+        initial: dict[tuple[int, ...], float] = {}  # the first loss of live tasks, by evaluated examples
         try:
             # fork_rng: dropout and re-initialisation inside probes draw from the global generators, which the
             # live run must find exactly as it left them.
@@ -339,7 +340,13 @@ class ProbeRunner:
                         if request.reset_head and self.head is not None:
                             self.head.reset_parameters()  # type: ignore[operator]
                         if features is None:
-                            losses = self._live_task(task, params)
+                            # Every task starts from the snapshot: without a head reset, tasks evaluated on the same
+                            # examples share their first loss, measured once (Group-MATES' trajectories all
+                            # start on the reference set).
+                            key = None if request.reset_head else _eval_key(task.eval_indices)
+                            losses = self._live_task(task, params, initial.get(key) if key is not None else None)
+                            if key is not None:
+                                initial.setdefault(key, losses[0])
                         else:
                             losses = self._frozen_task(task, params, features)
                         out[i] = torch.tensor(losses, dtype=torch.float64)
@@ -348,8 +355,9 @@ class ProbeRunner:
             snapshot.restore()
         return [out[i] for i in task_ids]
 
-    def _live_task(self, task: ProbeTask, params: list[nn.Parameter]) -> list[float]:
-        losses = [self._mean_loss(task.eval_indices)]
+    def _live_task(self, task: ProbeTask, params: list[nn.Parameter], initial: Optional[float] = None) -> list[float]:
+        """Steps on the whole module's forward; ``initial``: the loss before the first step, if already measured."""
+        losses = [self._mean_loss(task.eval_indices) if initial is None else initial]
         for t, step in enumerate(task.steps):
             self._step(step, params)
             if task.eval_every_step or t == len(task.steps) - 1:
@@ -422,6 +430,11 @@ class ProbeRunner:
         if not task.steps:
             losses.append(losses[0])
         return losses
+
+
+def _eval_key(eval_indices: Optional[Tensor]) -> tuple[int, ...]:
+    """What a task evaluates on, as a dictionary key: ``()`` for the reference set, else its pool indices."""
+    return () if eval_indices is None else (-1, *eval_indices.tolist())
 
 
 class _Features:

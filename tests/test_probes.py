@@ -204,6 +204,26 @@ def test_frozen_head_probes_on_a_causal_lm_repad_sequences_from_different_batche
         assert bool((frozen[1:] != frozen[0]).all())  # the head did train
 
 
+@pytest.mark.parametrize("reset_head", [False, True])
+def test_tasks_evaluated_on_the_same_examples_measure_their_shared_first_loss_once(reset_head):
+    model, _, runner = _runner_setup()
+    calls = []
+    model.body.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    tasks = tuple(  # Group-MATES' shape (its steps have one example; BatchNorm here needs two), the loss after each
+        ProbeTask(steps=(torch.tensor([a, a + 1]), torch.tensor([a + 2, a + 3])), eval_indices=torch.arange(40, 52), eval_every_step=True)
+        for a in (0, 10, 20)
+    )
+    request = ProbeRequest(tasks, trainable="all", reset_head=reset_head, seed=2)
+    alone = [runner.run(request, [i])[0] for i in range(3)]
+    assert len(calls) == 3 * 5  # a task alone: the first loss, two steps, two losses
+    calls.clear()
+    together = runner.run(request, [0, 1, 2])
+    # the first loss once for the three (a re-initialised head makes each task's first loss its own)
+    assert len(calls) == (15 if reset_head else 13)
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert len({float(t[0]) for t in together}) == (3 if reset_head else 1)
+
+
 def test_frozen_head_probes_need_the_split_losses_and_a_known_feature_mode():
     model, opt, runner = _runner_setup()
     runner.head_inputs = None
