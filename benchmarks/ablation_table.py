@@ -28,6 +28,7 @@ REGIMES = {
     "tweets-noisy": ("tweets-noisy", "tweets-noisy"),
     "tweets-long": ("tweets-long", "tweets"),
     "lm-minilm": ("lm-mixture-minilm", "lm-mixture"),
+    "lm-mixture": ("lm-mixture", "lm-mixture"),
 }
 
 
