@@ -14,9 +14,10 @@ What a probe task does, given ``ProbeTask(steps, eval_indices, eval_every_step)`
 3. restore the model and optimizer to the snapshot taken before the task.
 
 Head-only probes (``trainable="head"``) run on frozen features by default (``head_features="frozen"``): the body
-runs once per distinct batch of a task, in eval mode, and the head's steps and evaluations reuse its output, so
-a GRIP probe of ``K`` steps costs about two forwards of the body instead of ``K + 2``, and only the head (with its
-optimizer state) is restored between tasks.
+runs once, in eval mode, over the distinct examples of a group of tasks (in batches of ``eval_batch_size``), and
+the head's steps and evaluations reuse its output, so GRIP's probes of ``K`` steps on a few dozen examples each
+share a few large forwards of the body instead of ``K + 2`` small ones each; only the head (with its optimizer
+state) is restored between tasks.
 
 Evaluations are forward-only (``no_grad``, eval mode, every module's mode restored); training steps run in
 train mode. Losses are the per-example losses the signal capture computes (cross-entropy of the head's
@@ -88,11 +89,11 @@ class ProbeRequest:
         keys: what each task stands for, for the strategy that reads the results (a cluster id per task, say);
             it comes back in :attr:`ProbeResults.request`, so no strategy keeps its request in hidden state.
         head_features: with ``trainable="head"``, where the head's inputs come from. ``"frozen"``: the body
-            runs once per batch of a task, in eval mode (as a frozen backbone is used for a linear probe), and
-            the head's steps and evaluations reuse its output; ``"live"``: every step runs the whole module in
-            train mode (dropout and BatchNorm batch statistics in the body, restored afterwards). The two agree
-            exactly on a body without dropout or BatchNorm; ``"frozen"`` costs about two forwards a task
-            instead of one per step and evaluation.
+            runs once per example, in eval mode (as a frozen backbone is used for a linear probe), and the
+            head's steps and evaluations reuse its output; ``"live"``: every step runs the whole module in train
+            mode (dropout and BatchNorm batch statistics in the body, restored afterwards). The two agree on a
+            body without dropout or BatchNorm whose head does not share its weight with the body (GPT-2 ties
+            its output layer to the input embedding: there a live step moves both).
     """
 
     tasks: tuple[ProbeTask, ...]
@@ -404,7 +405,10 @@ class ProbeRunner:
         """A head-only task on the body's features: the head alone trains and is evaluated."""
         assert self.head is not None and self.head_losses is not None
         head_losses = self.head_losses
-        evaluated = features.reference if task.eval_indices is None else [features.batch(task.eval_indices)]
+        if task.eval_indices is None:
+            evaluated = features.reference
+        else:  # no examples: a mean loss of 0, as the live path's
+            evaluated = [features.batch(task.eval_indices)] if task.eval_indices.numel() else []
         assert evaluated is not None
         stacked: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # GRIP repeats one slice for every step
 

@@ -135,11 +135,17 @@ def test_head_only_probe_leaves_the_body_unchanged_during_the_task(features):
 
 
 def test_frozen_head_probes_equal_live_ones_on_a_body_without_dropout_or_batchnorm():
-    tasks = (*_TASKS, ProbeTask(steps=(torch.arange(20, 30),) * 4, eval_indices=torch.arange(40, 64)))
+    tasks = (
+        *_TASKS,
+        ProbeTask(steps=(torch.arange(20, 30),) * 4, eval_indices=torch.arange(40, 64)),
+        ProbeTask(steps=(torch.arange(5),), eval_indices=torch.zeros(0, dtype=torch.int64)),  # nothing to evaluate
+    )
     results = {}
     for features in ("frozen", "live"):
         _, _, runner = _runner_setup(_PlainNet)
-        results[features] = runner.run(ProbeRequest(tasks, trainable="head", reset_head=True, seed=5, head_features=features), [0, 1, 2])
+        request = ProbeRequest(tasks, trainable="head", reset_head=True, seed=5, head_features=features)
+        results[features] = runner.run(request, [0, 1, 2, 3])
+    assert results["frozen"][3].tolist() == [0.0, 0.0]
     for frozen, live in zip(results["frozen"], results["live"]):
         assert torch.allclose(frozen, live, rtol=1e-5, atol=1e-6)
 
