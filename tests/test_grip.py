@@ -15,6 +15,7 @@ from grace_lightning.strategies.grip import (
     cluster_base_weights,
     gumbel_top_k,
     intra_cluster_probabilities,
+    local_density,
     neyman_allocation,
     rank01,
     replay_multipliers,
@@ -232,6 +233,39 @@ def test_equal_lengths_give_no_length_effect():
     assert np.allclose(intra_cluster_probabilities(emb, same, 0.0), intra_cluster_probabilities(emb, same, 3.0))
 
 
+def test_density_against_every_row_as_reference_is_the_exact_density():
+    emb, _, _ = _dense_long_cluster()
+    emb = np.concatenate([emb, emb[:5]])  # exact duplicates: their self-match may come second
+    exact = local_density(emb, knn=10)
+    # equal up to float32 rounding of the self-match's distance, which the exact search computes (~1e-7)
+    assert np.allclose(local_density(emb, knn=10, reference=np.arange(len(emb))), exact, rtol=1e-4, atol=0)
+
+
+def test_density_against_a_sample_keeps_the_order_of_dense_and_sparse_rows():
+    emb, _, long = _dense_long_cluster()  # a tight core (long) and a loose halo
+    exact = local_density(emb, knn=10)
+    reference = np.sort(torch.randperm(len(emb), generator=torch.Generator().manual_seed(1))[:60].numpy())
+    sampled = local_density(emb, knn=10, reference=reference)
+    assert sampled.shape == exact.shape and np.isfinite(sampled).all()
+    assert sampled.min() >= 1 / 11 - 1e-12 and sampled.max() <= 1 + 1e-12  # itself counted, as the exact one
+    assert sampled[long].mean() > 2 * sampled[~long].mean()  # the core stays the dense part
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(ranks(sampled), ranks(exact))[0, 1] > 0.8
+
+
+def test_a_cluster_larger_than_density_sample_is_drawn_from_a_sampled_density():
+    store, _ = _clustered_store(per_cluster=(150, 100, 50))
+    small = Grip(clusters=3, probe_fraction=0.0, density_sample=40)
+    a = small.select(_inputs(store, 90, small.create_state(store.pool_size), seed=5))
+    b = small.select(_inputs(store, 90, small.create_state(store.pool_size), seed=5))
+    assert torch.equal(a.indices, b.indices) and a.indices.unique().numel() == 90
+    # above every cluster's size the sample is the whole cluster: the exact density, the same draw as None
+    exact = Grip(clusters=3, probe_fraction=0.0, density_sample=None)
+    large = Grip(clusters=3, probe_fraction=0.0, density_sample=150)
+    picks = [g.select(_inputs(store, 90, g.create_state(store.pool_size), seed=5)).indices for g in (exact, large)]
+    assert torch.equal(*picks)
+
+
 def test_gumbel_top_k_never_repeats_and_follows_the_probabilities():
     pi = np.array([0.7, 0.1, 0.1, 0.1, 0.0])
     firsts = [int(gumbel_top_k(pi, 2, torch.Generator().manual_seed(s))[0]) for s in range(200)]
@@ -320,7 +354,7 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
         ("clusters", 0), ("kmeans_iters", 0), ("probe_fraction", 1.5), ("probe_min_per_cluster", 1),
         ("rap_steps", 0), ("rap_trainable", "trunk"), ("rap_reset_head", "yes"), ("rap_features", "cached"), ("alpha", -1.0),
         ("replay_sign", 0), ("replay_signal", "log"), ("tau", -0.5), ("temperature", 0.0),
-        ("quality_gate", 1.0), ("beta", float("nan")), ("knn", 0), ("length_clip", 0.5),
+        ("quality_gate", 1.0), ("beta", float("nan")), ("knn", 0), ("length_clip", 0.5), ("density_sample", 1),
     ],
 )
 def test_bad_parameters_raise_naming_the_parameter(name, value):
