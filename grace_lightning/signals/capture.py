@@ -310,16 +310,7 @@ class SignalExtractor:
             if self.mode == "custom":
                 return self._score_custom(batch)
             recorder = _HeadRecorder()
-            assert self.head is not None
-            handle = self.head.register_forward_hook(
-                lambda _m, args, kwargs, out: recorder.record(args, kwargs, out), with_kwargs=True
-            )
-            self._scoring = True
-            try:
-                self._run_forward(batch)
-            finally:
-                handle.remove()
-                self._scoring = False
+            self._forward_hooked(batch, lambda _m, args, kwargs, out: recorder.record(args, kwargs, out))
             if recorder.calls == 0:
                 raise SignalCaptureError(
                     f"The head {type(self.head).__name__} did not run during the {self.mode} scoring forward. "
@@ -338,14 +329,7 @@ class SignalExtractor:
         if self.mode == "custom":
             return self._score_custom_raw(batch).loss
         outputs: list[Tensor] = []
-        assert self.head is not None
-        handle = self.head.register_forward_hook(lambda _m, _args, out: outputs.append(out))
-        self._scoring = True  # not a training batch: keep it out of the free capture
-        try:
-            self._run_forward(batch)
-        finally:
-            handle.remove()
-            self._scoring = False
+        self._forward_hooked(batch, lambda _m, _args, _kwargs, out: outputs.append(out))
         if not outputs:
             raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
         logits = outputs[-1]
@@ -369,17 +353,8 @@ class SignalExtractor:
                 "Head-only probes on features need the hooked output layer; a module with `coreset_signals` has "
                 "none. Probe with trainable='all' instead."
             )
-        assert self.head is not None
         recorder = _HeadRecorder()
-        handle = self.head.register_forward_hook(
-            lambda _m, args, kwargs, out: recorder.record(args, kwargs, out), with_kwargs=True
-        )
-        self._scoring = True  # not a training batch: keep it out of the free capture
-        try:
-            self._run_forward(batch)
-        finally:
-            handle.remove()
-            self._scoring = False
+        self._forward_hooked(batch, lambda _m, args, kwargs, out: recorder.record(args, kwargs, out))
         if recorder.head_input is None:
             raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
         targets = batch[1] if self.mode == "classification" else _lm_labels(batch)
@@ -407,6 +382,17 @@ class SignalExtractor:
     def _score_custom(self, batch: Any) -> ExampleSignals:
         out = self._score_custom_raw(batch)
         return out.to(out.loss.device)  # the declared dtypes (float32, lengths int64), detached
+
+    def _forward_hooked(self, batch: Any, hook: Callable[[nn.Module, tuple, dict, Any], Any]) -> None:
+        """The mode's forward of ``batch`` with ``hook(module, args, kwargs, output)`` on the head for its duration."""
+        assert self.head is not None
+        handle = self.head.register_forward_hook(hook, with_kwargs=True)
+        self._scoring = True  # not a training batch: keep it out of the free capture
+        try:
+            self._run_forward(batch)
+        finally:
+            handle.remove()
+            self._scoring = False
 
     def _run_forward(self, batch: Any) -> Any:
         """The mode's forward of ``batch``; returns what it returned (only ``verify`` looks at it)."""
