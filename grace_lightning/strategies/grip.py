@@ -419,8 +419,9 @@ class Grip(Strategy):
         rap_trainable: ``"head"`` (the paper's ``N = 0`` partial reset: head only) or ``"all"``.
         rap_reset_head: re-initialise the head before each probe, as the paper's proxy does.
         rap_features: with ``rap_trainable="head"``, ``"frozen"`` trains the head on the body's eval-mode
-            features, computed once per probe (two body forwards a probe instead of ``rap_steps + 2``), or
-            ``"live"``: every step runs the whole model in train mode (dropout, BatchNorm batch statistics).
+            features, computed once per probe example for many probes at a time (a few large forwards of the
+            body a refresh instead of ``rap_steps + 2`` small ones per probe), or ``"live"``: every step runs
+            the whole model in train mode (dropout, BatchNorm batch statistics).
         alpha: strength of the replay multiplier (>= 0; 0 ignores the probe).
         replay_sign: ``+1``: clusters whose loss drops more get more budget (the paper's "representation
             deficit"); ``-1``: less ("learned instantly = too easy").
