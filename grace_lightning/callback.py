@@ -8,6 +8,7 @@ checks of the user's inputs (:mod:`grace_lightning.inputs`), RNG streams for exa
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import replace
 from typing import Any, Optional, Union
@@ -471,6 +472,10 @@ class CoresetCallback(Callback):
             # have released their last collective; releasing it then needs the GIL, which shutdown refuses, and
             # the process aborts ("terminate called without an active exception", seen under ddp_spawn).
             trainer.strategy.barrier("grace_lightning.fit_end")
+            # The DDP wrapper (unwrapped by the strategy's teardown, before this hook) holds the reducer and its last
+            # collectives in reference cycles; left to the collection at interpreter shutdown, their release on a
+            # gloo thread meets the same refusal. Collect them now, while the interpreter still serves the GIL.
+            gc.collect()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._end_fit(trainer)  # no barrier: a failed rank may never reach it
