@@ -269,14 +269,9 @@ class ProbeRunner:
         return [self._batch(eval_indices[s : s + self.eval_batch_size]) for s in range(0, eval_indices.numel(), self.eval_batch_size)]
 
     def _mean_loss(self, eval_indices: Optional[Tensor]) -> float:
-        """Mean per-example loss (float64 accumulation) in eval mode without grad; every module's mode restored."""
-        total, count = 0.0, 0
+        """Mean per-example loss in eval mode without grad; every module's mode restored."""
         with inference_forward(self.module, self.forward_context):
-            for batch in self._eval_batches(eval_indices):
-                losses = self.example_losses(batch).double()
-                total += float(losses.sum())
-                count += losses.numel()
-        return total / max(count, 1)
+            return _mean(self.example_losses(batch) for batch in self._eval_batches(eval_indices))
 
     def _apply(self, loss: Tensor, params: list[nn.Parameter]) -> None:
         """One optimizer step of every optimizer on ``loss``'s gradient with respect to ``params`` only."""
@@ -358,14 +353,10 @@ class ProbeRunner:
 
     def _live_task(self, task: ProbeTask, params: list[nn.Parameter], initial: Optional[float] = None) -> list[float]:
         """Steps on the whole module's forward; ``initial``: the loss before the first step, if already measured."""
-        losses = [self._mean_loss(task.eval_indices) if initial is None else initial]
-        for t, step in enumerate(task.steps):
-            self._step(step, params)
-            if task.eval_every_step or t == len(task.steps) - 1:
-                losses.append(self._mean_loss(task.eval_indices))
-        if not task.steps:
-            losses.append(losses[0])
-        return losses
+        first = self._mean_loss(task.eval_indices) if initial is None else initial
+        return _trajectory(
+            task, first, lambda step: self._step(step, params), lambda: self._mean_loss(task.eval_indices)
+        )
 
     def _feature_groups(self, request: ProbeRequest, task_ids: list[int]) -> Iterator[tuple[list[int], "_Features"]]:
         """Tasks in groups of about one evaluation batch of distinct examples, with the body's features of each group.
@@ -413,27 +404,42 @@ class ProbeRunner:
         stacked: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # GRIP repeats one slice for every step
 
         def mean_loss() -> float:
-            total, count = 0.0, 0
             with inference_forward(self.head, self.forward_context):
-                for inputs, targets in evaluated:
-                    losses = head_losses(inputs, targets).double()
-                    total += float(losses.sum())
-                    count += losses.numel()
-            return total / max(count, 1)
+                return _mean(head_losses(inputs, targets) for inputs, targets in evaluated)
 
-        losses = [mean_loss()]
-        for t, step in enumerate(task.steps):
-            key = tuple(step.tolist())
+        def step(indices: Tensor) -> None:
+            key = tuple(indices.tolist())
             if key not in stacked:
-                stacked[key] = features.batch(step)
+                stacked[key] = features.batch(indices)
             with self.forward_context():
                 loss = head_losses(*stacked[key]).float().mean()
             self._apply(loss, params)
-            if task.eval_every_step or t == len(task.steps) - 1:
-                losses.append(mean_loss())
-        if not task.steps:
-            losses.append(losses[0])
-        return losses
+
+        return _trajectory(task, mean_loss(), step, mean_loss)
+
+
+def _trajectory(
+    task: ProbeTask, first: float, step: Callable[[Tensor], None], evaluate: Callable[[], float]
+) -> list[float]:
+    """A task's losses ``[L_0, ...]``: ``step`` on each of its steps, ``evaluate`` after each (or after the last)."""
+    losses = [first]
+    for t, indices in enumerate(task.steps):
+        step(indices)
+        if task.eval_every_step or t == len(task.steps) - 1:
+            losses.append(evaluate())
+    if not task.steps:
+        losses.append(losses[0])
+    return losses
+
+
+def _mean(losses: Iterable[Tensor]) -> float:
+    """Mean of per-example losses over batches, accumulated in float64 (0 for no examples)."""
+    total, count = 0.0, 0
+    for batch_losses in losses:
+        values = batch_losses.double()
+        total += float(values.sum())
+        count += values.numel()
+    return total / max(count, 1)
 
 
 def _eval_key(eval_indices: Optional[Tensor]) -> tuple[int, ...]:

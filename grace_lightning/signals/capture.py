@@ -333,9 +333,7 @@ class SignalExtractor:
         if not outputs:
             raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
         logits = outputs[-1]
-        if self.mode == "classification":
-            return classification_losses(logits, batch[1].to(logits.device))
-        return causal_lm_losses(logits, _lm_labels(batch).to(logits.device))
+        return self._losses(logits, self._targets(batch).to(logits.device))
 
     def head_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
         """The head's input for ``batch`` (detached) and the targets its loss is measured against.
@@ -357,8 +355,7 @@ class SignalExtractor:
         self._forward_hooked(batch, lambda _m, args, kwargs, out: recorder.record(args, kwargs, out))
         if recorder.head_input is None:
             raise SignalCaptureError(f"The head {type(self.head).__name__} did not run during a probe forward. " + _CUSTOM_HINT)
-        targets = batch[1] if self.mode == "classification" else _lm_labels(batch)
-        return recorder.head_input, targets.to(recorder.head_input.device)
+        return recorder.head_input, self._targets(batch).to(recorder.head_input.device)
 
     def head_losses(self, head_input: Tensor, targets: Tensor) -> Tensor:
         """``(B,)`` per-example losses of the head alone on :meth:`head_inputs`' output, with autograd.
@@ -366,7 +363,14 @@ class SignalExtractor:
         The same definition as :meth:`example_losses`: equal to it whenever the body would give ``head_input``.
         """
         assert self.head is not None, "head_losses needs the hooked head (not custom mode)"
-        logits = self.head(head_input)
+        return self._losses(self.head(head_input), targets)
+
+    def _targets(self, batch: Any) -> Tensor:
+        """What the loss compares the logits with: the classification targets, or the LM labels."""
+        return batch[1] if self.mode == "classification" else _lm_labels(batch)
+
+    def _losses(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The mode's per-example losses of ``logits`` (one definition for probes, split or whole)."""
         if self.mode == "classification":
             return classification_losses(logits, targets)
         return causal_lm_losses(logits, targets)
