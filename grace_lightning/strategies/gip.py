@@ -446,10 +446,8 @@ def greedy_logdet_stochastic(
         num = np.einsum("ij,ij->i", v @ posterior.m, v)
         den = posterior.sigma2 + np.einsum("ij,ij->i", v, rows)
         score = den / np.maximum(den - num, 1e-300)
-        if take == 1:
-            best_positions = positions[[int(np.argmax(score))]]
-        else:
-            best_positions = np.sort(positions[np.argsort(-score, kind="stable")[:take]])[::-1]
+        # The `take` best, the first drawn on ties (argmax's choice for one); highest position first.
+        best_positions = np.sort(positions[np.argsort(-score, kind="stable")[:take]])[::-1]
         best = remaining[best_positions]  # fancy indexing copies: the swap-removes below leave it alone
         if best.size == 1:
             posterior.add(x[int(best[0])])
