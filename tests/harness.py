@@ -82,6 +82,8 @@ def fit(
     ddp: str = "ddp_fork",
     dropout: float = 0.2,
     extra_callbacks: tuple = (),
+    accelerator: str = "cpu",
+    precision: str = "32-true",
     **callback_kwargs,
 ) -> None:
     """One fit; per-rank records land in ``out_dir``. Checkpoints (every step and every epoch end) too, if asked.
@@ -107,7 +109,8 @@ def fit(
             ),
         ]
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        precision=precision,
         devices=devices,
         strategy=ddp if devices > 1 else "auto",
         max_epochs=max_epochs,

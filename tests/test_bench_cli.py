@@ -333,13 +333,14 @@ def test_bench_options_reach_the_callback_the_schedule_and_the_task(tmp_path, mo
     monkeypatch.setattr(cli, "run_bench", lambda config: seen.append(config) or 0)
     assert main(["bench", "--task", "fashion-mnist-noisy", "--preset", "long", "--task-option", "noise=0.2",
                  "--lr-schedule", "constant", "--refresh-every", "2", "--warmup-epochs", "1", "--max-selection-share",
-                 "0.05", "--overlap", "on", "--out", str(tmp_path)]) == 0
+                 "0.05", "--overlap", "on", "--precision", "bf16-mixed", "--out", str(tmp_path)]) == 0
     (config,) = seen
-    assert config.overlap == "on"
+    assert config.overlap == "on" and config.precision == "bf16-mixed"
     assert config.preset == "long" and config.epochs == 20 and config.task_options == {"noise": "0.2"}
     assert (config.lr_schedule, config.refresh_every, config.warmup_epochs, config.max_selection_share) == ("constant", 2, 1, 0.05)
     assert main(["bench", "--task", "mixture", "--quick", "--out", str(tmp_path)]) == 0
     assert seen[1].max_selection_share == "default" and seen[1].lr_schedule == "cosine" and seen[1].overlap == "auto"
+    assert seen[1].precision == "32-true"
 
 
 @pytest.mark.parametrize(
@@ -355,9 +356,11 @@ def test_bench_options_reach_the_callback_the_schedule_and_the_task(tmp_path, mo
         (["--max-selection-share", "1.5"], "--max-selection-share", "(0, 1)"),
         (["--only", "a"], "--only", "--suite"),
         (["--overlap", "sometimes"], "--overlap", "auto, on, off"),
+        (["--precision", "bf17"], "--precision", "bf16-mixed"),
     ],
     ids=["noise-above-1", "option-of-another-task", "option-without-value", "unknown-preset", "unknown-schedule",
-         "refresh-0", "warmup-eats-the-fit", "share-above-1", "only-without-suite", "overlap-unknown"],
+         "refresh-0", "warmup-eats-the-fit", "share-above-1", "only-without-suite", "overlap-unknown",
+         "precision-unknown"],
 )
 def test_bad_regime_option_exits_2_naming_it(args, option, detail, tmp_path, capsys, monkeypatch):
     import grace_lightning.bench.cli as cli
@@ -489,6 +492,36 @@ def test_journal_fingerprint_separates_overlap_settings():
     assert fingerprint(config(refresh_every=2)) != auto
 
 
+def test_journal_fingerprint_separates_precisions_and_keeps_old_journals():
+    """bf16 runs never mix with fp32 ones; the default precision leaves the fingerprint as it was before the option."""
+    from dataclasses import asdict
+
+    from grace_lightning.bench.config import BenchConfig
+    from grace_lightning.bench.journal import fingerprint
+
+    config = BenchConfig("mixture", ["grace"], [0.3], [0], 2, "out", "quick", None, None)
+    assert fingerprint(config) != fingerprint(BenchConfig(**{**asdict(config), "precision": "bf16-mixed"}))
+    options = asdict(config)
+    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision"):
+        options.pop(key)
+    import hashlib
+    import json
+
+    before = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert fingerprint(config) == before
+
+
+def test_gpu_only_precision_without_a_gpu_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["bench", "--task", "mixture", "--quick", "--precision", "16-mixed", "--out", str(tmp_path)])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "bf16-mixed" in err
+
+
 def test_rows_name_the_commit_and_mark_only_code_changes(tmp_path):
     from grace_lightning.bench.suite import code_version
 
@@ -536,3 +569,21 @@ def test_a_single_run_for_measurement_scripts_is_the_benchs_run_with_synchronous
     assert built.sampler.fraction == 0.25 and built.trainer.max_epochs == 2 == built.trainer.current_epoch
     assert [r["refresh"] for r in built.callback.history] == [1.0, 2.0]
     assert built.callback.history[-1]["subset_size"] == len(built.sampler.selection)
+
+
+def test_a_bench_run_trains_and_selects_in_the_configured_precision():
+    """``--precision bf16-mixed`` reaches the Trainer; the fit, its scoring passes and the selection run under it."""
+    from grace_lightning.bench.config import BenchConfig
+    from grace_lightning.bench.runner import build_run, quiet_and_restored
+    from grace_lightning.bench.tasks import get_task
+
+    config = BenchConfig("mixture", ["grace"], [0.25], [0], 2, "", "quick", 400, 100, precision="bf16-mixed")
+    with quiet_and_restored():
+        built = build_run(get_task("mixture"), "grace", 0.25, 0, config)
+        built.trainer.fit(built.model, built.train_loader, built.val_loader)
+    assert built.trainer.precision == "bf16-mixed"
+    assert [r["refresh"] for r in built.callback.history] == [1.0, 2.0]
+    import torch
+
+    store = built.callback.store
+    assert store.measured.all() and torch.isfinite(store.loss).all()  # the scoring pass read the whole pool

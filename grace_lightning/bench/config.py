@@ -13,6 +13,7 @@ A comparison is described by the options below, on the command line or in a JSON
     preset = "long"              # the task's long-training size ("quick", "default" or "long")
     lr_schedule = "cosine"       # the same schedule for every strategy, sized to each fit's steps
     refresh_every = 1            # the callback's settings, the same for every strategy
+    precision = "bf16-mixed"     # the Trainer's precision (default "32-true"); bf16 needs a GPU or a recent CPU
     task_options = { noise = 0.3 }
 
     [strategy_kwargs.el2n]
@@ -42,10 +43,14 @@ DEFAULT_FRACTIONS = {"quick": [0.3], "default": [0.1, 0.3, 0.5], "long": [0.1, 0
 DEFAULT_SEEDS = {"quick": [0], "default": [0, 1, 2], "long": [0, 1, 2], "gpu": [0, 1, 2]}
 LR_SCHEDULES = ("cosine", "constant")
 OVERLAP_MODES = ("auto", "on", "off")
+# The Trainer precisions the bench passes through. The 16-bit float ones run on a GPU only (Lightning refuses them
+# on the CPU); bf16 runs anywhere, slowly on a CPU without bf16 instructions.
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+_GPU_ONLY_PRECISIONS = ("16-mixed", "16-true")
 _FILE_KEYS = {
     "task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "preset", "strategy_kwargs", "task_options",
     "lr_schedule", "refresh_every", "warmup_epochs", "anneal_epochs", "max_selection_share",
-    "overlap",
+    "overlap", "precision",
 }
 
 
@@ -72,6 +77,7 @@ class BenchConfig:
     # None = no budget; "default" = whatever CoresetCallback defaults to.
     max_selection_share: Union[float, str, None] = "default"
     overlap: str = "auto"  # the callback's `overlap`: "auto", "on" or "off"
+    precision: str = "32-true"  # the Trainer's `precision`, the same for every run (the scoring pass follows it)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap", default=None, help="the callback's overlapped selection: auto (the default: on for grace, grip, "
         "group_mates and gip), on, or off (training waits for every selection)",
+    )
+    parser.add_argument(
+        "--precision", default=None, help=f"the Trainer's precision for every run: one of {', '.join(PRECISIONS)} "
+        "(default 32-true); the scoring pass and probes run under the same autocast",
     )
 
 
@@ -298,6 +308,14 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
     overlap = str(pick("overlap") or "auto").strip().lower()
     if overlap not in OVERLAP_MODES:
         parser.error(f"argument --overlap: must be one of {', '.join(OVERLAP_MODES)}, got {pick('overlap')!r}")
+    precision = str(pick("precision") or "32-true").strip()
+    if precision not in PRECISIONS:
+        parser.error(f"argument --precision: must be one of {', '.join(PRECISIONS)}, got {pick('precision')!r}")
+    if precision in _GPU_ONLY_PRECISIONS:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"argument --precision: {precision} needs a CUDA GPU and none is visible; use bf16-mixed or 32-true")
 
     # Data that cannot be built for these options (e.g. too little text for a mixture share) stop here too.
     from grace_lightning.bench.tasks import TaskSize
@@ -328,6 +346,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
         lr_schedule=lr_schedule,
         max_selection_share=share,
         overlap=overlap,
+        precision=precision,
         **schedule,
     )
 

@@ -29,6 +29,8 @@ def fingerprint(config: BenchConfig) -> str:
         # "auto" overlaps only on an accelerator: on the CPU it is what every run did before the option existed,
         # so journals written then stay valid.
         options.pop("overlap")
+    if options["precision"] == "32-true":
+        options.pop("precision")  # likewise: the precision every run had before the option existed
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -303,6 +303,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

@@ -155,6 +155,7 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
     trainer = L.Trainer(
         accelerator="auto",  # a GPU where there is one (the tasks' `gpu` presets), else the CPU
         devices=1,
+        precision=config.precision,
         max_epochs=config.epochs,
         logger=False,
         enable_checkpointing=False,

@@ -116,7 +116,8 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         "# Benchmark suite", "",
         f"- tables written at commit {commit}; each comparison names the commits its runs ran at",
         f"- machine: {env['cpu_count']} CPUs ({env['processor']}), {env['platform']}; Python {env['python']}, "
-        f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}",
+        f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}"
+        + (f"; GPU: {env['gpu']}" if env.get("gpu") else ""),
         "",
     ]
     if any("†" in table for _, _, table in tables):
@@ -131,6 +132,8 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         }
         if config.task_options:
             options["task_options"] = config.task_options
+        if config.precision != "32-true":
+            options["precision"] = config.precision
         from grace_lightning.bench.journal import Journal
 
         ran_at = sorted({str(row.get("commit", "not recorded")) for row in Journal(config).rows.values()})

