@@ -8,7 +8,9 @@
 #   gpu_knn.json                   benchmarks/gpu_knn.py (torch exact k-NN on the GPU against faiss on the CPU)
 #   bench.tar.gz                   the bench's output folders (lm-mixture, budget 0.3, seed 0, bf16-mixed;
 #                                  overlap auto, i.e. on for the informed strategies, and off)
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh                  # every step
+#   STEPS="scoring bench-auto" bash benchmarks/gpu_check.sh   # only the steps named
+# Steps: environment scoring bench-auto tests bench-off knn (each a word in STEPS; all by default).
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -21,27 +23,33 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BENCH=/tmp/gpu_bench
 
+STEPS=${STEPS:-environment scoring bench-auto tests bench-off knn}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
 step() {  # step <seconds> <name> <command...>
     local limit=$1 name=$2
     shift 2
+    want "${name%%:*}" || return 0
     echo "=== $name (limit ${limit} s) $(date -u +%T)"
     local began=$SECONDS
     timeout "$limit" "$@"
     echo "=== $name: rc $? in $((SECONDS - began)) s"
 }
 
-step 20 environment bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
+step 40 environment bash -c 'git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
     python3 -c "import torch, lightning, transformers, faiss, numpy; print(torch.__version__, torch.cuda.get_device_name(0),
     lightning.__version__, transformers.__version__, faiss.__version__, numpy.__version__)"'
-step 100 accelerator-tests python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_accelerators.py
-step 180 bench-overlap-auto python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
-    --strategies full,random,grace,grip,group_mates,gip --precision bf16-mixed --out "$BENCH/lm-mixture-auto"
 for precision in 32-true bf16-mixed; do
-    step 35 "scoring-lm-mixture-$precision" python3 benchmarks/scoring_throughput.py --task lm-mixture --device cuda \
+    step 45 "scoring:lm-mixture-$precision" python3 benchmarks/scoring_throughput.py --task lm-mixture --device cuda \
         --precision "$precision" --examples 10000 --batch-sizes 256,1024,4096 --out "$OUT/scoring-lm-mixture-$precision.json"
 done
-step 80 gpu-knn python3 benchmarks/gpu_knn.py --sizes 100000,1000000 --max-seconds 40 --out "$OUT/gpu_knn.json"
-step 100 bench-overlap-off python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
+save_bench() { [ -d "$BENCH" ] && tar -czf "$OUT/bench.tar.gz" -C "$BENCH" .; }  # after each bench: a kill keeps it
+step 180 bench-auto python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
+    --strategies full,random,grace,grip,group_mates,gip --precision bf16-mixed --out "$BENCH/lm-mixture-auto"
+save_bench
+step 100 tests python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_accelerators.py
+step 150 bench-off python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
     --strategies grace,grip,group_mates,gip --precision bf16-mixed --overlap off --out "$BENCH/lm-mixture-off"
-tar -czf "$OUT/bench.tar.gz" -C "$BENCH" . 2>/dev/null
+save_bench
+step 80 knn python3 benchmarks/gpu_knn.py --sizes 100000,1000000 --max-seconds 40 --out "$OUT/gpu_knn.json"
 echo "=== done $(date -u +%T), $SECONDS s"

@@ -81,6 +81,7 @@ class Measurements:
         self.num_workers = num_workers
         self.extractor: Optional[SignalExtractor] = None
         self._pending: list[tuple[Tensor, int, ExampleSignals]] = []  # (indices, batch position, signals)
+        self._copying_from: Optional[torch.device] = None  # a GPU whose copies into _pending may be in flight
         self.signals_seen = (0, 0)  # the store's (invalid, offered) counts at the last validity check
 
     # ------------------------------------------------------------------ free capture
@@ -103,13 +104,20 @@ class Measurements:
         self.extractor.disarm()
         signals = self.extractor.training_batch_signals(batch)
         if signals is not None and len(signals) == indices.numel():
-            self._pending.append((indices, batches_done, signals.detach_cpu()))
+            # Without waiting for the GPU: a blocking copy here would stall every training step until the device
+            # drains its queue. `flush` synchronises before it reads the copies.
+            if signals.loss.device.type == "cuda":
+                self._copying_from = signals.loss.device
+            self._pending.append((indices, batches_done, signals.to(torch.device("cpu"), non_blocking=True)))
 
     def flush(self, trainer: Trainer) -> None:
         """Gather the signals every rank captured on its training batches into every rank's store."""
         if self.store is None:
             return
         pending, self._pending = self._pending, []
+        if self._copying_from is not None:
+            torch.cuda.synchronize(self._copying_from)
+            self._copying_from = None
         signals = ExampleSignals.cat([p[2] for p in pending])
         rows: dict[str, Optional[Tensor]] = {
             **signals.as_rows(),
@@ -188,8 +196,11 @@ class Measurements:
             with inference_forward(pl_module, trainer.precision_plugin.forward_context):
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    collected.append(self.extractor_for(pl_module, batch).score_batch(batch).detach_cpu())
+                    signals = self.extractor_for(pl_module, batch).score_batch(batch)
+                    collected.append(signals.to(torch.device("cpu"), non_blocking=True))  # waited for below
                     bar.update(1)
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
         finally:
             bar.close()
         rows = {**ExampleSignals.cat(collected).as_rows(), "index": shard.long()}

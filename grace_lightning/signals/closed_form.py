@@ -119,9 +119,10 @@ def causal_lm_signals(
 
         ``‖G‖²_F (+ ‖Σ_t e_t‖² for the bias) = Σ_{t,s} (e_t·e_s)(h_t·h_s [+ 1])``,
 
-    evaluated from Gram matrices one sequence at a time, in row blocks of ``block_size`` positions, so
-    memory stays at ``T_eff × V`` floats plus ``block_size × T_eff`` and the ``V × d`` gradient is never
-    formed.
+    evaluated for the whole batch at once from its ``(B, T, T)`` Gram matrices, in row blocks of at most
+    ``block_size`` positions (fewer for a wide batch, so a block's products stay under 2^24 floats), so the
+    ``V × d`` gradient is never formed. No per-sequence Python loop and no indexing by a mask: nothing in here
+    waits for the device.
 
     A sequence with no supervised token gets ``loss = grad_norm = NaN`` and a NaN embedding, with
     ``length = 0``; the caller excludes non-finite rows and counts them.
@@ -145,51 +146,45 @@ def causal_lm_signals(
     """
     _check_causal_lm_shapes(logits, hidden, labels)
     # Shift: position t's logits and hidden state are scored against the label at t + 1.
-    z_all = logits.detach()[:, :-1]
-    h_all = hidden.detach()[:, :-1]
-    y_all = labels.detach()[:, 1:].long()
-    mask = y_all != ignore_index
-
-    rows = [
-        _sequence_signals(z_all[b][mask[b]], h_all[b][mask[b]], y_all[b][mask[b]], has_bias, block_size)
-        for b in range(logits.shape[0])
-    ]
-    device = logits.device
-    return ExampleSignals(
-        loss=torch.stack([r[0] for r in rows]) if rows else torch.empty(0, device=device),
-        grad_norm=torch.stack([r[1] for r in rows]) if rows else torch.empty(0, device=device),
-        embedding=torch.stack([r[2] for r in rows]) if rows else torch.empty(0, hidden.shape[-1], device=device),
-        length=mask.sum(1).long(),
-        error_norm=torch.stack([r[3] for r in rows]) if rows else torch.empty(0, device=device),
-    )
-
-
-def _sequence_signals(
-    z: Tensor, h: Tensor, y: Tensor, has_bias: bool, block_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_norm, embedding, error_norm) for one sequence, given only its supervised positions."""
-    n = z.shape[0]
-    if n == 0:
-        nan = torch.tensor(float("nan"), dtype=torch.float32, device=z.device)
-        return nan, nan, torch.full((h.shape[-1],), float("nan"), dtype=torch.float32, device=h.device), nan
-    z = z.float()
-    h = h.float()
-    loss = classification_losses(z, y).mean()  # the per-token loss every caller shares, over supervised tokens
-
+    z = logits.detach()[:, :-1].float()
+    h = hidden.detach()[:, :-1].float()
+    y = labels.detach()[:, 1:].long()
+    mask = y != ignore_index
+    n = mask.sum(dim=1)  # T_eff per sequence
+    weight = mask.float()
+    count = n.clamp(min=1).float()
+    # The whole batch at once, unsupervised positions zeroed rather than indexed out: indexing with a mask per
+    # sequence costs a device synchronisation per example, which made the GPU scoring pass 80x slower than the
+    # forward itself.
+    token_loss = classification_losses(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=ignore_index)
+    loss = (token_loss.view(y.shape) * weight).sum(dim=1) / count
     e = torch.softmax(z, dim=-1)
-    e[torch.arange(n, device=e.device), y] -= 1.0
-    e /= n
-    error_norm = e.norm(dim=-1).sum()  # = mean_t ‖p_t − onehot(y_t)‖, since every row was divided by n
-    sq = z.new_zeros(())
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        ee = e[start:stop] @ e.T
-        hh = h[start:stop] @ h.T
+    target = torch.where(mask, y, torch.zeros_like(y)).unsqueeze(-1)  # any in-range id where unsupervised
+    e.scatter_add_(-1, target, -weight.unsqueeze(-1))  # p_t - onehot(y_t) where supervised
+    e *= (weight / count.unsqueeze(1)).unsqueeze(-1)  # 0 where unsupervised, so those positions add nothing below
+    error_norm = e.norm(dim=-1).sum(dim=1)  # = mean_t ‖p_t − onehot(y_t)‖, since every row was divided by T_eff
+    steps = h.shape[1]
+    # Row blocks of the two Gram matrices, so that one block's products stay under 2^24 floats.
+    block = max(1, min(int(block_size), (1 << 24) // max(1, h.shape[0] * steps)))
+    sq = z.new_zeros(z.shape[0])
+    for start in range(0, steps, block):
+        stop = min(start + block, steps)
+        ee = e[:, start:stop] @ e.transpose(1, 2)
+        hh = h[:, start:stop] @ h.transpose(1, 2)
         if has_bias:
             hh += 1.0
-        sq += (ee * hh).sum()
-    # The quadratic form is PSD; clamp only guards rounding to a tiny negative value.
-    return loss, sq.clamp_min(0.0).sqrt(), h.mean(0), error_norm
+        sq += (ee * hh).sum(dim=(1, 2))
+    embedding = (h * weight.unsqueeze(-1)).sum(dim=1) / count.unsqueeze(1)
+    valid = n > 0
+    nan = torch.tensor(float("nan"), dtype=torch.float32, device=z.device)
+    return ExampleSignals(
+        loss=torch.where(valid, loss, nan),
+        # The quadratic form is PSD; clamp only guards rounding to a tiny negative value.
+        grad_norm=torch.where(valid, sq.clamp_min(0.0).sqrt(), nan),
+        embedding=torch.where(valid.unsqueeze(1), embedding, nan),
+        length=n.long(),
+        error_norm=torch.where(valid, error_norm, nan),
+    )
 
 
 def _check_classification_shapes(logits: Tensor, head_input: Tensor, targets: Tensor) -> None:

@@ -107,11 +107,17 @@ class ExampleSignals:
         """A CPU copy in each signal's declared dtype (float32, lengths int64), detached from any graph."""
         return self.to(torch.device("cpu"))
 
-    def to(self, device: torch.device) -> "ExampleSignals":
-        """A copy on ``device`` in each signal's declared dtype, detached from any graph."""
+    def to(self, device: torch.device, non_blocking: bool = False) -> "ExampleSignals":
+        """A copy on ``device`` in each signal's declared dtype, detached from any graph.
+
+        ``non_blocking=True`` from a GPU to the CPU copies into pinned memory without waiting for the device: the
+        copy's values are only valid after a synchronisation of the source device.
+        """
         return ExampleSignals(
             **{
-                s.name: None if getattr(self, s.name) is None else getattr(self, s.name).detach().to(device, s.dtype)
+                s.name: None
+                if getattr(self, s.name) is None
+                else getattr(self, s.name).detach().to(device, s.dtype, non_blocking=non_blocking)
                 for s in SIGNALS
             }
         )
