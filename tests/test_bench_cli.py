@@ -100,6 +100,11 @@ def test_runs_json_matches_the_csv(tiny_run):
         assert set(RUN_COLUMNS) <= set(run)
         assert run["final_metric"] == pytest.approx(float(row["final_metric"]))
         assert len(run["evals"]) == EPOCHS and run["evals"][-1]["metric"] == run["final_metric"]
+        phases = run["phase_seconds"]
+        assert all(v >= 0.0 for v in phases.values())
+        if run["strategy"] == "grace":  # it scores the pool and builds its graph: both phases are there
+            assert phases["scoring_seconds"] > 0.0 and phases["graph_seconds"] > 0.0
+            assert phases["strategy_seconds"] <= run["selection_seconds"]
     summary = {(s["strategy"], s["fraction"]): s for s in data["summary"]}
     assert set(summary) == {(k[0], k[1]) for k in expected_keys()}
     assert all(s["seeds"] == len(SEEDS) and math.isfinite(s["final_std"]) for s in summary.values())

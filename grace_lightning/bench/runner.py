@@ -238,8 +238,28 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
         "marked_share": _marked_share(clock.points, data.marked),
         "marked_name": data.marked_name if data.marked is not None else None,
         "tokens_per_example": data.info.get("tokens_per_example"),
+        "phase_seconds": phase_seconds(callback.history),
         "evals": clock.points,
     }
+
+
+def phase_seconds(history: list[dict]) -> dict[str, float]:
+    """A fit's selection seconds by phase, summed over its refreshes: the scoring pass, probes, the strategy and
+    its own phases (GRACE's graph, GRIP's density...), and with overlapped selection the seconds training waited
+    for the thread (``exposed_seconds``) and those it did not (``hidden_seconds``). Only ``runs.json`` and
+    ``runs.jsonl`` carry it.
+
+    Example:
+        >>> phase_seconds([{"selection_seconds": 1.0, "scoring_seconds": 0.5, "refresh": 1.0},
+        ...                {"selection_seconds": 2.0, "scoring_seconds": 0.25, "graph_seconds": 1.0}])
+        {'scoring_seconds': 0.75, 'graph_seconds': 1.0}
+    """
+    totals: dict[str, float] = {}
+    for record in history:
+        for key, value in record.items():
+            if key.endswith("_seconds") and key not in ("selection_seconds", "selection_seconds_total"):
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
 
 
 def _marked_share(points: list[dict], marked) -> Optional[float]:
