@@ -106,9 +106,10 @@ class Measurements:
         if signals is not None and len(signals) == indices.numel():
             # Without waiting for the GPU: a blocking copy here would stall every training step until the device
             # drains its queue. `flush` synchronises before it reads the copies.
-            if signals.loss.device.type == "cuda":
+            on_gpu = signals.loss.device.type == "cuda"  # other devices (MPS, XLA) copy as before: blocking
+            if on_gpu:
                 self._copying_from = signals.loss.device
-            self._pending.append((indices, batches_done, signals.to(torch.device("cpu"), non_blocking=True)))
+            self._pending.append((indices, batches_done, signals.to(torch.device("cpu"), non_blocking=on_gpu)))
 
     def flush(self, trainer: Trainer) -> None:
         """Gather the signals every rank captured on its training batches into every rank's store."""
@@ -192,14 +193,15 @@ class Measurements:
         """Forward-only signals of this rank's ``loader`` (whose items are ``shard``), gathered over ranks."""
         collected: list[ExampleSignals] = []
         bar = ScoringProgressBar(trainer, total=len(loader))
+        on_gpu = pl_module.device.type == "cuda"
         try:
             with inference_forward(pl_module, trainer.precision_plugin.forward_context):
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
                     signals = self.extractor_for(pl_module, batch).score_batch(batch)
-                    collected.append(signals.to(torch.device("cpu"), non_blocking=True))  # waited for below
+                    collected.append(signals.to(torch.device("cpu"), non_blocking=on_gpu))  # waited for below
                     bar.update(1)
-            if pl_module.device.type == "cuda":
+            if on_gpu:
                 torch.cuda.synchronize(pl_module.device)
         finally:
             bar.close()
