@@ -1,10 +1,12 @@
 """The maintained cosine k-NN index: a faiss k-NN graph over unit embeddings, built once and repaired locally.
 
-Numpy in, numpy out (faiss underneath); nothing here knows about Lightning or torch. Rows of ``embeddings`` are
-L2-normalised, so cosine similarity is the inner product and faiss runs with ``METRIC_INNER_PRODUCT``.
+Numpy in, numpy out (faiss underneath, or for exact search on a GPU torch, :mod:`grace_lightning.knn_torch`);
+nothing here knows about Lightning. Rows of ``embeddings`` are L2-normalised, so cosine similarity is the inner
+product and faiss runs with ``METRIC_INNER_PRODUCT``.
 
 * :class:`KnnGraph` -- ``neighbors[i]`` / ``similarities[i]`` are node ``i``'s ``k`` most similar *other* nodes,
-  best first. Exact (``IndexFlatIP``) up to ``exact_threshold`` nodes, HNSW above. :meth:`KnnGraph.update`
+  best first. Exact (``IndexFlatIP``, or a matrix product on a GPU) up to ``exact_threshold`` nodes, HNSW above.
+  :meth:`KnnGraph.update`
   repairs the graph locally after some embeddings moved instead of rebuilding it.
 * :func:`set_faiss_threads` -- faiss has its own OpenMP thread count; set it per DDP rank.
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from grace_lightning.validation import non_negative_int
 
-__all__ = ["KnnGraph", "set_faiss_threads"]
+__all__ = ["KnnGraph", "resolve_device", "set_faiss_threads"]
 
 _SEARCH_BLOCK = 16_384  # queries per faiss call: bounds the temporary result buffers
 _GATHER_BYTES = 64 << 20  # numpy gathers (x[idx] for many idx) are chunked to about this many bytes
@@ -167,6 +169,39 @@ def _check_repair(repair: str) -> str:
     return repair
 
 
+def resolve_device(device: str) -> str:
+    """``device`` as ``"cpu"`` or an explicit ``"cuda:N"`` (``"cuda"``: the calling thread's current device).
+
+    Example:
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type != "cuda":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}: exact search runs on CUDA or the CPU")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but no CUDA device is visible; use device='cpu'")
+    index = parsed.index if parsed.index is not None else torch.cuda.current_device()
+    return f"cuda:{index}"
+
+
+def _restored_device(device: str) -> str:
+    """A checkpoint's search device where it exists here, else the CPU (exact search either way)."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    index = torch.device(device).index or 0
+    return device if index < torch.cuda.device_count() else "cpu"
+
+
 def _resolve_method(method: str, n: int, exact_threshold: int) -> str:
     if method == "auto":
         return "flat" if n <= exact_threshold else "hnsw"
@@ -188,6 +223,8 @@ class KnnGraph:
         similarities: ``(N, k)`` float32 ``cos(e_i, e_neighbors[i, c])``, each row sorted descending; ``-inf``
             on missing edges.
         method: ``"flat"`` (exact ``IndexFlatIP``) or ``"hnsw"`` (``IndexHNSWFlat``, inner product).
+        device: where exact search runs: ``"cpu"`` (faiss) or a CUDA device such as ``"cuda:0"`` (torch matrix
+            products, :class:`~grace_lightning.knn_torch.TorchFlatIndex`); HNSW always runs on the CPU.
         k, hnsw_m, ef_construction, ef_search, overlay_limit, exact_threshold, repair, reserve, inplace_drift: the
             build parameters (kept so that :meth:`update` and :meth:`from_state_dict` use the same ones).
         reserve_neighbors, reserve_similarities: ``(N, reserve)``, each row's next ``reserve`` candidates after its
@@ -226,6 +263,7 @@ class KnnGraph:
     repair: str = "search"
     reserve: int = 5
     inplace_drift: float = 0.5
+    device: str = "cpu"
     reserve_neighbors: np.ndarray | None = field(default=None, repr=False)
     reserve_similarities: np.ndarray | None = field(default=None, repr=False)
     floor: np.ndarray | None = field(default=None, repr=False)
@@ -253,6 +291,7 @@ class KnnGraph:
         repair: str = "search",
         reserve: int = 5,
         inplace_drift: float = 0.5,
+        device: str = "cpu",
     ) -> KnnGraph:
         """Build the self k-NN graph of ``embeddings`` (``(N, d)`` float32/float16, unit rows).
 
@@ -262,7 +301,9 @@ class KnnGraph:
         Every node is searched with ``k + reserve + 2`` results and itself removed: the best ``k`` are its row,
         the next ``reserve`` its reserve, the last one's similarity its :attr:`floor` (``reserve`` costs a few
         more results per search; ``ef_search`` bounds the HNSW work anyway). ``overlay_limit``, ``repair``,
-        ``reserve`` and ``inplace_drift`` matter for :meth:`update`.
+        ``reserve`` and ``inplace_drift`` matter for :meth:`update`. ``device="cuda"`` (or ``"cuda:N"``) runs
+        exact search as matrix products on that GPU (``"cuda"``: the calling thread's current device); HNSW
+        ignores it.
 
         Example::
 
@@ -276,10 +317,12 @@ class KnnGraph:
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         n = x.shape[0]
+        resolved = _resolve_method(method, n, int(exact_threshold))
         graph = cls(
             neighbors=np.empty((0, int(k)), dtype=np.int64),
             similarities=np.empty((0, int(k)), dtype=np.float32),
-            method=_resolve_method(method, n, int(exact_threshold)),
+            method=resolved,
+            device=resolve_device(device) if resolved == "flat" else "cpu",
             k=int(k),
             hnsw_m=int(hnsw_m),
             ef_construction=int(ef_construction),
@@ -317,7 +360,11 @@ class KnnGraph:
     def _make_index(self, x: np.ndarray) -> None:
         """(Re)build the faiss index from all of ``x`` and forget any overlay."""
         d = x.shape[1]
-        if self.method == "flat":
+        if self.method == "flat" and self.device != "cpu":
+            from grace_lightning.knn_torch import TorchFlatIndex
+
+            index = TorchFlatIndex(d, self.device)
+        elif self.method == "flat":
             index = faiss.IndexFlatIP(d)
         else:
             index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -623,7 +670,7 @@ class KnnGraph:
 
             >>> e = np.eye(5, dtype=np.float32)
             >>> sorted(KnnGraph.build(e, k=2).state_dict())[:3]
-            ['ef_construction', 'ef_search', 'exact_threshold']
+            ['device', 'ef_construction', 'ef_search']
         """
         return {
             "neighbors": self.neighbors.copy(),
@@ -638,6 +685,7 @@ class KnnGraph:
             "repair": self.repair,
             "reserve": self.reserve,
             "inplace_drift": self.inplace_drift,
+            "device": self.device,
             "reserve_neighbors": self.reserve_neighbors.copy(),
             "reserve_similarities": self.reserve_similarities.copy(),
             "floor": self.floor.copy(),
@@ -647,7 +695,9 @@ class KnnGraph:
     def from_state_dict(cls, state: dict, embeddings) -> KnnGraph:
         """Restore a graph: the stored rows exactly, a fresh faiss index (same method/params) over ``embeddings``.
 
-        ``state["neighbors"]`` / ``["similarities"]`` may be numpy arrays or CPU torch tensors.
+        ``state["neighbors"]`` / ``["similarities"]`` may be numpy arrays or CPU torch tensors. A graph whose exact
+        search ran on a GPU searches on the same device again, or with faiss on the CPU where no GPU is visible
+        (the stored rows are kept either way; later repairs search exactly on both).
 
         Example::
 
@@ -677,6 +727,7 @@ class KnnGraph:
             exact_threshold=int(state.get("exact_threshold", 200_000)),
             repair=_check_repair(str(state.get("repair", "search"))),
             inplace_drift=float(state.get("inplace_drift", 0.5)),
+            device=_restored_device(str(state.get("device", "cpu"))),
         )
         if graph.method not in ("flat", "hnsw") or graph.k != neighbors.shape[1]:
             raise ValueError(f"bad state: method={graph.method!r}, k={graph.k}, rows of width {neighbors.shape[1]}")

@@ -237,3 +237,80 @@ def test_set_faiss_threads():
         assert set_faiss_threads() == os.cpu_count() == faiss.omp_get_max_threads()
     finally:
         faiss.omp_set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact search with torch (a GPU where there is one; the same code on the CPU here)
+
+
+@pytest.fixture
+def torch_search_on_the_cpu(monkeypatch):
+    """Let ``device="cpu:0"`` through to the torch index (``resolve_device`` maps every CPU name to faiss)."""
+    import grace_lightning.knn as knn
+
+    monkeypatch.setattr(knn, "resolve_device", lambda device: device)
+
+
+def test_torch_index_searches_like_faiss_flat():
+    from grace_lightning.knn_torch import TorchFlatIndex
+
+    x = unit(np.random.default_rng(4).standard_normal((700, 12)))
+    q = x[:50] + 0.01
+    ours, theirs = TorchFlatIndex(12, "cpu"), faiss.IndexFlatIP(12)
+    for index in (ours, theirs):
+        index.add(x[:300])
+        index.add(x[300:])  # added in two parts, as after a reset
+    assert ours.ntotal == theirs.ntotal == 700 and ours.d == 12
+    sims, labels = ours.search(q, 9)
+    want_sims, want_labels = theirs.search(q, 9)
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    ours.reset()
+    sims, labels = ours.search(q[:2], 3)  # empty: faiss's convention for missing results
+    assert (labels == -1).all() and np.isneginf(sims).all()
+
+
+def test_torch_exact_graph_equals_faiss_and_repairs_alike(torch_search_on_the_cpu, monkeypatch):
+    import grace_lightning.knn_torch as knn_torch
+
+    monkeypatch.setattr(knn_torch, "BLOCK_SCORES", 5 * 800)  # 5 query rows a block: many blocks
+    x = embeddings(800, seed=7)
+    on_torch = KnnGraph.build(x, k=6, method="flat", device="cpu:0")
+    on_faiss = KnnGraph.build(x, k=6, method="flat")
+    assert on_torch.device == "cpu:0" and type(on_torch._index).__name__ == "TorchFlatIndex"
+    np.testing.assert_array_equal(on_torch.neighbors, on_faiss.neighbors)
+    np.testing.assert_allclose(on_torch.similarities, on_faiss.similarities, atol=1e-5)
+    y, moved = _move(x, 0.05, seed=8)
+    on_torch.update(y, moved)
+    on_faiss.update(y, moved)
+    np.testing.assert_array_equal(on_torch.neighbors, on_faiss.neighbors)
+    _check_rows(on_torch, y)
+    # A checkpoint names the device; where it is not (here: no GPU) the graph searches with faiss again.
+    state = on_torch.state_dict()
+    assert state["device"] == "cpu:0"
+    state["device"] = "cuda:0"
+    restored = KnnGraph.from_state_dict(state, y)
+    assert restored.device == ("cuda:0" if torch_cuda() else "cpu")
+    np.testing.assert_array_equal(restored.neighbors, on_torch.neighbors)
+
+
+def test_hnsw_ignores_the_search_device():
+    graph = KnnGraph.build(embeddings(300), k=4, method="hnsw", device="cpu")
+    assert graph.device == "cpu"
+
+
+def test_bad_search_device_names_the_parameter():
+    from grace_lightning.knn import resolve_device
+
+    with pytest.raises(ValueError, match="device"):
+        KnnGraph.build(embeddings(50), k=3, device="tpu")
+    assert resolve_device("cpu:0") == "cpu"
+    if not torch_cuda():
+        with pytest.raises(ValueError, match="no CUDA device is visible; use device='cpu'"):
+            resolve_device("cuda")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
