@@ -170,7 +170,8 @@ def _check_repair(repair: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``device`` as ``"cpu"`` or an explicit ``"cuda:N"`` (``"cuda"``: the calling thread's current device).
+    """``device`` checked and normalised: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Does not initialise CUDA (a
+    ``"cuda"`` index is pinned to the building thread's current device when the index is made).
 
     Example:
         >>> resolve_device("cpu")
@@ -188,8 +189,7 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}: exact search runs on CUDA or the CPU")
     if not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but no CUDA device is visible; use device='cpu'")
-    index = parsed.index if parsed.index is not None else torch.cuda.current_device()
-    return f"cuda:{index}"
+    return str(parsed)
 
 
 def _restored_device(device: str) -> str:
@@ -364,6 +364,7 @@ class KnnGraph:
             from grace_lightning.knn_torch import TorchFlatIndex
 
             index = TorchFlatIndex(d, self.device)
+            self.device = str(index.device)  # "cuda" pinned to the device it now lives on
         elif self.method == "flat":
             index = faiss.IndexFlatIP(d)
         else:

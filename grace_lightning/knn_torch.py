@@ -39,6 +39,8 @@ class TorchFlatIndex:
     def __init__(self, d: int, device: str | torch.device) -> None:
         self.d = int(d)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the caller's current device, kept from now
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._x = torch.empty((0, self.d), dtype=torch.float32, device=self.device)
 
     @property

@@ -20,6 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+
 from grace_lightning.strategies.base import Selection
 
 __all__ = ["PendingSelection", "SelectionWorker"]
@@ -95,11 +97,13 @@ class SelectionWorker:
 
             # One core fewer than this process's share, so the thread does not crowd out the training loop.
             self._faiss_threads = max(1, faiss.omp_get_max_threads() - 1)
+            # A new thread starts on CUDA device 0: give it this rank's, for strategies that compute on "cuda".
+            cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
             self._executor = ThreadPoolExecutor(
                 max_workers=1,
                 thread_name_prefix="coreset-selection",
-                initializer=_set_faiss_threads,
-                initargs=(self._faiss_threads,),
+                initializer=_init_thread,
+                initargs=(self._faiss_threads, cuda),
             )
         pending.future = self._executor.submit(_timed, select)
 
@@ -121,11 +125,13 @@ class SelectionWorker:
             self._executor = None
 
 
-def _set_faiss_threads(n: int) -> None:
+def _init_thread(faiss_threads: int, cuda_device: Optional[int]) -> None:
     # OpenMP's thread count is per calling thread: this leaves the training thread's own setting alone.
     import faiss
 
-    faiss.omp_set_num_threads(n)
+    faiss.omp_set_num_threads(faiss_threads)
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
 
 
 def _timed(select: Callable[[], Selection]) -> tuple[Selection, float]:

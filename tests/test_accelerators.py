@@ -104,3 +104,37 @@ def test_overlap_on_the_gpu_hands_over_the_synchronous_selection():
     assert overlap_strategy.calls[0]["thread"] != threading.main_thread().name
     assert [c["step"] for c in overlap_strategy.calls] == [c["step"] for c in sync_strategy.calls]
     assert sync_strategy.calls[0]["step"] == PER_EPOCH
+
+
+@CUDA
+def test_grace_graph_on_the_gpu_equals_the_faiss_graph():
+    """graph_device="cuda": exact search by matrix products on the GPU gives the faiss graph's rows and repairs."""
+    import numpy as np
+
+    from grace_lightning.knn import KnnGraph
+
+    x = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    on_gpu, on_cpu = KnnGraph.build(x, k=10, method="flat", device="cuda"), KnnGraph.build(x, k=10, method="flat")
+    assert on_gpu.device.startswith("cuda:") and type(on_gpu._index).__name__ == "TorchFlatIndex"
+    assert (on_gpu.neighbors == on_cpu.neighbors).mean() > 0.999  # ties in the last bits may swap a pair
+    moved = np.arange(0, 3000, 20)
+    x[moved] += 0.5 * np.random.default_rng(1).standard_normal((moved.size, 32)).astype(np.float32)
+    x[moved] /= np.linalg.norm(x[moved], axis=1, keepdims=True)
+    on_gpu.update(x, moved)
+    on_cpu.update(x, moved)
+    assert (on_gpu.neighbors == on_cpu.neighbors).mean() > 0.999
+
+
+@CUDA
+def test_grace_with_its_graph_on_the_gpu_trains_and_resumes(tmp_path):
+    """A fit whose GRACE graph lives on the GPU (overlap on: the thread builds it) selects, and resumes bit for bit."""
+    from tests.test_resume import _assert_resumed_equals_uninterrupted, _checkpoints
+
+    from grace_lightning import build_strategy
+
+    kwargs = dict(schedule="step", accelerator="gpu", overlap=True)
+    fit(tmp_path, "full", save_checkpoints=True, strategy=build_strategy("grace", graph_device="cuda"), **kwargs)
+    for point, ckpt in _checkpoints(tmp_path, 1).items():
+        fit(tmp_path, f"resumed_{point}", ckpt_path=ckpt, strategy=build_strategy("grace", graph_device="cuda"), **kwargs)
+        _assert_resumed_equals_uninterrupted(tmp_path, 1, point)

@@ -274,3 +274,39 @@ def test_hnsw_settings_reach_the_graph_and_are_validated():
         Grace(ef_search=0)
     with pytest.raises(ValueError, match="ef_construction"):
         Grace(ef_construction=0)
+
+
+def test_graph_device_picks_where_exact_search_runs(monkeypatch):
+    """"cpu" searches with faiss; "auto" stays on the CPU in a process that has not used CUDA; on a GPU device the
+    "auto" method searches exactly up to gpu_exact_threshold, and the picks are those of the faiss graph."""
+    import grace_lightning.knn as knn
+    import grace_lightning.strategies.grace as grace_module
+
+    store, _ = _clustered_store()
+    on_cpu, auto = GraceState(store.pool_size), GraceState(store.pool_size)
+    picked = Grace(k=8).select(_inputs(store, 40, state=on_cpu)).indices
+    Grace(k=8, graph_device="auto").select(_inputs(store, 40, state=auto))
+    assert on_cpu.graph.device == auto.graph.device == "cpu"
+    assert type(on_cpu.graph._index).__name__ == "IndexFlatIP"
+    # A "GPU" that is this CPU through the torch index: what graph_device="cuda" does on a machine with one.
+    monkeypatch.setattr(knn, "resolve_device", lambda device: device)
+    monkeypatch.setattr(grace_module.Grace, "_graph_device", lambda self: "cpu:0")
+    on_torch = GraceState(store.pool_size)
+    # The pool is above exact_threshold=100 but within gpu_exact_threshold: exact, on the torch index.
+    again = Grace(k=8, exact_threshold=100).select(_inputs(store, 40, state=on_torch)).indices
+    assert on_torch.graph.method == "flat" and type(on_torch.graph._index).__name__ == "TorchFlatIndex"
+    assert torch.equal(again, Grace(k=8).select(_inputs(store, 40, state=GraceState(store.pool_size))).indices)
+    assert torch.equal(picked, again)
+    hnsw = GraceState(store.pool_size)
+    Grace(k=8, gpu_exact_threshold=100).select(_inputs(store, 40, state=hnsw))
+    assert hnsw.graph.method == "hnsw" and hnsw.graph.device == "cpu"
+
+
+def test_bad_graph_device_names_the_parameter():
+    with pytest.raises(ValueError, match="graph_device"):
+        Grace(graph_device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="graph_device.*no CUDA device is visible"):
+            Grace(graph_device="cuda")
+    with pytest.raises(ValueError, match="gpu_exact_threshold"):
+        Grace(gpu_exact_threshold=0)
