@@ -347,3 +347,22 @@ def test_custom_mode_has_no_head_to_split_at() -> None:
     extractor = SignalExtractor.for_module(module, {"x": torch.randn(3, 6), "y": torch.tensor([0, 1, 2])})
     with pytest.raises(SignalCaptureError, match="trainable='all'"):
         extractor.head_inputs({"x": torch.randn(3, 6), "y": torch.tensor([0, 1, 2])})
+
+
+def test_causal_lm_signals_in_groups_equal_the_whole_batch(monkeypatch) -> None:
+    """Sequences split into groups (a large vocabulary) give the signals the whole batch gives at once."""
+    import grace_lightning.signals.closed_form as closed_form
+
+    torch.manual_seed(3)
+    head = nn.Linear(6, 13)
+    h = torch.randn(5, 9, 6)
+    labels = torch.randint(0, 13, (5, 9))
+    labels[1, 4:] = -100
+    labels[3, 1:] = -100  # no supervised token
+    whole = causal_lm_signals(head(h).detach(), h, labels, has_bias=True)
+    monkeypatch.setattr(closed_form, "_GROUP_FLOATS", 2 * 8 * 13)  # two sequences a group: groups of 2, 2, 1
+    grouped = causal_lm_signals(head(h).detach(), h, labels, has_bias=True)
+    for name in ("loss", "grad_norm", "embedding", "error_norm", "length"):
+        assert torch.allclose(getattr(grouped, name), getattr(whole, name), equal_nan=True, atol=1e-6), name
+    empty = causal_lm_signals(head(h[:0]).detach(), h[:0], labels[:0], has_bias=True)
+    assert len(empty) == 0 and empty.embedding.shape == (0, 6)
