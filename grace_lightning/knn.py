@@ -6,8 +6,7 @@ product and faiss runs with ``METRIC_INNER_PRODUCT``.
 
 * :class:`KnnGraph` -- ``neighbors[i]`` / ``similarities[i]`` are node ``i``'s ``k`` most similar *other* nodes,
   best first. Exact (``IndexFlatIP``, or a matrix product on a GPU) up to ``exact_threshold`` nodes, HNSW above.
-  :meth:`KnnGraph.update`
-  repairs the graph locally after some embeddings moved instead of rebuilding it.
+  :meth:`KnnGraph.update` repairs the graph locally after some embeddings moved instead of rebuilding it.
 * :func:`set_faiss_threads` -- faiss has its own OpenMP thread count; set it per DDP rank.
 
 What GRACE computes along the graph's edges (edge weights, score and drift propagation) is in

@@ -48,11 +48,12 @@ class TorchFlatIndex:
         return int(self._x.shape[0])
 
     def add(self, x: np.ndarray) -> None:
-        rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        # A copy, as faiss keeps one: the caller may write into its array afterwards.
+        rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, copy=True)
         self._x = rows if self.ntotal == 0 else torch.cat([self._x, rows])
 
     def reset(self) -> None:
-        self._x = self._x[:0]
+        self._x = torch.empty((0, self.d), dtype=torch.float32, device=self.device)  # frees the vectors
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n, found = self.ntotal, min(int(k), self.ntotal)

@@ -314,3 +314,16 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_torch_index_keeps_its_own_copy():
+    """Like faiss, the index holds a copy: writing into the caller's array afterwards changes no search."""
+    from grace_lightning.knn_torch import TorchFlatIndex
+
+    x = unit(np.random.default_rng(5).standard_normal((50, 8)))
+    index = TorchFlatIndex(8, "cpu")
+    index.add(x)
+    before = index.search(x[:3], 4)
+    x[:] = x[::-1].copy()
+    after = index.search(index._x[:3].numpy(), 4)
+    np.testing.assert_array_equal(before[1], after[1])
