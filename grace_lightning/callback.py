@@ -101,7 +101,8 @@ class CoresetCallback(Callback):
             before the first selection.
         anneal_epochs: train the last this many epochs on the whole pool (needs ``Trainer(max_epochs)``).
         seed: seed of the selection generator. Same seed, same data, same model: same selections.
-        scoring_batch_size: batch size of the scoring pass (default: the training batch size).
+        scoring_batch_size: batch size of the scoring pass and of probe evaluations (default: twice the training
+            batch size; a forward-only pass holds no activations for a backward pass).
         scoring_num_workers: workers of the scoring pass's own DataLoader.
         capture_training_signals: measure signals on training batches for free (only when the strategy
             reads signals).

@@ -177,11 +177,21 @@ class Measurements:
         """A forward-only loader over ``dataset`` that collates like ``like``, at the scoring batch size."""
         return DataLoader(
             dataset,
-            batch_size=self.batch_size or like.batch_size or 1,
+            batch_size=self.batch_size_for(like),
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=already_batched if isinstance(dataset, TensorRows) else like.collate_fn,
         )
+
+    def batch_size_for(self, like: DataLoader) -> int:
+        """The scoring batch size: the one given, else twice ``like``'s (the training loader's) batch size.
+
+        A forward-only pass holds no activations for a backward pass, so twice the training batch fits where
+        training fits, and larger batches score faster: 1.33x (Fashion-MNIST, 128 -> 256) and 1.05x (lm-mixture,
+        32 -> 64) the examples a second on 2 CPU cores; on a GPU a small model's small batches are bound by kernel
+        launches (``benchmarks/scoring_throughput.py``).
+        """
+        return self.batch_size or (2 * like.batch_size if like.batch_size else 1)
 
     def reference_loader(self, reference: Union[Dataset, DataLoader], like: DataLoader) -> DataLoader:
         """The user's reference DataLoader, or one over the reference Dataset batched like the training loader."""
@@ -229,7 +239,7 @@ class Measurements:
             train_loader.collate_fn,
             lambda batch: trainer.strategy.batch_to_device(batch, pl_module.device),
             reference=None if reference is None else list(reference),
-            eval_batch_size=self.batch_size or train_loader.batch_size or 256,
+            eval_batch_size=self.batch_size_for(train_loader) if train_loader.batch_size or self.batch_size else 256,
             forward_context=trainer.precision_plugin.forward_context,
             head_inputs=self.extractor.head_inputs,
             head_losses=self.extractor.head_losses,

@@ -185,3 +185,19 @@ def test_scoring_pass_shows_a_nested_progress_bar(capsys, bar):
         assert "Coreset scoring" in capsys.readouterr().out
     else:
         assert "Coreset scoring" in tasks
+
+
+@pytest.mark.parametrize("given, expected", [(None, 16), (5, 5)], ids=["default-twice-training", "given"])
+def test_scoring_pass_batches_at_twice_the_training_batch_unless_told(monkeypatch, given, expected):
+    """The scoring pass holds no activations for a backward pass: by default it batches twice the training batch."""
+    from grace_lightning.signals.capture import SignalExtractor
+
+    seen: list[int] = []
+    score_batch = SignalExtractor.score_batch
+    monkeypatch.setattr(SignalExtractor, "score_batch", lambda self, batch: seen.append(len(batch[0])) or score_batch(self, batch))
+    dataset = IndexedBlobs(n=256)
+    sampler = CoresetSampler(dataset, fraction=0.25, seed=7)
+    callback = CoresetCallback(sampler, strategy=TopLoss(), seed=11, scoring_batch_size=given)
+    _trainer(max_epochs=3, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler))
+    assert seen and max(seen) == expected  # the last batch of a pass may be smaller
+    assert all(size <= expected for size in seen)
