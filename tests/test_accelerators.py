@@ -36,7 +36,6 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_scoring_ranks_examples_like_fp32(accelerator):
     """Under bf16 autocast the scoring pass's signals stay float32 and rank the pool as the fp32 pass does."""
     device = _device(accelerator)
-    torch.manual_seed(0)
     data = IndexedBlobs(n=512, dim=32, classes=8, seed=3)
     model = TinyClassifier(dim=32, classes=8).to(device)
     batch = [t.to(device) for t in next(iter(DataLoader(data, batch_size=512)))]
