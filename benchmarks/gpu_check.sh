@@ -5,7 +5,7 @@
 # limit and a failing step does not stop the next. Results go to $OUT (default ./gpu_check_out):
 #   check.log                      everything printed
 #   scoring-<task>-<precision>.json  benchmarks/scoring_throughput.py on the GPU
-#   gpu_knn.json                   benchmarks/gpu_knn.py (torch exact k-NN on the GPU against faiss on the CPU)
+#   gpu_knn.json                   benchmarks/gpu_knn.py (KnnGraph's exact search on the GPU against faiss on the CPU)
 #   bench.tar.gz                   the bench's output folders (lm-mixture, budget 0.3, seed 0, bf16-mixed;
 #                                  overlap auto, i.e. on for the informed strategies, and off)
 # The wheels (Python 3.12 there), fetched here before the run, into a folder git ignores:

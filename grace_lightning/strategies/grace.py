@@ -126,7 +126,7 @@ class Grace(Strategy):
             matrix products on that GPU; ``"cuda"`` is the current device of the thread that builds the graph) or
             ``"auto"`` (the current GPU where this process has initialised CUDA, i.e. the model trains on one,
             else the CPU). On one H200 exact search of 100k nodes took 0.15 s against 0.7 s for HNSW on 16 cores,
-            at recall 1.0 against 0.95 (``README.md``, ``benchmarks/gpu_knn.py``). HNSW always runs on the CPU.
+            at recall 1.0 against 0.95 (``README.md``, ``benchmarks/gpu_knn.py`` at ``c0f8ab9``). HNSW always runs on the CPU.
         gpu_exact_threshold: pool size up to which ``"auto"`` searches exactly on a GPU graph device (exact search
             grows as ``N^2``: 14 s at a million nodes on an H200, level with HNSW on 16 cores).
         hnsw_m: links per node of the HNSW index (faiss ``M``) when the graph uses one; fewer build and search
