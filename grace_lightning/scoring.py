@@ -183,15 +183,16 @@ class Measurements:
             collate_fn=already_batched if isinstance(dataset, TensorRows) else like.collate_fn,
         )
 
-    def batch_size_for(self, like: DataLoader) -> int:
-        """The scoring batch size: the one given, else twice ``like``'s (the training loader's) batch size.
+    def batch_size_for(self, like: DataLoader, fallback: int = 1) -> int:
+        """The scoring batch size: the one given, else twice ``like``'s (the training loader's) batch size, else
+        ``fallback`` (a loader built on a batch sampler has no batch size).
 
         A forward-only pass holds no activations for a backward pass, so twice the training batch fits where
         training fits, and larger batches score faster: 1.33x (Fashion-MNIST, 128 -> 256) and 1.05x (lm-mixture,
         32 -> 64) the examples a second on 2 CPU cores; on a GPU a small model's small batches are bound by kernel
         launches (``benchmarks/scoring_throughput.py``).
         """
-        return self.batch_size or (2 * like.batch_size if like.batch_size else 1)
+        return self.batch_size or (2 * like.batch_size if like.batch_size else fallback)
 
     def reference_loader(self, reference: Union[Dataset, DataLoader], like: DataLoader) -> DataLoader:
         """The user's reference DataLoader, or one over the reference Dataset batched like the training loader."""
@@ -239,7 +240,7 @@ class Measurements:
             train_loader.collate_fn,
             lambda batch: trainer.strategy.batch_to_device(batch, pl_module.device),
             reference=None if reference is None else list(reference),
-            eval_batch_size=self.batch_size_for(train_loader) if train_loader.batch_size or self.batch_size else 256,
+            eval_batch_size=self.batch_size_for(train_loader, fallback=256),
             forward_context=trainer.precision_plugin.forward_context,
             head_inputs=self.extractor.head_inputs,
             head_losses=self.extractor.head_losses,

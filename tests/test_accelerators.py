@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from grace_lightning import CoresetCallback, CoresetSampler
 from grace_lightning.signals.capture import SignalExtractor, inference_forward
 from tests.harness import TopLoss, fit, load_records
-from tests.test_overlap import PER_EPOCH, POOL, SpyTopLoss, _trained_per_epoch
-from tests.toy import IndexedBlobs, TinyClassifier, quiet_trainer
+from tests.test_overlap import PER_EPOCH, SpyTopLoss, _fit, _trained_per_epoch
+from tests.toy import IndexedBlobs, TinyClassifier
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ACCELERATORS = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=CUDA)]
@@ -82,20 +81,10 @@ def test_resume_is_bit_exact_on_the_gpu(tmp_path, strategy):
 @CUDA
 def test_overlap_on_the_gpu_hands_over_the_synchronous_selection():
     """With the model on the GPU the thread computes the subset a synchronous run computes, one refresh later."""
-
-    def run(strategy, overlap):
-        dataset = IndexedBlobs(n=POOL)
-        sampler = CoresetSampler(dataset, fraction=0.25, seed=7)
-        callback = CoresetCallback(sampler, strategy=strategy, seed=11, overlap=overlap)
-        model = TinyClassifier()
-        trainer = quiet_trainer(accelerator="gpu", max_epochs=4, callbacks=[callback])
-        trainer.fit(model, DataLoader(dataset, batch_size=8, sampler=sampler))
-        return callback, model
-
     sync_strategy, overlap_strategy = SpyTopLoss(), SpyTopLoss()
     overlap_strategy.overlap_by_default = True  # as grace, grip, group_mates and gip declare
-    _, sync_model = run(sync_strategy, False)
-    callback, overlap_model = run(overlap_strategy, "auto")  # "auto" overlaps on an accelerator
+    _, sync_model = _fit(sync_strategy, accelerator="gpu", overlap=False)
+    callback, overlap_model = _fit(overlap_strategy, accelerator="gpu", overlap="auto")  # "auto": on, on a GPU
     assert callback.overlap is True
     assert sync_strategy.calls[0]["indices"] == overlap_strategy.calls[0]["indices"]
     first = sorted(sync_strategy.calls[0]["indices"])

@@ -36,12 +36,13 @@ class SpyTopLoss(TopLoss):
         return selection
 
 
-def _fit(strategy, max_epochs=4, **kwargs):
+def _fit(strategy, max_epochs=4, accelerator="cpu", **kwargs):
     dataset = IndexedBlobs(n=POOL)
     sampler = CoresetSampler(dataset, fraction=FRACTION, seed=7)
     callback = CoresetCallback(sampler, strategy=strategy, seed=11, **kwargs)
     model = TinyClassifier()
-    quiet_trainer(max_epochs=max_epochs, callbacks=[callback]).fit(model, DataLoader(dataset, batch_size=BATCH, sampler=sampler))
+    trainer = quiet_trainer(accelerator=accelerator, max_epochs=max_epochs, callbacks=[callback])
+    trainer.fit(model, DataLoader(dataset, batch_size=BATCH, sampler=sampler))
     return callback, model
 
 
