@@ -7,7 +7,8 @@
 #   scoring-<task>-<precision>.json  benchmarks/scoring_throughput.py on the GPU
 #   gpu_knn.json                   benchmarks/gpu_knn.py (KnnGraph's exact search on the GPU against faiss on the CPU)
 #   bench.tar.gz                   the bench's output folders (lm-mixture, budget 0.3, seed 0, bf16-mixed;
-#                                  overlap auto, i.e. on for the informed strategies, and off)
+#                                  overlap auto, i.e. on for the informed strategies, and off; GRACE with its
+#                                  graph on the GPU, benchmarks/gpu_grace_graph.toml)
 # The wheels (Python 3.12 there), fetched here before the run, into a folder git ignores:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -16,7 +17,7 @@
 # may send (64 MiB), so the bench steps run lm-mixture.
 #   bash benchmarks/gpu_check.sh                  # every step
 #   STEPS="scoring bench-auto" bash benchmarks/gpu_check.sh   # only the steps named
-# Steps: environment scoring bench-auto tests bench-off knn (each a word in STEPS; all by default).
+# Steps: environment scoring bench-auto tests bench-graph bench-off knn (each a word in STEPS; all by default).
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -29,7 +30,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BENCH=/tmp/gpu_bench
 
-STEPS=${STEPS:-environment scoring bench-auto tests bench-off knn}
+STEPS=${STEPS:-environment scoring bench-auto tests bench-graph bench-off knn}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step() {  # step <seconds> <name> <command...>
@@ -54,6 +55,8 @@ step 180 bench-auto python3 -m grace_lightning.bench --task lm-mixture --fractio
     --strategies full,random,grace,grip,group_mates,gip --precision bf16-mixed --out "$BENCH/lm-mixture-auto"
 save_bench
 step 100 tests python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_accelerators.py
+step 60 bench-graph python3 -m grace_lightning.bench --config benchmarks/gpu_grace_graph.toml --out "$BENCH/lm-mixture-graph"
+save_bench
 step 150 bench-off python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
     --strategies grace,grip,group_mates,gip --precision bf16-mixed --overlap off --out "$BENCH/lm-mixture-off"
 save_bench
