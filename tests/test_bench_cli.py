@@ -507,7 +507,7 @@ def test_journal_fingerprint_separates_precisions_and_keeps_old_journals():
     config = BenchConfig("mixture", ["grace"], [0.3], [0], 2, "out", "quick", None, None)
     assert fingerprint(config) != fingerprint(BenchConfig(**{**asdict(config), "precision": "bf16-mixed"}))
     options = asdict(config)
-    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision"):
+    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision", "scoring_batch_size"):
         options.pop(key)
     import hashlib
     import json
@@ -592,3 +592,35 @@ def test_a_bench_run_trains_and_selects_in_the_configured_precision():
 
     store = built.callback.store
     assert store.measured.all() and torch.isfinite(store.loss).all()  # the scoring pass read the whole pool
+
+
+def test_scoring_batch_size_reaches_the_callback_and_is_validated(tmp_path, capsys):
+    """``--scoring-batch-size`` sets the callback's scoring batch; a bad value exits 2 naming the option; the default
+    leaves the journal fingerprint as it was before the option."""
+    from dataclasses import asdict
+
+    from grace_lightning.bench.config import BenchConfig
+    from grace_lightning.bench.journal import fingerprint
+    from grace_lightning.bench.runner import build_run, quiet_and_restored
+    from grace_lightning.bench.tasks import get_task
+
+    config = BenchConfig("mixture", ["grace"], [0.25], [0], 2, "", "quick", 400, 100, scoring_batch_size=96)
+    with quiet_and_restored():
+        built = build_run(get_task("mixture"), "grace", 0.25, 0, config)
+    assert built.callback.scoring_batch_size == 96
+    default = BenchConfig(**{**asdict(config), "scoring_batch_size": None})
+    with quiet_and_restored():
+        assert build_run(get_task("mixture"), "grace", 0.25, 0, default).callback.scoring_batch_size is None
+    assert fingerprint(config) != fingerprint(default)
+    import hashlib
+
+    options = asdict(default)
+    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision", "scoring_batch_size"):
+        options.pop(key)
+    assert fingerprint(default) == hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--task", "mixture", "--quick", "--scoring-batch-size", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scoring-batch-size" in err and "positive integer" in err

@@ -14,6 +14,7 @@ A comparison is described by the options below, on the command line or in a JSON
     lr_schedule = "cosine"       # the same schedule for every strategy, sized to each fit's steps
     refresh_every = 1            # the callback's settings, the same for every strategy
     precision = "bf16-mixed"     # the Trainer's precision (default "32-true"); bf16 needs a GPU or a recent CPU
+    scoring_batch_size = 1024    # the callback's scoring batch (default: the callback's, twice the training batch)
     task_options = { noise = 0.3 }
 
     [strategy_kwargs.el2n]
@@ -50,7 +51,7 @@ _GPU_ONLY_PRECISIONS = ("16-mixed", "16-true")
 _FILE_KEYS = {
     "task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "preset", "strategy_kwargs", "task_options",
     "lr_schedule", "refresh_every", "warmup_epochs", "anneal_epochs", "max_selection_share",
-    "overlap", "precision",
+    "overlap", "precision", "scoring_batch_size",
 }
 
 
@@ -78,6 +79,7 @@ class BenchConfig:
     max_selection_share: Union[float, str, None] = "default"
     overlap: str = "auto"  # the callback's `overlap`: "auto", "on" or "off"
     precision: str = "32-true"  # the Trainer's `precision`, the same for every run (the scoring pass follows it)
+    scoring_batch_size: Optional[int] = None  # the callback's `scoring_batch_size`; None: the callback's default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", default=None, help=f"the Trainer's precision for every run: one of {', '.join(PRECISIONS)} "
         "(default 32-true); the scoring pass and probes run under the same autocast",
+    )
+    parser.add_argument(
+        "--scoring-batch-size", default=None, help="the callback's batch size for the scoring pass, probe evaluations "
+        "and reference scoring, the same for every run (default: the callback's, twice the training batch)",
     )
 
 
@@ -316,6 +322,16 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
 
         if not torch.cuda.is_available():
             parser.error(f"argument --precision: {precision} needs a CUDA GPU and none is visible; use bf16-mixed or 32-true")
+    scoring_batch_size = pick("scoring_batch_size")
+    if scoring_batch_size is not None:
+        try:
+            scoring_batch_size = int(str(scoring_batch_size).strip())
+        except ValueError:
+            scoring_batch_size = 0
+        if scoring_batch_size < 1:
+            parser.error(
+                f"argument --scoring-batch-size: must be a positive integer (e.g. 1024), got {pick('scoring_batch_size')!r}"
+            )
 
     # Data that cannot be built for these options (e.g. too little text for a mixture share) stop here too.
     from grace_lightning.bench.tasks import TaskSize
@@ -347,6 +363,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
         max_selection_share=share,
         overlap=overlap,
         precision=precision,
+        scoring_batch_size=scoring_batch_size,
         **schedule,
     )
 

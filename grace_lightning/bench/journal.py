@@ -31,6 +31,8 @@ def fingerprint(config: BenchConfig) -> str:
         options.pop("overlap")
     if options["precision"] == "32-true":
         options.pop("precision")  # likewise: the precision every run had before the option existed
+    if options["scoring_batch_size"] is None:
+        options.pop("scoring_batch_size")  # likewise: the callback's default, what every run had before the option
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

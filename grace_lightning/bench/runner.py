@@ -132,7 +132,10 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
     train_loader = DataLoader(data.train, batch_size=task.batch_size, sampler=sampler, collate_fn=data.collate_fn)
     val_loader = DataLoader(data.val, batch_size=task.val_batch_size, shuffle=False, collate_fn=data.collate_fn)
     chosen = build_strategy(strategy, **(config.strategy_kwargs.get(strategy) or {}))
-    budget = {} if config.max_selection_share == "default" else {"max_selection_share": config.max_selection_share}
+    # Callback settings given only when the comparison sets them, so that the callback's defaults apply otherwise.
+    settings = {} if config.max_selection_share == "default" else {"max_selection_share": config.max_selection_share}
+    if config.scoring_batch_size is not None:
+        settings["scoring_batch_size"] = config.scoring_batch_size
     reference = None if chosen.reference == "unused" else data.reference  # group_mates and gip read it
     encoder = {}
     if data.embeddings is not None and "embedding" in chosen.needs:  # the task's own encoder, for those that read it
@@ -148,7 +151,7 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
         seed=seed,
         overlap={"auto": "auto", "on": True, "off": False}[config.overlap],
         reference=reference,
-        **budget,
+        **settings,
         **encoder,
     )
     clock = EvalClock(callback, data.marked)

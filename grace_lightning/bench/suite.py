@@ -134,6 +134,8 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
             options["task_options"] = config.task_options
         if config.precision != "32-true":
             options["precision"] = config.precision
+        if config.scoring_batch_size is not None:
+            options["scoring_batch_size"] = config.scoring_batch_size
         from grace_lightning.bench.journal import Journal
 
         ran_at = sorted({str(row.get("commit", "not recorded")) for row in Journal(config).rows.values()})

@@ -122,13 +122,15 @@ class Grace(Strategy):
         graph_method: ``"auto"`` (exact below ``exact_threshold`` examples, or ``gpu_exact_threshold`` when the
             graph searches on a GPU; HNSW above), ``"flat"``, ``"hnsw"``.
         exact_threshold: pool size up to which ``"auto"`` uses exact search on the CPU.
-        graph_device: where exact search runs: ``"cpu"`` (the default: faiss), ``"cuda"`` / ``"cuda:N"`` (torch
-            matrix products on that GPU; ``"cuda"`` is the current device of the thread that builds the graph) or
-            ``"auto"`` (the current GPU where this process has initialised CUDA, i.e. the model trains on one,
-            else the CPU). On one H200 exact search of 100k nodes took 0.15 s against 0.7 s for HNSW on 16 cores,
-            at recall 1.0 against 0.95 (``README.md``, ``benchmarks/gpu_knn.py`` at ``c0f8ab9``). HNSW always runs on the CPU.
-        gpu_exact_threshold: pool size up to which ``"auto"`` searches exactly on a GPU graph device (exact search
-            grows as ``N^2``: 14 s at a million nodes on an H200, level with HNSW on 16 cores).
+        graph_device: where exact search runs: ``"auto"`` (the default: the current GPU where this process has
+            initialised CUDA, i.e. the model trains on one, else the CPU), ``"cpu"`` (faiss) or ``"cuda"`` /
+            ``"cuda:N"`` (torch matrix products on that GPU; ``"cuda"`` is the current device of the thread that
+            builds the graph). On one H200 an exact 100k-node graph took 0.31 s against 0.75 s for HNSW on 16 cores,
+            at recall 1.0 against 0.95, and a GRACE fit on ``lm-mixture`` picked the same subset as with faiss's
+            graph (``README.md``, ``benchmarks/results/gpu_check/run3``). HNSW always runs on the CPU.
+        gpu_exact_threshold: pool size up to which ``"auto"`` searches exactly on a GPU graph device. Exact search
+            grows as ``N^2``: at a million nodes it took 20.5 s on an H200 against 11.7 s for HNSW on 16 cores, and
+            the two cross near half a million.
         hnsw_m: links per node of the HNSW index (faiss ``M``) when the graph uses one; fewer build and search
             faster at a lower recall (measured in ``benchmarks/grace_scale.py``, ``README.md``).
         ef_construction: HNSW's search breadth while it inserts a node (faiss ``efConstruction``); lower builds
@@ -187,8 +189,8 @@ class Grace(Strategy):
         weighting: str = "none",
         graph_method: str = "auto",
         exact_threshold: int = 20_000,
-        graph_device: str = "cpu",
-        gpu_exact_threshold: int = 1_000_000,
+        graph_device: str = "auto",
+        gpu_exact_threshold: int = 500_000,
         hnsw_m: int = 32,
         ef_construction: int = 20,
         ef_search: int = 24,
@@ -214,7 +216,7 @@ class Grace(Strategy):
                 resolve_device(graph_device)
             except ValueError as error:
                 raise ValueError(f"grace: `graph_device`: {error} (or 'auto').") from None
-        positive_int("grace", "gpu_exact_threshold", gpu_exact_threshold, hint=" (e.g. 1000000)")
+        positive_int("grace", "gpu_exact_threshold", gpu_exact_threshold, hint=" (e.g. 500000)")
         positive_int("grace", "hnsw_m", hnsw_m, hint=" (e.g. 32, faiss's M)")
         positive_int("grace", "ef_construction", ef_construction, hint=" (e.g. 20, faiss's efConstruction)")
         positive_int("grace", "ef_search", ef_search, hint=" (e.g. 24, faiss's efSearch)")
