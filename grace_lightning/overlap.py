@@ -11,12 +11,23 @@ selection time; the rest ran beside training (``hidden``).
 Strategy math is numpy, faiss and torch CPU kernels, which release the GIL for their heavy parts, so the thread
 takes little from the training loop where a core is free (always, where a GPU trains). On a small CPU machine
 the two share the cores, and the thread costs more than it hides: ``overlap="auto"`` leaves it off there.
+
+From a submission to its hand-over, the BLAS libraries with a process-wide thread pool (numpy's OpenBLAS; not
+torch's, and not those threaded by OpenMP, whose thread count is per calling thread) run on one thread; the
+training thread sets and lifts the limit, as threadpoolctl lets only one thread control such a pool. The strategies' greedy
+loops make thousands of small matrix products, where a pool of one thread a core spins against the training
+loop's threads: on one H200 with 16 cores GIP's greedy (60k x 128, budget 18k) took 3.8 s beside training with
+numpy's default pool and 2.1 s with one thread, Group-MATES' clustered greedy 2.5 s and 1.1 s
+(``benchmarks/blas_contention.py``, ``benchmarks/results/gpu_check/run4``). Numpy products the training
+thread makes meanwhile run on one thread too.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -89,6 +100,8 @@ class SelectionWorker:
     def __init__(self) -> None:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._faiss_threads = 1
+        self._blas_pools: Any = None
+        self._blas_limit = ExitStack()  # holds the one-thread limit from a submission to its hand-over
 
     def submit(self, pending: PendingSelection, select: Callable[[], Selection]) -> None:
         """Start ``select()`` in the background; its result lands in ``pending`` at :meth:`finish`."""
@@ -105,24 +118,30 @@ class SelectionWorker:
                 initializer=_init_thread,
                 initargs=(self._faiss_threads, cuda),
             )
+            self._blas_pools = process_wide_blas()
+        self._blas_limit.close()
+        self._blas_limit.enter_context(self._blas_pools.limit(limits=1))
         pending.future = self._executor.submit(_timed, select)
 
-    @staticmethod
-    def finish(pending: PendingSelection) -> None:
+    def finish(self, pending: PendingSelection) -> None:
         """Wait for ``pending``'s thread (if it runs) and move its result in; re-raises the strategy's error."""
         if pending.future is None:
             return
         began = time.perf_counter()
         future, pending.future = pending.future, None
-        selection, seconds = future.result()
+        try:
+            selection, seconds = future.result()
+        finally:
+            self._blas_limit.close()
         pending.waited_seconds += time.perf_counter() - began
         pending.selection, pending.worker_seconds = selection, seconds
 
     def close(self) -> None:
-        """Stop the thread (after the selection it runs, if any)."""
+        """Stop the thread (after the selection it runs, if any) and lift the BLAS limit."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._blas_limit.close()
 
 
 def _init_thread(faiss_threads: int, cuda_device: Optional[int]) -> None:
@@ -132,6 +151,26 @@ def _init_thread(faiss_threads: int, cuda_device: Optional[int]) -> None:
     faiss.omp_set_num_threads(faiss_threads)
     if cuda_device is not None:
         torch.cuda.set_device(cuda_device)
+
+
+def process_wide_blas() -> Any:
+    """A ``threadpoolctl.ThreadpoolController`` of the loaded BLAS libraries whose thread pool is process-wide.
+
+    Those threaded by OpenMP are left out (their thread count is per calling thread; faiss's follows
+    ``faiss.omp_set_num_threads`` in the selection thread), and so are torch's own, which the training loop uses.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController()
+    paths = [
+        lib["filepath"]
+        for lib in controller.info()
+        if lib["user_api"] == "blas"
+        and lib.get("threading_layer") != "openmp"
+        # torch's wheels keep their libraries in torch/lib or torch.libs
+        and not {"torch", "torch.libs"} & set(os.path.realpath(lib["filepath"]).split(os.sep))
+    ]
+    return controller.select(filepath=paths)
 
 
 def _timed(select: Callable[[], Selection]) -> tuple[Selection, float]:

@@ -199,3 +199,37 @@ def test_two_ranks_agree_on_every_subset_with_overlap(tmp_path):
     shards = [set(sum(r["batches"].values(), [])) for r in ranks]
     assert shards[0] and shards[1]
     assert load_weights(tmp_path, "ddp")
+
+
+def test_the_selection_thread_runs_numpys_blas_on_one_thread_and_gives_it_back():
+    """numpy's process-wide BLAS pool is limited to one thread from a submission to its hand-over (it spins against
+    the training loop's threads otherwise), set and lifted by the submitting thread; torch's and OpenMP-threaded
+    pools are left alone; close() lifts a limit whose selection was never handed over."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from grace_lightning.overlap import PendingSelection, SelectionWorker, process_wide_blas
+
+    def numpy_blas() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if "numpy" in lib["filepath"] and lib["user_api"] == "blas"]
+
+    limited = process_wide_blas().info()
+    assert any("numpy" in lib["filepath"] for lib in limited)
+    assert all(lib.get("threading_layer") != "openmp" and "torch" not in lib["filepath"] for lib in limited)
+    seen: list[list[int]] = []
+
+    def select() -> Selection:
+        seen.append(numpy_blas())
+        return Selection(torch.arange(3), None, {})
+
+    worker = SelectionWorker()
+    with threadpool_limits(limits=2, user_api="blas"):  # a pool of more than one thread to begin with
+        before = numpy_blas()
+        pending = PendingSelection(numbers={}, prepared_seconds=0.0)
+        worker.submit(pending, select)
+        worker.finish(pending)
+        after = numpy_blas()
+        worker.submit(PendingSelection(numbers={}, prepared_seconds=0.0), select)  # dropped: never handed over
+        worker.close()
+        closed = numpy_blas()
+    assert before == after == closed == [2] and seen == [[1], [1]]
+    assert torch.equal(pending.selection.indices, torch.arange(3))
