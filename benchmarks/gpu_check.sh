@@ -10,7 +10,8 @@
 #   bench.tar.gz                   the bench's output folders (lm-mixture, budget 0.3, seed 0, bf16-mixed;
 #                                  overlap auto, i.e. on for the informed strategies, and off; GRACE with its
 #                                  graph on the GPU, benchmarks/gpu_grace_graph.toml; the informed strategies
-#                                  scoring at batch 1,024; and with numpy's BLAS on one thread)
+#                                  scoring at batch 1,024, with and without the free capture on training
+#                                  batches; and with numpy's BLAS on one thread)
 # The wheels (Python 3.12 there), fetched here before the run, into a folder git ignores:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -19,8 +20,8 @@
 # may send (64 MiB), so the bench steps run lm-mixture.
 #   bash benchmarks/gpu_check.sh                  # every step
 #   STEPS="scoring bench-auto" bash benchmarks/gpu_check.sh   # only the steps named
-# Steps: environment scoring bench-auto tests bench-graph bench-off knn blas bench-batch bench-blas1 (each a word in
-# STEPS; all by default).
+# Steps: environment scoring bench-auto tests bench-graph bench-off knn blas bench-batch bench-nocapture bench-blas1
+# (each a word in STEPS; all by default).
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -33,7 +34,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BENCH=/tmp/gpu_bench
 
-STEPS=${STEPS:-environment scoring bench-auto tests bench-graph bench-off knn blas bench-batch bench-blas1}
+STEPS=${STEPS:-environment scoring bench-auto tests bench-graph bench-off knn blas bench-batch bench-nocapture bench-blas1}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step() {  # step <seconds> <name> <command...>
@@ -66,7 +67,12 @@ save_bench
 step 80 knn python3 benchmarks/gpu_knn.py --sizes 100000,1000000 --max-seconds 40 --out "$OUT/gpu_knn.json"
 step 120 blas python3 benchmarks/blas_contention.py --repeats 1 --out "$OUT/blas_contention.json"
 step 120 bench-batch python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
-    --strategies grace,grip,group_mates,gip --precision bf16-mixed --scoring-batch-size 1024 --out "$BENCH/lm-mixture-batch1024"
+    --strategies random,grace,grip,group_mates,gip --precision bf16-mixed --scoring-batch-size 1024 \
+    --out "$BENCH/lm-mixture-batch1024"
+save_bench
+step 120 bench-nocapture python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 --seeds 0 \
+    --strategies grace,grip,group_mates,gip --precision bf16-mixed --scoring-batch-size 1024 --capture off \
+    --out "$BENCH/lm-mixture-batch1024-nocapture"
 save_bench
 step 120 bench-blas1 env OPENBLAS_NUM_THREADS=1 python3 -m grace_lightning.bench --task lm-mixture --fractions 0.3 \
     --seeds 0 --strategies grace,grip,group_mates,gip --precision bf16-mixed --out "$BENCH/lm-mixture-blas1"

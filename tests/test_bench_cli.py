@@ -507,7 +507,7 @@ def test_journal_fingerprint_separates_precisions_and_keeps_old_journals():
     config = BenchConfig("mixture", ["grace"], [0.3], [0], 2, "out", "quick", None, None)
     assert fingerprint(config) != fingerprint(BenchConfig(**{**asdict(config), "precision": "bf16-mixed"}))
     options = asdict(config)
-    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision", "scoring_batch_size"):
+    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision", "scoring_batch_size", "capture"):
         options.pop(key)
     import hashlib
     import json
@@ -594,9 +594,9 @@ def test_a_bench_run_trains_and_selects_in_the_configured_precision():
     assert store.measured.all() and torch.isfinite(store.loss).all()  # the scoring pass read the whole pool
 
 
-def test_scoring_batch_size_reaches_the_callback_and_is_validated(tmp_path, capsys):
-    """``--scoring-batch-size`` sets the callback's scoring batch; a bad value exits 2 naming the option; the default
-    leaves the journal fingerprint as it was before the option."""
+def test_scoring_batch_size_and_capture_reach_the_callback_and_are_validated(tmp_path, capsys):
+    """``--scoring-batch-size`` and ``--capture off`` set the callback's scoring batch and free capture; a bad value
+    exits 2 naming the option; the defaults leave the journal fingerprint as it was before the options."""
     from dataclasses import asdict
 
     from grace_lightning.bench.config import BenchConfig
@@ -604,18 +604,21 @@ def test_scoring_batch_size_reaches_the_callback_and_is_validated(tmp_path, caps
     from grace_lightning.bench.runner import build_run, quiet_and_restored
     from grace_lightning.bench.tasks import get_task
 
-    config = BenchConfig("mixture", ["grace"], [0.25], [0], 2, "", "quick", 400, 100, scoring_batch_size=96)
+    config = BenchConfig(
+        "mixture", ["grace"], [0.25], [0], 2, "", "quick", 400, 100, scoring_batch_size=96, capture=False
+    )
     with quiet_and_restored():
         built = build_run(get_task("mixture"), "grace", 0.25, 0, config)
-    assert built.callback.scoring_batch_size == 96
-    default = BenchConfig(**{**asdict(config), "scoring_batch_size": None})
+    assert built.callback.scoring_batch_size == 96 and built.callback.capture_training_signals is False
+    default = BenchConfig(**{**asdict(config), "scoring_batch_size": None, "capture": True})
     with quiet_and_restored():
-        assert build_run(get_task("mixture"), "grace", 0.25, 0, default).callback.scoring_batch_size is None
-    assert fingerprint(config) != fingerprint(default)
+        built = build_run(get_task("mixture"), "grace", 0.25, 0, default)
+    assert built.callback.scoring_batch_size is None and built.callback.capture_training_signals is True
+    assert len({fingerprint(config), fingerprint(default), fingerprint(BenchConfig(**{**asdict(default), "capture": False}))}) == 3
     import hashlib
 
     options = asdict(default)
-    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision", "scoring_batch_size"):
+    for key in ("out", "strategies", "fractions", "seeds", "overlap", "precision", "scoring_batch_size", "capture"):
         options.pop(key)
     assert fingerprint(default) == hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -624,3 +627,6 @@ def test_scoring_batch_size_reaches_the_callback_and_is_validated(tmp_path, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--scoring-batch-size" in err and "positive integer" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--task", "mixture", "--quick", "--capture", "maybe", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--capture" in capsys.readouterr().err

@@ -201,3 +201,27 @@ def test_scoring_pass_batches_at_twice_the_training_batch_unless_told(monkeypatc
     _trainer(max_epochs=3, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler))
     assert seen and max(seen) == expected  # the last batch of a pass may be smaller
     assert all(size <= expected for size in seen)
+
+
+def test_an_accelerator_at_the_default_scoring_batch_gets_one_hint_naming_the_setting():
+    """On a GPU the default scoring batch (twice the training batch) leaves a small model's passes launch-bound: the
+    first pass says so once, naming `scoring_batch_size`; nothing is said on the CPU or when the size was given."""
+    from grace_lightning.scoring import Measurements
+
+    default = Measurements(None, None, 0)
+    hint = default.scoring_batch_hint(torch.device("cuda", 0), 64)
+    assert hint is not None and "scoring_batch_size" in hint and "batch 64" in hint
+    assert default.scoring_batch_hint(torch.device("cpu"), 64) is None
+    assert Measurements(None, 1024, 0).scoring_batch_hint(torch.device("cuda", 0), 1024) is None
+
+
+def test_a_cpu_fit_at_the_default_scoring_batch_logs_no_hint(caplog):
+    import logging
+
+    dataset = IndexedBlobs(n=128)
+    sampler = CoresetSampler(dataset, fraction=0.25, seed=7)
+    callback = CoresetCallback(sampler, strategy=TopLoss(), seed=11)
+    with caplog.at_level(logging.INFO):
+        _trainer(max_epochs=2, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler))
+    assert callback.history and "scoring_batch_size" not in caplog.text
+    assert callback._measure.batch_hint_given is False

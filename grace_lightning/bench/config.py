@@ -15,6 +15,7 @@ A comparison is described by the options below, on the command line or in a JSON
     refresh_every = 1            # the callback's settings, the same for every strategy
     precision = "bf16-mixed"     # the Trainer's precision (default "32-true"); bf16 needs a GPU or a recent CPU
     scoring_batch_size = 1024    # the callback's scoring batch (default: the callback's, twice the training batch)
+    capture = false              # no free capture of signals on training batches (default true)
     task_options = { noise = 0.3 }
 
     [strategy_kwargs.el2n]
@@ -51,7 +52,7 @@ _GPU_ONLY_PRECISIONS = ("16-mixed", "16-true")
 _FILE_KEYS = {
     "task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "preset", "strategy_kwargs", "task_options",
     "lr_schedule", "refresh_every", "warmup_epochs", "anneal_epochs", "max_selection_share",
-    "overlap", "precision", "scoring_batch_size",
+    "overlap", "precision", "scoring_batch_size", "capture",
 }
 
 
@@ -80,6 +81,7 @@ class BenchConfig:
     overlap: str = "auto"  # the callback's `overlap`: "auto", "on" or "off"
     precision: str = "32-true"  # the Trainer's `precision`, the same for every run (the scoring pass follows it)
     scoring_batch_size: Optional[int] = None  # the callback's `scoring_batch_size`; None: the callback's default
+    capture: bool = True  # the callback's `capture_training_signals`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scoring-batch-size", default=None, help="the callback's batch size for the scoring pass, probe evaluations "
         "and reference scoring, the same for every run (default: the callback's, twice the training batch)",
+    )
+    parser.add_argument(
+        "--capture", default=None, help="on (the default) or off: the callback's free capture of signals on training "
+        "batches (`capture_training_signals`); off, every signal comes from scoring passes",
     )
 
 
@@ -332,6 +338,13 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
             parser.error(
                 f"argument --scoring-batch-size: must be a positive integer (e.g. 1024), got {pick('scoring_batch_size')!r}"
             )
+    capture = pick("capture")
+    capture = True if capture is None else capture
+    if not isinstance(capture, bool):
+        word = str(capture).strip().lower()
+        if word not in ("on", "off", "true", "false"):
+            parser.error(f"argument --capture: must be on or off, got {pick('capture')!r}")
+        capture = word in ("on", "true")
 
     # Data that cannot be built for these options (e.g. too little text for a mixture share) stop here too.
     from grace_lightning.bench.tasks import TaskSize
@@ -364,6 +377,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
         overlap=overlap,
         precision=precision,
         scoring_batch_size=scoring_batch_size,
+        capture=capture,
         **schedule,
     )
 

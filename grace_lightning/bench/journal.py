@@ -33,6 +33,8 @@ def fingerprint(config: BenchConfig) -> str:
         options.pop("precision")  # likewise: the precision every run had before the option existed
     if options["scoring_batch_size"] is None:
         options.pop("scoring_batch_size")  # likewise: the callback's default, what every run had before the option
+    if options["capture"]:
+        options.pop("capture")  # likewise
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

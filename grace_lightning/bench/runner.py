@@ -136,6 +136,8 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
     settings = {} if config.max_selection_share == "default" else {"max_selection_share": config.max_selection_share}
     if config.scoring_batch_size is not None:
         settings["scoring_batch_size"] = config.scoring_batch_size
+    if not config.capture:
+        settings["capture_training_signals"] = False
     reference = None if chosen.reference == "unused" else data.reference  # group_mates and gip read it
     encoder = {}
     if data.embeddings is not None and "embedding" in chosen.needs:  # the task's own encoder, for those that read it

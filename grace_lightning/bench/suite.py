@@ -136,6 +136,8 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
             options["precision"] = config.precision
         if config.scoring_batch_size is not None:
             options["scoring_batch_size"] = config.scoring_batch_size
+        if not config.capture:
+            options["capture"] = False
         from grace_lightning.bench.journal import Journal
 
         ran_at = sorted({str(row.get("commit", "not recorded")) for row in Journal(config).rows.values()})
