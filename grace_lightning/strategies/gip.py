@@ -441,10 +441,13 @@ def greedy_logdet_stochastic(
         positions = rng.integers(0, alive, size=min(sample * take, alive))
         if take > 1:
             positions = np.unique(positions)  # a candidate drawn twice must not be picked twice
-        rows = x[remaining[positions]].astype(np.float64)
-        v = rows @ posterior.sigma
-        num = np.einsum("ij,ij->i", v @ posterior.m, v)
-        den = posterior.sigma2 + np.einsum("ij,ij->i", v, rows)
+        # The candidates' quadratic forms in the candidates' own precision: float32 rows (the store's embeddings)
+        # run these products 3x faster than float64 and only rank the sampled candidates; the posterior itself
+        # stays float64.
+        rows = x[remaining[positions]]
+        v = rows @ posterior.sigma.astype(x.dtype)
+        num = np.einsum("ij,ij->i", v @ posterior.m.astype(x.dtype), v).astype(np.float64)
+        den = posterior.sigma2 + np.einsum("ij,ij->i", v, rows).astype(np.float64)
         score = den / np.maximum(den - num, 1e-300)
         # The `take` best, the first drawn on ties (argmax's choice for one); highest position first.
         best_positions = np.sort(positions[np.argsort(-score, kind="stable")[:take]])[::-1]
