@@ -1,10 +1,10 @@
 """Exact inner-product search on a torch device (a GPU): the part of ``faiss.IndexFlatIP`` that :class:`KnnGraph` uses.
 
-On a GPU, exact k-NN is a matrix product and a top-k: on one H200, a self-k-NN graph of 100,000 nodes in 32
-dimensions took 0.15 s against 5.2 s for faiss's exact search and 0.7 s for its HNSW on 16 cores (recall 1.0
-against 0.95), and 14 s at a million nodes (HNSW: 11 s, recall 0.91; the same products, timed by
-``benchmarks/gpu_knn.py`` at ``c0f8ab9``). Its cost grows as ``N^2``, so above a million nodes HNSW on the CPU is
-the better method.
+On a GPU, exact k-NN is a matrix product and a top-k: on one H200, a whole ``KnnGraph`` build of 100,000 nodes in
+32 dimensions took 0.31 s against 5.3 s for faiss's exact search and 0.75 s for its HNSW on 16 cores (recall 1.0
+against 0.95), and 20.5 s at a million nodes (HNSW: 11.7 s, recall 0.91; ``benchmarks/gpu_knn.py``,
+``benchmarks/results/gpu_check/run3``). Its cost grows as ``N^2``, so above about half a million nodes HNSW on the
+CPU is the better method (GRACE's ``gpu_exact_threshold``).
 
 faiss's GPU indexes are not on PyPI for current CUDA versions; torch, which the model already runs on, is.
 Numpy in, numpy out, like faiss.
