@@ -79,7 +79,10 @@ class CoresetCallback(Callback):
     phases: ``scoring_seconds``, ``strategy_seconds`` and whatever the strategy reports (GRACE splits
     propagation, graph update and selection). An overlapped refresh (``overlap``) is logged at its hand-over,
     with ``submitted_batch``, ``exposed_seconds`` (training waited for the thread) and ``hidden_seconds`` (it ran
-    beside training, not counted in ``selection_seconds``). The same records are kept in :attr:`history`.
+    beside training, not counted in ``selection_seconds``). With the free capture on, ``capture_seconds`` is what
+    turning the trained batches' outputs into signals took on the training thread since the previous refresh (on a
+    GPU also ``capture_gpu_seconds``, its kernels' device time); training pays it step by step, so it is not in
+    ``selection_seconds`` either. The same records are kept in :attr:`history`.
 
     Under ``Trainer(fast_dev_run=...)`` the callback stands aside (no refresh; a loader it would adopt is left as
     it is; an explicit sampler streams the whole pool) and says so.
@@ -440,7 +443,7 @@ class CoresetCallback(Callback):
             return
         position = self._loader.position(trainer)
         if self._capturing():
-            self._measure.keep_training_batch(self.batch_indices, position.batches_done, batch)
+            self._measure.keep_training_batch(self.batch_indices, position.batches_done, batch, pl_module.device)
         self._batch.warn_if_weights_unread()
         self._batch.leave()
         action = self.schedule.decide(position.batches_done, trainer.current_epoch, bool(trainer.is_last_batch))
@@ -574,8 +577,13 @@ class CoresetCallback(Callback):
         """The refresh's work on the training thread (it needs the model): scoring pass, reference, probes."""
         inputs = self._selection_input(trainer, start_batch, now_batch)
         scored, scoring_seconds, probe_seconds = 0, 0.0, 0.0
+        capture: dict[str, float] = {}
         if self.store is not None:  # measure
             self._measure.flush(trainer)
+            if self._capturing():
+                # Not selection seconds (training pays them step by step), but part of what selection costs.
+                taken = self._measure.take_capture_seconds()
+                capture = {k: max_over_ranks(trainer.strategy, v, pl_module.device) for k, v in taken.items()}
             to_score = self.strategy.to_score(inputs) if score and trainer.is_global_zero else None
             to_score = trainer.strategy.broadcast(to_score, src=0) if score else None
             if to_score is not None:
@@ -598,7 +606,8 @@ class CoresetCallback(Callback):
             if request is not None:
                 probe = self._measure.probe(trainer, pl_module, request, self._loader.loader(trainer), reference)
                 inputs, probe_seconds = replace(inputs, probe=probe), probe.seconds  # max over ranks
-        return inputs, cold, {"scored": scored}, {"scoring_seconds": scoring_seconds, "probe_seconds": probe_seconds}
+        phases = {"scoring_seconds": scoring_seconds, "probe_seconds": probe_seconds, **capture}
+        return inputs, cold, {"scored": scored}, phases
 
     def _select(self, inputs: SelectionInput, cold: bool) -> Selection:
         """The strategy's math (rank 0 only; on the worker thread when overlapped)."""

@@ -85,6 +85,10 @@ class Measurements:
         self._copying_from: Optional[torch.device] = None  # a GPU whose copies into _pending may be in flight
         self.signals_seen = (0, 0)  # the store's (invalid, offered) counts at the last validity check
         self.batch_hint_given = False
+        # What the free capture cost since the last refresh took it: training-thread seconds, and on a GPU the
+        # device time of its kernels (timed by events, read once the device has run them).
+        self._capture_seconds = 0.0
+        self._capture_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     # ------------------------------------------------------------------ free capture
     def extractor_for(self, pl_module: LightningModule, batch: Any, capture: bool = False) -> SignalExtractor:
@@ -99,11 +103,16 @@ class Measurements:
         """Record the head's forwards of the training batch about to run."""
         self.extractor_for(pl_module, batch, capture=True).arm()
 
-    def keep_training_batch(self, indices: Tensor, batches_done: int, batch: Any) -> None:
+    def keep_training_batch(self, indices: Tensor, batches_done: int, batch: Any, device: torch.device) -> None:
         """Turn what the hook recorded on the batch just trained into signals, held until the next flush."""
         if self.extractor is None:
             return
         self.extractor.disarm()
+        began = time.perf_counter()
+        events = None
+        if device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         signals = self.extractor.training_batch_signals(batch)
         if signals is not None and len(signals) == indices.numel():
             # Without waiting for the GPU: a blocking copy here would stall every training step until the device
@@ -112,6 +121,20 @@ class Measurements:
             if on_gpu:
                 self._copying_from = signals.loss.device
             self._pending.append((indices, batches_done, signals.to(torch.device("cpu"), non_blocking=on_gpu)))
+        if events is not None:
+            events[1].record()
+            self._capture_events.append(events)
+        self._capture_seconds += time.perf_counter() - began
+
+    def take_capture_seconds(self) -> dict[str, float]:
+        """What the free capture cost since the last call: ``capture_seconds`` on the training thread, and on a GPU
+        ``capture_gpu_seconds``, its kernels' device time (waits for the last of them)."""
+        taken = {"capture_seconds": self._capture_seconds}
+        if self._capture_events:
+            self._capture_events[-1][1].synchronize()
+            taken["capture_gpu_seconds"] = sum(start.elapsed_time(end) for start, end in self._capture_events) / 1000.0
+        self._capture_seconds, self._capture_events = 0.0, []
+        return taken
 
     def flush(self, trainer: Trainer) -> None:
         """Gather the signals every rank captured on its training batches into every rank's store."""

@@ -225,3 +225,25 @@ def test_a_cpu_fit_at_the_default_scoring_batch_logs_no_hint(caplog):
         _trainer(max_epochs=2, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler))
     assert callback.history and "scoring_batch_size" not in caplog.text
     assert callback._measure.batch_hint_given is False
+
+
+@pytest.mark.parametrize("capture", [True, False], ids=["capture", "no-capture"])
+def test_each_refresh_records_what_the_free_capture_cost_outside_selection(capture):
+    """``capture_seconds``: the training-thread seconds the free capture took since the previous refresh, in every
+    refresh's record while it is on (and in none while it is off); it is not part of ``selection_seconds``."""
+    from grace_lightning.bench.runner import phase_seconds
+
+    dataset = IndexedBlobs(n=256)
+    sampler = CoresetSampler(dataset, fraction=0.25, seed=7)
+    callback = CoresetCallback(sampler, strategy=TopLoss(), seed=11, capture_training_signals=capture)
+    _trainer(max_epochs=4, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler))
+    records = callback.history[1:]  # the first selection comes before any training batch
+    assert len(records) == 3
+    if capture:
+        assert all(r["capture_seconds"] > 0.0 for r in records)
+        assert "capture_gpu_seconds" not in records[0]  # device time only on a GPU
+        phases = ("scoring_seconds", "probe_seconds", "strategy_seconds")
+        assert all(r["selection_seconds"] >= sum(r[p] for p in phases) - 1e-9 for r in records)
+        assert phase_seconds(records)["capture_seconds"] == pytest.approx(sum(r["capture_seconds"] for r in records))
+    else:
+        assert all("capture_seconds" not in r for r in records)
