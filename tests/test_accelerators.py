@@ -126,3 +126,13 @@ def test_grace_with_its_graph_on_the_gpu_trains_and_resumes(tmp_path):
     for point, ckpt in _checkpoints(tmp_path, 1).items():
         fit(tmp_path, f"resumed_{point}", ckpt_path=ckpt, strategy=build_strategy("grace", graph_device="cuda"), **kwargs)
         _assert_resumed_equals_uninterrupted(tmp_path, 1, point)
+
+
+@CUDA
+def test_the_captures_device_time_is_recorded_on_the_gpu():
+    """On a GPU each refresh after training records the capture's kernels' device time (CUDA events) beside its
+    training-thread seconds, and the scoring pass's hint to raise `scoring_batch_size` is given once."""
+    callback, _ = _fit(TopLoss(), accelerator="gpu", overlap=False)
+    records = callback.history[1:]  # the first selection comes before any training batch
+    assert records and all(r["capture_gpu_seconds"] > 0.0 and r["capture_seconds"] > 0.0 for r in records)
+    assert callback._measure.batch_hint_given is True
