@@ -225,8 +225,8 @@ class Measurements:
         if self.batch_size is not None or device.type == "cpu" or batch_size is None:
             return None
         return (
-            f"CoresetCallback: scoring passes run on {device.type} at batch {batch_size} (twice the training batch, "
-            "the default, which fits any model). Forward-only passes hold no activations for a backward pass: if "
+            f"CoresetCallback: scoring passes run on {device.type} at batch {batch_size} (the default: twice the "
+            "training batch, which fits any model). Forward-only passes hold no activations for a backward pass: if "
             "memory allows, a larger `CoresetCallback(scoring_batch_size=...)` scores faster (on one H200 a small "
             "LM's passes ran 5-7x faster at 1024 than at 64; README, 'On a GPU, the second session')."
         )
