@@ -302,6 +302,33 @@ def test_graph_device_picks_where_exact_search_runs(monkeypatch):
     assert hnsw.graph.method == "hnsw" and hnsw.graph.device == "cpu"
 
 
+def test_a_graph_that_does_not_fit_on_the_gpu_is_built_on_the_cpu_under_auto_and_named_otherwise(monkeypatch):
+    """graph_device="auto": a GPU out of memory (a model that fills it) builds the graph with faiss on the CPU and
+    warns; an explicit "cuda" raises, naming graph_device and the fix."""
+    import grace_lightning.strategies.grace as grace_module
+
+    build = grace_module.KnnGraph.build
+
+    def no_room_on_gpu(vectors, **kwargs):
+        if kwargs["device"] != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+        return build(vectors, **kwargs)
+
+    monkeypatch.setattr(grace_module.KnnGraph, "build", staticmethod(no_room_on_gpu))
+    monkeypatch.setattr(grace_module.Grace, "_graph_device", lambda self: "cuda:0")
+    monkeypatch.setattr(grace_module, "resolve_device", lambda device: device)
+    store, _ = _clustered_store()
+    fell_back = GraceState(store.pool_size)
+    with pytest.warns(UserWarning, match="built on the CPU"):
+        picked = Grace(k=8).select(_inputs(store, 40, state=fell_back)).indices
+    assert fell_back.graph.device == "cpu"
+    monkeypatch.setattr(grace_module.Grace, "_graph_device", lambda self: "cpu")
+    assert torch.equal(picked, Grace(k=8).select(_inputs(store, 40, state=GraceState(store.pool_size))).indices)
+    monkeypatch.setattr(grace_module.Grace, "_graph_device", lambda self: "cuda:0")
+    with pytest.raises(RuntimeError, match="graph_device='cpu'"):
+        Grace(k=8, graph_device="cuda").select(_inputs(store, 40, state=GraceState(store.pool_size)))
+
+
 def test_bad_graph_device_names_the_parameter():
     with pytest.raises(ValueError, match="graph_device"):
         Grace(graph_device="tpu")

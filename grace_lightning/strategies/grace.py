@@ -8,6 +8,7 @@ section of ``grace_lightning/strategies/README.md``.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -123,7 +124,8 @@ class Grace(Strategy):
             graph searches on a GPU; HNSW above), ``"flat"``, ``"hnsw"``.
         exact_threshold: pool size up to which ``"auto"`` uses exact search on the CPU.
         graph_device: where exact search runs: ``"auto"`` (the default: the current GPU where this process has
-            initialised CUDA, i.e. the model trains on one, else the CPU), ``"cpu"`` (faiss) or ``"cuda"`` /
+            initialised CUDA, i.e. the model trains on one, else the CPU; on the CPU, with a warning, when the GPU
+            has not the free memory for the graph), ``"cpu"`` (faiss) or ``"cuda"`` /
             ``"cuda:N"`` (torch matrix products on that GPU; ``"cuda"`` is the current device of the thread that
             builds the graph). On one H200 an exact 100k-node graph took 0.31 s against 0.75 s for HNSW on 16 cores,
             at recall 1.0 against 0.95, and a GRACE fit on ``lm-mixture`` picked the same subset as with faiss's
@@ -300,6 +302,41 @@ class Grace(Strategy):
             return resolve_device(self.graph_device)
         return "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
 
+    def _build_graph(self, vectors: np.ndarray) -> KnnGraph:
+        """The k-NN graph of ``vectors`` on :meth:`_graph_device`; with ``graph_device="auto"``, on the CPU (and a
+        warning) when the GPU has not the memory for it, as a model that fills the GPU can leave it."""
+
+        def build(device: str) -> KnnGraph:
+            return KnnGraph.build(
+                vectors,
+                k=self.k,
+                method=self.graph_method,
+                exact_threshold=self.exact_threshold if device == "cpu" else self.gpu_exact_threshold,
+                device=device,
+                hnsw_m=self.hnsw_m,
+                ef_construction=self.ef_construction,
+                ef_search=self.ef_search,
+            )
+
+        device = self._graph_device()
+        if device == "cpu":
+            return build(device)
+        try:
+            return build(device)
+        except torch.cuda.OutOfMemoryError as error:
+            if self.graph_device != "auto":
+                raise RuntimeError(
+                    f"grace: the k-NN graph of {len(vectors)} examples did not fit in the free memory of "
+                    f"graph_device={self.graph_device!r} ({error}); pass graph_device='cpu' (faiss) or 'auto' (the "
+                    "GPU where it fits, else the CPU)."
+                ) from error
+        warnings.warn(
+            f"grace: the k-NN graph of {len(vectors)} examples did not fit in the GPU's free memory; it is built on "
+            "the CPU with faiss instead (graph_device='auto'). Pass graph_device='cpu' to build it there from the start.",
+            stacklevel=2,
+        )
+        return build("cpu")
+
     def select(self, inputs: SelectionInput) -> Selection:
         store, state = inputs.store, inputs.state
         require_embeddings(store, "grace")
@@ -312,17 +349,7 @@ class Grace(Strategy):
             state.importance = self._measured_importance(inputs)
             diagnostics["propagation_seconds"] = 0.0
             graph_began = time.perf_counter()
-            device = self._graph_device()
-            state.graph = KnnGraph.build(
-                state.node_embedding.astype(np.float32),
-                k=self.k,
-                method=self.graph_method,
-                exact_threshold=self.exact_threshold if device == "cpu" else self.gpu_exact_threshold,
-                device=device,
-                hnsw_m=self.hnsw_m,
-                ef_construction=self.ef_construction,
-                ef_search=self.ef_search,
-            )
+            state.graph = self._build_graph(state.node_embedding.astype(np.float32))
             diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
         else:
             anchors = store.last_step.numpy() != state.seen_step
