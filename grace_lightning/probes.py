@@ -20,7 +20,9 @@ share a few large forwards of the body instead of ``K + 2`` small ones each; onl
 state) is restored between tasks.
 
 Evaluations are forward-only (``no_grad``, eval mode, every module's mode restored); training steps run in
-train mode. Losses are the per-example losses the signal capture computes (cross-entropy of the head's
+train mode. On a GPU the loop never waits for the device: live tasks' batches are moved before the first step
+and the losses stay on the device until every task has been queued, so the Python loop launches the next step
+while the device runs the last one (Group-MATES' single-example steps are a few small kernels each). Losses are the per-example losses the signal capture computes (cross-entropy of the head's
 logits; token-mean cross-entropy for causal LMs), so probes work on every module the signals work on.
 
 Safety: the snapshot covers parameters and buffers (``state_dict``), ``.grad`` of every parameter, the
@@ -256,20 +258,44 @@ class ProbeRunner:
         self.head_inputs = head_inputs
         self.head_losses = head_losses
         self.steps_taken = 0
+        self._on_device: dict[tuple[int, ...], Any] = {}  # a run's batches, moved to the device before it starts
 
     def _batch(self, indices: Tensor) -> Any:
+        moved = self._on_device.get((-1, *indices.tolist()))
+        if moved is not None:
+            return moved
         return self.to_device(self.collate([self.dataset[int(i)] for i in indices.tolist()]))
+
+    def _move_batches(self, request: ProbeRequest, task_ids: list[int]) -> None:
+        """Every batch the live tasks will read, on the device before the first step (held until the run ends): a
+        copy from the host waits for the device to finish what is queued, so copies between steps would make the
+        GPU wait for the Python loop at every step. Probe tasks are small (single examples for Group-MATES)."""
+        def keep(indices: Tensor) -> None:
+            self._on_device[(-1, *indices.tolist())] = self._batch(indices)
+
+        if self.reference is not None and any(request.tasks[i].eval_indices is None for i in task_ids):
+            self._on_device[()] = [self.to_device(b) for b in self.reference]
+        for i in task_ids:
+            task = request.tasks[i]
+            for indices in task.steps:
+                keep(indices)
+            if task.eval_indices is not None:
+                for s in range(0, task.eval_indices.numel(), self.eval_batch_size):
+                    keep(task.eval_indices[s : s + self.eval_batch_size])
 
     def _eval_batches(self, eval_indices: Optional[Tensor]) -> list[Any]:
         """The batches a loss evaluation runs over: the reference set's, or ``eval_indices`` in chunks."""
         if eval_indices is None:
             if self.reference is None:
                 raise ValueError("a probe task evaluates on the reference set, but the callback has none")
+            if () in self._on_device:
+                return self._on_device[()]
             return [self.to_device(b) for b in self.reference]
         return [self._batch(eval_indices[s : s + self.eval_batch_size]) for s in range(0, eval_indices.numel(), self.eval_batch_size)]
 
-    def _mean_loss(self, eval_indices: Optional[Tensor]) -> float:
-        """Mean per-example loss in eval mode without grad; every module's mode restored."""
+    def _mean_loss(self, eval_indices: Optional[Tensor]) -> Tensor:
+        """Mean per-example loss in eval mode without grad (a float64 scalar on the device, read after the run);
+        every module's mode restored."""
         with inference_forward(self.module, self.forward_context):
             return _mean(self.example_losses(batch) for batch in self._eval_batches(eval_indices))
 
@@ -315,8 +341,10 @@ class ProbeRunner:
             for p in self.module.parameters():
                 p.grad = None
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        out: dict[int, Tensor] = {}
-        initial: dict[tuple[int, ...], float] = {}  # the first loss of live tasks, by evaluated examples
+        out: dict[int, list[Tensor]] = {}  # losses stay on the device until every task has been queued
+        initial: dict[tuple[int, ...], Tensor] = {}  # the first loss of live tasks, by evaluated examples
+        if not frozen:
+            self._move_batches(request, task_ids)
         try:
             # fork_rng: dropout and re-initialisation inside probes draw from the global generators, which the
             # live run must find exactly as it left them.
@@ -345,13 +373,14 @@ class ProbeRunner:
                                 initial.setdefault(key, losses[0])
                         else:
                             losses = self._frozen_task(task, params, features)
-                        out[i] = torch.tensor(losses, dtype=torch.float64)
+                        out[i] = losses
                         between_tasks.restore()
         finally:
             snapshot.restore()
-        return [out[i] for i in task_ids]
+            self._on_device.clear()
+        return [torch.tensor([float(v) for v in out[i]], dtype=torch.float64) for i in task_ids]
 
-    def _live_task(self, task: ProbeTask, params: list[nn.Parameter], initial: Optional[float] = None) -> list[float]:
+    def _live_task(self, task: ProbeTask, params: list[nn.Parameter], initial: Optional[Tensor] = None) -> list[Tensor]:
         """Steps on the whole module's forward; ``initial``: the loss before the first step, if already measured."""
         first = self._mean_loss(task.eval_indices) if initial is None else initial
         return _trajectory(
@@ -392,7 +421,7 @@ class ProbeRunner:
         with inference_forward(self.module, self.forward_context):
             return [self.head_inputs(batch) for batch in batches]
 
-    def _frozen_task(self, task: ProbeTask, params: list[nn.Parameter], features: "_Features") -> list[float]:
+    def _frozen_task(self, task: ProbeTask, params: list[nn.Parameter], features: "_Features") -> list[Tensor]:
         """A head-only task on the body's features: the head alone trains and is evaluated."""
         assert self.head is not None and self.head_losses is not None
         head_losses = self.head_losses
@@ -403,7 +432,7 @@ class ProbeRunner:
         assert evaluated is not None
         stacked: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # GRIP repeats one slice for every step
 
-        def mean_loss() -> float:
+        def mean_loss() -> Tensor:
             with inference_forward(self.head, self.forward_context):
                 return _mean(head_losses(inputs, targets) for inputs, targets in evaluated)
 
@@ -419,8 +448,8 @@ class ProbeRunner:
 
 
 def _trajectory(
-    task: ProbeTask, first: float, step: Callable[[Tensor], None], evaluate: Callable[[], float]
-) -> list[float]:
+    task: ProbeTask, first: Tensor, step: Callable[[Tensor], None], evaluate: Callable[[], Tensor]
+) -> list[Tensor]:
     """A task's losses ``[L_0, ...]``: ``step`` on each of its steps, ``evaluate`` after each (or after the last)."""
     losses = [first]
     for t, indices in enumerate(task.steps):
@@ -432,14 +461,16 @@ def _trajectory(
     return losses
 
 
-def _mean(losses: Iterable[Tensor]) -> float:
-    """Mean of per-example losses over batches, accumulated in float64 (0 for no examples)."""
-    total, count = 0.0, 0
+def _mean(losses: Iterable[Tensor]) -> Tensor:
+    """Mean of per-example losses over batches, accumulated in float64 (0 for no examples): a scalar on the losses'
+    device, so that the device is not waited for here."""
+    total: Optional[Tensor] = None
+    count = 0
     for batch_losses in losses:
         values = batch_losses.double()
-        total += float(values.sum())
+        total = values.sum() if total is None else total + values.sum()  # a running float's IEEE additions
         count += values.numel()
-    return total / max(count, 1)
+    return torch.zeros((), dtype=torch.float64) if total is None else total / max(count, 1)
 
 
 def _eval_key(eval_indices: Optional[Tensor]) -> tuple[int, ...]:

@@ -386,3 +386,20 @@ def test_missing_reference_and_bad_quality_fail_at_construction():
     with pytest.raises(ValueError, match="`quality` contains NaN"):
         CoresetCallback(sampler, strategy="random", quality=torch.full((64,), float("nan")))
     CoresetCallback(sampler, strategy=_NeedsReference(), reference=IndexedBlobs(n=8))  # given: fine
+
+
+def test_live_probes_move_every_batch_to_the_device_before_the_first_step():
+    """A copy from the host waits for the device's queue: live tasks (Group-MATES' trajectories) move every step's
+    and evaluation's batch before the first optimizer step, and read each loss only once every task has run."""
+    model, opt, runner = _runner_setup(_PlainNet)
+    events: list[str] = []
+    runner.to_device = lambda batch: events.append("copy") or batch
+    runner.reference = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
+    step = opt.step
+    opt.step = lambda *a, **k: events.append("step") or step(*a, **k)
+    tasks = _TASKS + (ProbeTask(steps=(torch.tensor([5]), torch.tensor([6])), eval_indices=None, eval_every_step=True),)
+    losses = runner.run(ProbeRequest(tasks=tasks, trainable="all"), range(len(tasks)))
+    first_step = events.index("step")
+    assert "copy" in events[:first_step] and "copy" not in events[first_step:]
+    assert [len(x) for x in losses] == [4, 2, 3] and all(x.dtype == torch.float64 for x in losses)
+    assert runner._on_device == {}  # released with the run
