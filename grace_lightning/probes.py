@@ -20,8 +20,8 @@ share a few large forwards of the body instead of ``K + 2`` small ones each; onl
 state) is restored between tasks.
 
 Evaluations are forward-only (``no_grad``, eval mode, every module's mode restored); training steps run in
-train mode. On a GPU the loop never waits for the device: live tasks' batches are moved before the first step
-and the losses stay on the device until every task has been queued, so the Python loop launches the next step
+train mode. On a GPU the loop does not wait for the device: the losses stay on the device until every task has
+been queued (and live tasks' batches are moved before the first step), so the Python loop launches the next step
 while the device runs the last one (Group-MATES' single-example steps are a few small kernels each). Losses are the per-example losses the signal capture computes (cross-entropy of the head's
 logits; token-mean cross-entropy for causal LMs), so probes work on every module the signals work on.
 
@@ -267,9 +267,9 @@ class ProbeRunner:
         return self.to_device(self.collate([self.dataset[int(i)] for i in indices.tolist()]))
 
     def _move_batches(self, request: ProbeRequest, task_ids: list[int]) -> None:
-        """Every batch the live tasks will read, on the device before the first step (held until the run ends): a
-        copy from the host waits for the device to finish what is queued, so copies between steps would make the
-        GPU wait for the Python loop at every step. Probe tasks are small (single examples for Group-MATES)."""
+        """Every batch the live tasks will read, on the device before the first step (held until the run ends), so
+        that no step waits on a copy (a blocking one from the host waits for the device's queue). Probe tasks are
+        small (single examples for Group-MATES)."""
         def keep(indices: Tensor) -> None:
             self._on_device[(-1, *indices.tolist())] = self._batch(indices)
 

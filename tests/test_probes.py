@@ -389,8 +389,8 @@ def test_missing_reference_and_bad_quality_fail_at_construction():
 
 
 def test_live_probes_move_every_batch_to_the_device_before_the_first_step():
-    """A copy from the host waits for the device's queue: live tasks (Group-MATES' trajectories) move every step's
-    and evaluation's batch before the first optimizer step, and read each loss only once every task has run."""
+    """Live tasks (Group-MATES' trajectories) move every step's and evaluation's batch before the first optimizer
+    step, so no step waits on a copy, and release them with the run."""
     model, opt, runner = _runner_setup(_PlainNet)
     events: list[str] = []
     runner.to_device = lambda batch: events.append("copy") or batch
