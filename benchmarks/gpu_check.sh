@@ -23,6 +23,10 @@
 # Steps: environment scoring bench-auto tests bench-graph bench-off knn blas bench-batch bench-nocapture bench-blas1
 # (each a word in STEPS; all by default). On one H200 they took 20, 45, 77, 28, 25, 73, 60, 57, 61, 60 (estimated)
 # and 60 s: about 10.5 minutes in all, more than one device call may run (10 minutes), so name the steps a call needs.
+# After the second GPU session (README, "On a GPU, the second session") the open checks take about 4.5 minutes:
+#   STEPS="tests bench-auto bench-batch bench-nocapture" bash benchmarks/gpu_check.sh
+# (the new GPU tests; the defaults' cost now that probes do not wait for the device at every step, GRACE's graph
+# is on the GPU and numpy's BLAS is limited while selection overlaps; the scoring batch with and without capture).
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
