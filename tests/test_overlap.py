@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -201,6 +202,7 @@ def test_two_ranks_agree_on_every_subset_with_overlap(tmp_path):
     assert load_weights(tmp_path, "ddp")
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a BLAS pool of two threads to see it limited to one")
 def test_the_selection_thread_runs_numpys_blas_on_one_thread_and_gives_it_back():
     """numpy's process-wide BLAS pool is limited to one thread from a submission to its hand-over (it spins against
     the training loop's threads otherwise), set and lifted by the submitting thread; torch's and OpenMP-threaded
