@@ -16,9 +16,9 @@ From a submission to its hand-over, the BLAS libraries with a process-wide threa
 torch's, and not those threaded by OpenMP, whose thread count is per calling thread) run on one thread; the
 training thread sets and lifts the limit, as threadpoolctl lets only one thread control such a pool. The
 strategies' greedy loops make thousands of small matrix products, where a pool of one thread a core spins
-against the training loop's threads: on one H200 with 16 cores GIP's greedy (60k x 128, budget 18k) took 3.8 s beside training with
-numpy's default pool and 2.1 s with one thread, Group-MATES' clustered greedy 2.5 s and 1.1 s
-(``benchmarks/blas_contention.py``, ``benchmarks/results/gpu_check/run4``). Numpy products the training
+against the training loop's threads: on one H200 with 16 cores GIP's greedy (60k x 128, budget 18k) took 3.8 s
+beside training with numpy's default pool and 2.1 s with one thread, Group-MATES' clustered greedy 2.5 s and
+1.1 s (``benchmarks/blas_contention.py``, ``benchmarks/results/gpu_check/run4``). Numpy products the training
 thread makes meanwhile run on one thread too.
 """
 

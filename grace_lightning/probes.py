@@ -22,8 +22,9 @@ state) is restored between tasks.
 Evaluations are forward-only (``no_grad``, eval mode, every module's mode restored); training steps run in
 train mode. On a GPU the loop does not wait for the device: the losses stay on the device until every task has
 been queued (and live tasks' batches are moved before the first step), so the Python loop launches the next step
-while the device runs the last one (Group-MATES' single-example steps are a few small kernels each). Losses are the per-example losses the signal capture computes (cross-entropy of the head's
-logits; token-mean cross-entropy for causal LMs), so probes work on every module the signals work on.
+while the device runs the last one (Group-MATES' single-example steps are a few small kernels each). Losses are
+the per-example losses the signal capture computes (cross-entropy of the head's logits; token-mean cross-entropy
+for causal LMs), so probes work on every module the signals work on.
 
 Safety: the snapshot covers parameters and buffers (``state_dict``), ``.grad`` of every parameter, the
 optimizer state and hyperparameters (``optimizer.state_dict``), and the global RNG streams (the CPU
@@ -270,18 +271,17 @@ class ProbeRunner:
         """Every batch the live tasks will read, on the device before the first step (held until the run ends), so
         that no step waits on a copy (a blocking one from the host waits for the device's queue). Probe tasks are
         small (single examples for Group-MATES)."""
-        def keep(indices: Tensor) -> None:
-            self._on_device[(-1, *indices.tolist())] = self._batch(indices)
-
         if self.reference is not None and any(request.tasks[i].eval_indices is None for i in task_ids):
-            self._on_device[()] = [self.to_device(b) for b in self.reference]
+            self._on_device[()] = self._eval_batches(None)
         for i in task_ids:
             task = request.tasks[i]
-            for indices in task.steps:
-                keep(indices)
-            if task.eval_indices is not None:
-                for s in range(0, task.eval_indices.numel(), self.eval_batch_size):
-                    keep(task.eval_indices[s : s + self.eval_batch_size])
+            chunks = () if task.eval_indices is None else self._eval_chunks(task.eval_indices)
+            for indices in (*task.steps, *chunks):
+                self._on_device[(-1, *indices.tolist())] = self._batch(indices)
+
+    def _eval_chunks(self, eval_indices: Tensor) -> list[Tensor]:
+        """``eval_indices`` in batches of ``eval_batch_size``."""
+        return [eval_indices[s : s + self.eval_batch_size] for s in range(0, eval_indices.numel(), self.eval_batch_size)]
 
     def _eval_batches(self, eval_indices: Optional[Tensor]) -> list[Any]:
         """The batches a loss evaluation runs over: the reference set's, or ``eval_indices`` in chunks."""
@@ -291,7 +291,7 @@ class ProbeRunner:
             if () in self._on_device:
                 return self._on_device[()]
             return [self.to_device(b) for b in self.reference]
-        return [self._batch(eval_indices[s : s + self.eval_batch_size]) for s in range(0, eval_indices.numel(), self.eval_batch_size)]
+        return [self._batch(chunk) for chunk in self._eval_chunks(eval_indices)]
 
     def _mean_loss(self, eval_indices: Optional[Tensor]) -> Tensor:
         """Mean per-example loss in eval mode without grad (a float64 scalar on the device, read after the run);
@@ -408,7 +408,7 @@ class ProbeRunner:
             last = position == len(task_ids) - 1
             if last or len(examples) >= self.eval_batch_size:
                 ids = torch.tensor(sorted(examples), dtype=torch.int64)
-                batches = [ids[s : s + self.eval_batch_size] for s in range(0, ids.numel(), self.eval_batch_size)]
+                batches = self._eval_chunks(ids)
                 rows: dict[int, tuple[Tensor, Tensor]] = {}
                 for chunk, (inputs, targets) in zip(batches, self._features([self._batch(c) for c in batches])):
                     rows.update((int(e), (inputs[r], targets[r])) for r, e in enumerate(chunk.tolist()))

@@ -319,11 +319,9 @@ class Grace(Strategy):
             )
 
         device = self._graph_device()
-        if device == "cpu":
-            return build(device)
         try:
             return build(device)
-        except torch.cuda.OutOfMemoryError as error:
+        except torch.cuda.OutOfMemoryError as error:  # only a GPU build raises it
             if self.graph_device != "auto":
                 raise RuntimeError(
                     f"grace: the k-NN graph of {len(vectors)} examples did not fit in the free memory of "
