@@ -276,6 +276,19 @@ def test_hnsw_settings_reach_the_graph_and_are_validated():
         Grace(ef_construction=0)
 
 
+def test_ivf_is_the_graph_above_the_exact_threshold_and_its_settings_reach_it():
+    store, _ = _clustered_store()
+    auto, tuned = GraceState(store.pool_size), GraceState(store.pool_size)
+    Grace(k=8, exact_threshold=100).select(_inputs(store, 40, state=auto))
+    assert auto.graph.method == "ivf" and type(auto.graph._index).__name__ == "IndexIVFFlat"
+    assert auto.graph.ivf_lists == round(store.pool_size**0.5) and auto.graph._index.nprobe == 8
+    Grace(k=8, graph_method="ivf", ivf_lists=7, ivf_probes=3).select(_inputs(store, 40, state=tuned))
+    assert (tuned.graph.ivf_lists, tuned.graph._index.nprobe) == (7, 3)
+    for bad in ({"ivf_lists": 0}, {"ivf_probes": 0}, {"graph_method": "lsh"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Grace(**bad)
+
+
 def test_graph_device_picks_where_exact_search_runs(monkeypatch):
     """"cpu" searches with faiss; "auto" stays on the CPU in a process that has not used CUDA; on a GPU device the
     "auto" method searches exactly up to gpu_exact_threshold, and the picks are those of the faiss graph."""
@@ -297,9 +310,9 @@ def test_graph_device_picks_where_exact_search_runs(monkeypatch):
     assert on_torch.graph.method == "flat" and type(on_torch.graph._index).__name__ == "TorchFlatIndex"
     assert torch.equal(again, Grace(k=8).select(_inputs(store, 40, state=GraceState(store.pool_size))).indices)
     assert torch.equal(picked, again)
-    hnsw = GraceState(store.pool_size)
-    Grace(k=8, gpu_exact_threshold=100).select(_inputs(store, 40, state=hnsw))
-    assert hnsw.graph.method == "hnsw" and hnsw.graph.device == "cpu"
+    approximate = GraceState(store.pool_size)
+    Grace(k=8, gpu_exact_threshold=100).select(_inputs(store, 40, state=approximate))
+    assert approximate.graph.method == "ivf" and approximate.graph.device == "cpu"
 
 
 def test_a_graph_that_does_not_fit_on_the_gpu_is_built_on_the_cpu_under_auto_and_named_otherwise(monkeypatch):

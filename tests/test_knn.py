@@ -74,9 +74,12 @@ def test_flat_build_equals_brute_force():
 def test_auto_method_follows_threshold():
     x = embeddings(300)
     assert KnnGraph.build(x, k=5).method == "flat"
-    assert KnnGraph.build(x, k=5, exact_threshold=299).method == "hnsw"
-    with pytest.raises(ValueError):
-        KnnGraph.build(x, k=5, method="ivf")
+    assert KnnGraph.build(x, k=5, exact_threshold=299).method == "ivf"
+    with pytest.raises(ValueError, match="'auto', 'flat', 'ivf' or 'hnsw'"):
+        KnnGraph.build(x, k=5, method="lsh")
+    for name, value in (("ivf_lists", 0), ("ivf_probes", -1), ("ivf_probes", 2.5)):
+        with pytest.raises(ValueError, match=name):
+            KnnGraph.build(x, k=5, method="ivf", **{name: value})
 
 
 def test_duplicates_float16_and_tiny_pools():
@@ -87,7 +90,7 @@ def test_duplicates_float16_and_tiny_pools():
     twins = np.arange(100) ^ 1
     assert (graph.neighbors == twins[:, None]).any(axis=1).all()
     # fewer than k other nodes: -1 / -inf padding, last
-    for method in ("flat", "hnsw"):
+    for method in ("flat", "hnsw", "ivf"):
         small = KnnGraph.build(embeddings(4, seed=4), k=6, method=method)
         assert (small.neighbors[:, 3:] == -1).all() and np.isneginf(small.similarities[:, 3:]).all()
         assert (small.neighbors[:, :3] >= 0).all()
@@ -104,6 +107,20 @@ def test_hnsw_build_recall():
     _check_rows(graph, x)
 
 
+def test_ivf_build_recall_and_lists():
+    x = embeddings(5000)
+    graph = KnnGraph.build(x, k=10, method="ivf")
+    assert graph.method == "ivf" and graph.ivf_lists == 71 and graph._index.nprobe == 8  # round(sqrt(5000))
+    full = _recall(graph.neighbors, x)
+    assert full >= 0.9
+    _check_rows(graph, x)
+    # probing every list is exact search; probing one finds fewer true neighbours: the probes are what it searches
+    every = KnnGraph.build(x, k=10, method="ivf", ivf_lists=16, ivf_probes=16)
+    one = KnnGraph.build(x, k=10, method="ivf", ivf_lists=16, ivf_probes=1)
+    np.testing.assert_array_equal(every.neighbors, _exact_knn(x, 10)[0])
+    assert _recall(one.neighbors, x) < _recall(every.neighbors, x) - 0.02
+
+
 def test_recall_counts_misses():
     x = embeddings(500, seed=5)
     graph = KnnGraph.build(x, k=5)
@@ -116,7 +133,7 @@ def test_recall_counts_misses():
 # incremental repair
 
 
-@pytest.mark.parametrize("method", ["flat", "hnsw-overlay", "hnsw-inplace"])
+@pytest.mark.parametrize("method", ["flat", "ivf", "hnsw-overlay", "hnsw-inplace"])
 @pytest.mark.parametrize("repair", ["search", "two_hop"])
 def test_update_restores_recall(method, repair):
     x = embeddings(4000, seed=6)
@@ -144,7 +161,7 @@ def test_update_restores_recall(method, repair):
 
 def test_update_moves_node_next_to_its_new_neighbours():
     x = embeddings(1000, seed=7)
-    for method in ("flat", "hnsw"):
+    for method in ("flat", "hnsw", "ivf"):
         graph = KnnGraph.build(x, k=5, method=method)
         y = x.copy()
         y[:10] = unit(x[500:510] + 1e-3)  # nodes 0-9 jump next to 500-509
@@ -203,7 +220,7 @@ def test_update_without_moves_and_bad_input():
 # checkpointing and threads
 
 
-@pytest.mark.parametrize("method", ["flat", "hnsw"])
+@pytest.mark.parametrize("method", ["flat", "hnsw", "ivf"])
 def test_state_dict_round_trip(method):
     torch = pytest.importorskip("torch")
     x = embeddings(1500, seed=10)
@@ -224,6 +241,29 @@ def test_state_dict_round_trip(method):
     assert _recall(restored.neighbors, z) >= _recall(KnnGraph.build(z, k=8, method=method).neighbors, z) - 0.02
     with pytest.raises(ValueError):
         KnnGraph.from_state_dict(graph.state_dict(), y[:10])
+
+
+def test_restored_ivf_graph_repairs_exactly_like_the_original():
+    """Resume: the IVF lists are restored from the state, not retrained on the moved vectors, so a repair after a
+    restore searches the same lists and leaves the same rows as a repair without one."""
+    x = embeddings(3000, seed=14)
+    graph = KnnGraph.build(x, k=8, method="ivf", ivf_probes=2)
+    y, moved = _move(x, 0.3, seed=4, scale=3.0)  # far enough that lists trained on y would differ
+    graph.update(y, moved)
+    restored = KnnGraph.from_state_dict(graph.state_dict(), y)
+    np.testing.assert_array_equal(restored._centroids(), graph._centroids())
+    retrained = KnnGraph.build(y, k=8, method="ivf", ivf_probes=2)
+    assert not np.array_equal(retrained._centroids(), graph._centroids())
+    z, moved2 = _move(y, 0.1, seed=5)
+    graph.update(z, moved2)
+    restored.update(z, moved2)
+    np.testing.assert_array_equal(restored.neighbors, graph.neighbors)
+    np.testing.assert_array_equal(restored.similarities, graph.similarities)
+    np.testing.assert_array_equal(restored.floor, graph.floor)
+    state = graph.state_dict()
+    state["ivf_centroids"] = None
+    with pytest.raises(ValueError, match="list centres"):
+        KnnGraph.from_state_dict(state, z)
 
 
 def test_set_faiss_threads():
