@@ -218,7 +218,7 @@ def _resolve_method(method: str, n: int, exact_threshold: int) -> str:
     return method
 
 
-def ivf_lists_for(n: int) -> int:
+def _ivf_lists_for(n: int) -> int:
     """The inverted lists of an IVF graph over ``n`` nodes by default: ``round(sqrt(n))``, faiss's usual choice,
     which balances the probe (one comparison a list) against the scan of the probed lists (``n / lists`` each)."""
     return max(1, int(round(n**0.5)))
@@ -239,10 +239,10 @@ class KnnGraph:
         method: ``"flat"`` (exact ``IndexFlatIP``), ``"ivf"`` (``IndexIVFFlat``: k-means lists, ``ivf_probes`` of
             ``ivf_lists`` searched) or ``"hnsw"`` (``IndexHNSWFlat``); all inner product.
         device: where exact search runs: ``"cpu"`` (faiss) or a CUDA device such as ``"cuda:0"`` (torch matrix
-            products, :class:`~grace_lightning.knn_torch.TorchFlatIndex`); HNSW always runs on the CPU.
-        k, hnsw_m, ef_construction, ef_search, ivf_lists, ivf_probes, overlay_limit, exact_threshold, repair, reserve,
-            inplace_drift: the
-            build parameters (kept so that :meth:`update` and :meth:`from_state_dict` use the same ones).
+            products, :class:`~grace_lightning.knn_torch.TorchFlatIndex`); IVF and HNSW always run on the CPU.
+        k, hnsw_m, ef_construction, ef_search, ivf_lists, ivf_probes, overlay_limit, exact_threshold, repair,
+            reserve, inplace_drift: the build parameters (kept so that :meth:`update` and :meth:`from_state_dict`
+            use the same ones).
         reserve_neighbors, reserve_similarities: ``(N, reserve)``, each row's next ``reserve`` candidates after its
             ``k`` edges (same conventions; they are what :meth:`update` promotes when an edge weakens).
         floor: ``(N,)`` float32, per row an upper bound (as good as the search that produced it) on the
@@ -318,8 +318,8 @@ class KnnGraph:
         ``method="auto"`` is exact search (``faiss.IndexFlatIP``, ``O(N^2 d)``: about 20 s at 100k x 128 on 2 cores)
         when ``N <= exact_threshold``, else an inverted file (``IndexIVFFlat``: ``ivf_lists`` k-means lists,
         ``round(sqrt(N))`` when ``None``, trained on 64 rows a list; each search scans the ``ivf_probes`` lists
-        nearest the query, about ``O(N^1.5 d)`` for the whole build; recall@10 0.99 on clustered embeddings, 0.76-0.78
-        on unclustered low-rank ones). ``method="hnsw"`` builds ``IndexHNSWFlat(d, hnsw_m, METRIC_INNER_PRODUCT)``
+        nearest the query, about ``O(N^1.5 d)`` for the whole build; recall@10 0.99 on clustered embeddings,
+        0.57-0.78 on unclustered low-rank ones). ``method="hnsw"`` builds ``IndexHNSWFlat(d, hnsw_m, METRIC_INNER_PRODUCT)``
         with ``ef_construction`` / ``ef_search`` (recall less dependent on clusters, at about twice the build time).
         Every node is searched with ``k + reserve + 2`` results and itself removed: the best ``k`` are its row,
         the next ``reserve`` its reserve, the last one's similarity its :attr:`floor` (``reserve`` costs a few
@@ -350,7 +350,7 @@ class KnnGraph:
             hnsw_m=int(hnsw_m),
             ef_construction=int(ef_construction),
             ef_search=int(ef_search),
-            ivf_lists=ivf_lists_for(n) if ivf_lists is None else _positive("ivf_lists", ivf_lists),
+            ivf_lists=_ivf_lists_for(n) if ivf_lists is None else _positive("ivf_lists", ivf_lists),
             ivf_probes=_positive("ivf_probes", ivf_probes),
             overlay_limit=float(overlay_limit),
             exact_threshold=int(exact_threshold),

@@ -31,30 +31,34 @@ def _inputs(store, seed=0, fidelity=1.0, state=None, budget=10, now=10):
     )
 
 
-def test_a_refresh_rescores_the_never_measured_and_the_stalest_share():
+def test_a_refresh_rescores_the_never_measured_and_the_stalest_share_of_the_budget():
     steps = np.array([-1] * 10 + [0] * 30 + [3] * 30 + [7] * 30)  # 10 never, then three ages
     store = _store(measured_at=steps)
-    chosen = stalest_first(_inputs(store), share=0.2)
+    chosen = stalest_first(_inputs(store, budget=40), share=0.5)
     ids = chosen.numpy()
     assert set(range(10)) <= set(ids.tolist())  # every never-measured example
     assert ids.size == 10 + 20 and set(ids.tolist()) - set(range(10)) <= set(range(10, 40))  # 20 of the oldest
     assert np.all(np.diff(ids) > 0)
-    assert torch.equal(chosen, stalest_first(_inputs(store), share=0.2))  # same generator, same slice
-    assert not torch.equal(chosen, stalest_first(_inputs(store, seed=1), share=0.2))  # ties by the generator
-    assert stalest_first(_inputs(store, fidelity=0.5), share=0.2).numel() == 10 + 10  # the budget scales it
-    assert torch.equal(stalest_first(_inputs(store), share=1.0), torch.arange(100))
+    assert torch.equal(chosen, stalest_first(_inputs(store, budget=40), share=0.5))  # same generator, same slice
+    assert not torch.equal(chosen, stalest_first(_inputs(store, seed=1, budget=40), share=0.5))  # ties by the generator
+    assert stalest_first(_inputs(store, fidelity=0.5, budget=40), share=0.5).numel() == 10 + 10  # fidelity scales it
+    assert stalest_first(_inputs(store, budget=20), share=0.5).numel() == 10 + 10  # so does the budget, not the pool
+    assert stalest_first(_inputs(store, budget=40), share=3.0).numel() == 100  # more than the pool holds: all of it
+    assert torch.equal(stalest_first(_inputs(store), share=None), torch.arange(100))
     fresh = _store(measured_at=np.full(100, 4))
     assert stalest_first(_inputs(fresh), share=0.0) is None
 
 
 @pytest.mark.parametrize("name", ["grip", "gip", "group_mates"])
-def test_pool_scoring_strategies_rescore_a_slice_by_default_and_the_whole_pool_on_request(name):
+def test_pool_scoring_strategies_rescore_a_quarter_of_the_budget_by_default_and_the_whole_pool_on_request(name):
     store = _store(measured_at=np.arange(100) % 5)
-    default = build_strategy(name).to_score(_inputs(store))
-    assert default.numel() == 25  # rescore_fraction=0.25 of a fully measured pool
-    assert torch.equal(build_strategy(name, rescore_fraction=1.0).to_score(_inputs(store)), torch.arange(100))
-    with pytest.raises(ValueError, match="rescore_fraction"):
-        build_strategy(name, rescore_fraction=1.5)
+    assert build_strategy(name).to_score(_inputs(store, budget=40)).numel() == 10  # rescore_share=0.25 of 40
+    assert build_strategy(name).to_score(_inputs(store, budget=80)).numel() == 20
+    assert torch.equal(build_strategy(name, rescore_share=None).to_score(_inputs(store)), torch.arange(100))
+    with pytest.raises(ValueError, match="rescore_share"):
+        build_strategy(name, rescore_share=-0.5)
+    with pytest.raises(ValueError, match="replaced by `rescore_share`, a share of the budget"):
+        build_strategy(name, rescore_fraction=0.25)
 
 
 def test_grace_builds_its_graph_in_a_fixed_low_dimensional_basis_that_survives_a_checkpoint():

@@ -158,17 +158,19 @@ class Strategy:
         """The memory this strategy keeps between refreshes, or None (the default: a memoryless strategy)."""
         return None
 
-    #: Share of the pool a refresh rescores beyond what was never measured (:func:`stalest_first`); 1 = all of it.
-    rescore_fraction: float = 1.0
+    #: Examples a refresh rescores beyond what was never measured, stalest first, as a share of the budget
+    #: (:func:`stalest_first`); None rescores the whole pool.
+    rescore_share: Optional[float] = None
 
     def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
         """Pool indices (int64) the scoring pass should measure before :meth:`select`; None for none.
 
         The default, for a strategy that reads signals: everything never measured, plus the stalest
-        ``rescore_fraction`` of the pool (the whole pool by default). Strategies that choose what to rescore
-        otherwise (GRACE's anchors) override this. Nothing when every signal read was given up front.
+        ``rescore_share`` times the budget (the whole pool when it is None, the default). Strategies that choose
+        what to rescore otherwise (GRACE's anchors) override this. Nothing when every signal read was given up
+        front.
         """
-        return stalest_first(inputs, self.rescore_fraction) if self.model_needs(inputs.store) else None
+        return stalest_first(inputs, self.rescore_share) if self.model_needs(inputs.store) else None
 
     def select(self, inputs: SelectionInput) -> Selection:
         raise NotImplementedError
@@ -208,6 +210,12 @@ def build_strategy(strategy: Union[str, Strategy], **kwargs) -> Strategy:
         raise ValueError(
             f"Unknown `strategy` {strategy!r}; choose one of {available_strategies()} or pass a Strategy instance."
         )
+    if "rescore_fraction" in kwargs:
+        raise ValueError(
+            "`rescore_fraction` (a share of the pool) was replaced by `rescore_share`, a share of the budget: "
+            "rescore_share=r rescores r times the budget's examples a refresh (e.g. 0.25); pass rescore_share=None "
+            "to rescore the whole pool."
+        )
     try:
         return _REGISTRY[strategy](**kwargs)
     except TypeError as err:
@@ -235,18 +243,23 @@ def require_embeddings(store: Optional[SignalStore], strategy: str) -> None:
         )
 
 
-def stalest_first(inputs: SelectionInput, share: float) -> Optional[Tensor]:
-    """What a refresh should rescore: every example never measured, plus the ``share · fidelity`` of the pool
-    measured longest ago (ties broken by the seeded generator, not by index), sorted; None when nothing.
+def stalest_first(inputs: SelectionInput, share: Optional[float]) -> Optional[Tensor]:
+    """What a refresh should rescore: every example never measured, plus the ``share · fidelity · budget``
+    examples measured longest ago (ties broken by the seeded generator, not by index), sorted; None when nothing.
 
     The examples trained since the last refresh were measured for free, so they are the freshest and come last;
-    ``share=1`` rescores the whole pool every refresh.
+    ``share=None`` rescores the whole pool every refresh. A share of the *budget*, not of the pool, so that the
+    rescoring costs the same share of training whatever the budget: an epoch trains the budget's examples, and
+    rescoring ``share`` times as many costs about ``share / r`` of it (``r``: how much faster a forward-only pass
+    runs than a training step, 3-5 on the bench's models).
     """
     store = inputs.store
     if store is None:
         return None
     unmeasured = ~store.measured
-    count = int(round(share * inputs.fidelity * inputs.pool_size))
+    if share is None:
+        return torch.arange(inputs.pool_size)
+    count = int(round(share * inputs.fidelity * inputs.budget))
     if count >= inputs.pool_size:
         return torch.arange(inputs.pool_size)
     if count > 0:

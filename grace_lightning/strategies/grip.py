@@ -435,8 +435,12 @@ class Grip(Strategy):
         density_sample: a cluster with more members searches their neighbours among a uniform sample of this
             many of them (``O(N_k · m · d)`` instead of ``O(N_k² · d)``); ``None``: every cluster exactly.
         length_clip: bound ``c`` on the length prior, clipped to ``[1/c, c]`` (>= 1).
-        rescore_fraction: share of the pool rescored per refresh beyond what was never measured, stalest first
-            (what was trained since the last refresh is measured for free); 1 rescores the whole pool.
+        rescore_share: examples rescored per refresh beyond what was never measured, stalest first, as a share of
+            the budget (what was trained since the last refresh is measured for free): ``0.25`` rescores a
+            quarter of the budget's worth, so the rescoring costs about the same share of training at every
+            budget; ``None`` rescores the whole pool (as the paper re-embeds). Until ``rescore_share`` replaced it,
+            ``rescore_fraction=0.25`` rescored a quarter of the *pool*: 2.5 times the examples an epoch trains at a
+            10% budget.
 
     Raises:
         ValueError: on a parameter outside the ranges above, naming it.
@@ -471,7 +475,7 @@ class Grip(Strategy):
         knn: int = 10,
         density_sample: Optional[int] = 4096,
         length_clip: float = 10.0,
-        rescore_fraction: float = 0.25,
+        rescore_share: Optional[float] = 0.25,
     ) -> None:
         if clusters is not None:
             positive_int("grip", "clusters", clusters, hint=", or None (round(sqrt(N)/4))")
@@ -500,7 +504,9 @@ class Grip(Strategy):
         if density_sample is not None:
             integer("grip", "density_sample", density_sample, minimum=2, hint=", or None (exact in every cluster)")
         real("grip", "length_clip", length_clip, low=1.0)
-        self.rescore_fraction = unit_interval("grip", "rescore_fraction", rescore_fraction, hint=" (1: the whole pool)")
+        self.rescore_share = None if rescore_share is None else non_negative_float(
+            "grip", "rescore_share", rescore_share, hint=" (e.g. 0.25 of the budget), or None for the whole pool"
+        )
         self.clusters = clusters
         self.kmeans_iters = kmeans_iters
         self.probe_fraction = float(probe_fraction)

@@ -32,7 +32,7 @@ from grace_lightning.strategies.base import (
     uniform_draw,
     uniform_sample,
 )
-from grace_lightning.validation import boolean, integer, non_negative_float, positive_float, positive_int, unit_interval
+from grace_lightning.validation import boolean, integer, non_negative_float, positive_float, positive_int
 
 __all__ = [
     "GroupMates",
@@ -463,8 +463,12 @@ class GroupMates(Strategy):
         l2: ridge penalty on ``w`` (labels are z-scored and ``h`` unit-norm, so ~``1/d`` is strong).
         fixed_relational: select with ``alpha = temp = 1`` (the released code) instead of the fitted values.
         label_scaling: ``"buffer"`` or ``"refresh"`` (see 2.).
-        rescore_fraction: share of the pool rescored per refresh beyond what was never measured, stalest first
-            (what was trained since the last refresh is measured for free); 1 rescores the whole pool.
+        rescore_share: examples rescored per refresh beyond what was never measured, stalest first, as a share of
+            the budget (what was trained since the last refresh is measured for free): ``0.25`` rescores a
+            quarter of the budget's worth, so the rescoring costs about the same share of training at every
+            budget; ``None`` rescores the whole pool (as the paper re-embeds). Until ``rescore_share`` replaced it,
+            ``rescore_fraction=0.25`` rescored a quarter of the *pool*: 2.5 times the examples an epoch trains at a
+            10% budget.
 
     Raises:
         ValueError: on a bad parameter; at ``setup`` when the callback has no reference set; in
@@ -493,10 +497,12 @@ class GroupMates(Strategy):
         l2: float = 1e-2,
         fixed_relational: bool = False,
         label_scaling: str = "buffer",
-        rescore_fraction: float = 0.25,
+        rescore_share: Optional[float] = 0.25,
     ) -> None:
         self.trajectories = positive_int("group_mates", "trajectories", trajectories)
-        self.rescore_fraction = unit_interval("group_mates", "rescore_fraction", rescore_fraction, hint=" (1: the whole pool)")
+        self.rescore_share = None if rescore_share is None else non_negative_float(
+            "group_mates", "rescore_share", rescore_share, hint=" (e.g. 0.25 of the budget), or None for the whole pool"
+        )
         self.trajectory_length = integer(
             "group_mates", "trajectory_length", trajectory_length, minimum=2, hint=" (the paper uses 10)"
         )
