@@ -59,6 +59,7 @@ class Recorder(Callback):
             "final_selection": cb.sampler.selection.tolist(),
             "store_loss": None if cb.store is None else cb.store.loss.tolist(),
             "store_measured": None if cb.store is None else int(cb.store.measured.sum()),
+            "redrawn": sum(int(r.get("redrawn", 0.0)) for r in cb.history),  # GRIP's refreshes between estimates
         }
         path = self.out_dir / f"{self.tag}_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))

@@ -348,6 +348,57 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     torch.load(tmp_path / "after.pt", weights_only=True)
 
 
+def test_reestimate_every_redraws_from_the_last_estimate_between_estimates(monkeypatch):
+    """With reestimate_every=3 the refreshes go estimate, redraw, redraw, estimate: a redraw scores, clusters, probes
+    and measures densities nothing, keeps the estimate's per-cluster budgets, and draws a fresh subset."""
+    import grace_lightning.strategies.grip as grip_module
+
+    store, _ = _clustered_store(per_cluster=(120, 90, 60))
+    grip = Grip(clusters=3, probe_fraction=0.1, reestimate_every=3)
+    state = grip.create_state(store.pool_size)
+
+    def refresh(seed):
+        inputs = _inputs(store, 60, state, seed=seed)
+        scored, request = grip.to_score(inputs), grip.to_probe(inputs)
+        probe = None if request is None else _fabricated_probe(request, planted_cluster=0)
+        selection = grip.select(_inputs(store, 60, state, seed=seed + 100, probe=probe))
+        return scored, request, selection
+
+    scored, request, first = refresh(0)
+    assert request is not None and scored is not None and first.diagnostics["redrawn"] == 0.0
+    budgets = state.last_budgets.clone()
+    assignment = state.assignment.clone()
+    monkeypatch.setattr(grip_module, "intra_cluster_probabilities", lambda *a, **k: pytest.fail("density measured"))
+    monkeypatch.setattr(grip_module, "spherical_kmeans", lambda *a, **k: pytest.fail("clustered"))
+    redraws = []
+    for seed in (1, 2):
+        scored, request, selection = refresh(seed)
+        assert scored is None and request is None and selection.diagnostics["redrawn"] == 1.0
+        assert selection.indices.numel() == 60 and selection.indices.unique().numel() == 60
+        counts = np.bincount(assignment.numpy()[selection.indices.numpy()], minlength=budgets.numel())
+        np.testing.assert_array_equal(counts, budgets.numpy())  # the estimate's budgets, drawn again
+        redraws.append(selection.indices)
+    assert not torch.equal(redraws[0], redraws[1]) and not torch.equal(redraws[0], first.indices)
+    monkeypatch.undo()
+    scored, request, again = refresh(3)  # the third refresh after the estimate estimates again
+    assert request is not None and again.diagnostics["redrawn"] == 0.0 and state.since_estimate == 0
+
+
+def test_a_redraw_after_a_checkpoint_equals_the_redraw_without_one(tmp_path):
+    store, _ = _clustered_store(per_cluster=(120, 90, 60))
+    grip = Grip(clusters=3, probe_fraction=0.1, reestimate_every=2)
+    state = grip.create_state(store.pool_size)
+    probe = _fabricated_probe(grip.to_probe(_inputs(store, 60, state)), planted_cluster=1)
+    grip.select(_inputs(store, 60, state, seed=5, probe=probe))
+    torch.save(state.state_dict(), tmp_path / "grip.pt")
+    restored = GripState(store.pool_size)
+    restored.load_state_dict(torch.load(tmp_path / "grip.pt", weights_only=True))
+    a = grip.select(_inputs(store, 60, state, seed=6))
+    b = grip.select(_inputs(store, 60, restored, seed=6))
+    assert a.diagnostics["redrawn"] == b.diagnostics["redrawn"] == 1.0 and torch.equal(a.indices, b.indices)
+    assert Grip(clusters=3).reestimate_every == 1  # the default estimates at every refresh, as the paper does
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
@@ -355,6 +406,7 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
         ("rap_steps", 0), ("rap_trainable", "trunk"), ("rap_reset_head", "yes"), ("rap_features", "cached"), ("alpha", -1.0),
         ("replay_sign", 0), ("replay_signal", "log"), ("tau", -0.5), ("temperature", 0.0),
         ("quality_gate", 1.0), ("beta", float("nan")), ("knn", 0), ("length_clip", 0.5), ("density_sample", 1),
+        ("reestimate_every", 0),
     ],
 )
 def test_bad_parameters_raise_naming_the_parameter(name, value):
