@@ -233,6 +233,30 @@ def test_buffer_keeps_the_newest_trajectories_and_a_refresh_without_probes_refit
     assert selection.indices.numel() == 40
 
 
+def test_probe_every_probes_every_third_refresh_and_refits_on_the_buffer_in_between(tmp_path):
+    store, alignment = _pool()
+    strategy = GroupMates(trajectories=8, trajectory_length=3, probe_every=3)
+    state = strategy.create_state(N)
+    asked = []
+    for seed in range(5):
+        inputs = _inputs(store, state, seed=seed)
+        request = strategy.to_probe(inputs)
+        asked.append(request is not None)
+        probe = None if request is None else _fabricated_results(request, alignment, seed)
+        selection = strategy.select(dataclasses.replace(inputs, probe=probe))
+        assert selection.diagnostics["fitted"] == 1.0 and selection.indices.numel() == 40
+        assert selection.diagnostics["oracle_steps"] == (8 * 3 if request is not None else 0)
+        if seed == 1:  # between probes: the counter survives a checkpoint
+            torch.save(state.state_dict(), tmp_path / "gm.pt")
+            restored = strategy.create_state(N)
+            restored.load_state_dict(torch.load(tmp_path / "gm.pt", weights_only=True))
+            assert restored.since_probe == state.since_probe == 1
+            assert strategy.to_probe(_inputs(store, restored, seed=2)) is None
+    assert asked == [True, False, False, True, False]
+    assert state.buffer_indices.shape[0] == 16  # two probed refreshes' trajectories
+    assert GroupMates().probe_every == 1  # the default probes at every refresh, as the paper does
+
+
 def test_refresh_label_scaling_standardises_each_refresh_on_its_own():
     state = GroupMatesState(N, 3)
     g = torch.Generator().manual_seed(0)
@@ -353,6 +377,7 @@ def test_group_mates_requires_a_reference_set():
         ({"l2": -1e-3}, "l2"),
         ({"fixed_relational": "yes"}, "fixed_relational"),
         ({"label_scaling": "global"}, "label_scaling"),
+        ({"probe_every": 0}, "probe_every"),
     ],
 )
 def test_bad_parameters_raise_naming_the_parameter(kwargs, name):
