@@ -45,6 +45,7 @@ def test_a_refresh_rescores_the_never_measured_and_the_stalest_share_of_the_budg
     assert stalest_first(_inputs(store, budget=20), share=0.5).numel() == 10 + 10  # so does the budget, not the pool
     assert stalest_first(_inputs(store, budget=40), share=3.0).numel() == 100  # more than the pool holds: all of it
     assert torch.equal(stalest_first(_inputs(store), share=None), torch.arange(100))
+    assert stalest_first(_inputs(store, fidelity=0.5), share=None).numel() == 10 + 50  # the whole pool, scaled
     fresh = _store(measured_at=np.full(100, 4))
     assert stalest_first(_inputs(fresh), share=0.0) is None
 

@@ -248,18 +248,19 @@ def stalest_first(inputs: SelectionInput, share: Optional[float]) -> Optional[Te
     examples measured longest ago (ties broken by the seeded generator, not by index), sorted; None when nothing.
 
     The examples trained since the last refresh were measured for free, so they are the freshest and come last;
-    ``share=None`` rescores the whole pool every refresh. A share of the *budget*, not of the pool, so that the
-    rescoring costs the same share of training whatever the budget: an epoch trains the budget's examples, and
-    rescoring ``share`` times as many costs about ``share / r`` of it (``r``: how much faster a forward-only pass
-    runs than a training step, 3-5 on the bench's models).
+    ``share=None`` rescores the whole pool every refresh (its ``fidelity`` share under an overhead budget). A share
+    of the *budget*, not of the pool, so that the rescoring costs the same share of training whatever the budget:
+    an epoch trains the budget's examples, and rescoring ``share`` times as many costs about ``share / r`` of it
+    (``r``: how much faster a forward-only pass runs than a training step, 3-5 on the bench's models).
     """
     store = inputs.store
     if store is None:
         return None
     unmeasured = ~store.measured
     if share is None:
-        return torch.arange(inputs.pool_size)
-    count = int(round(share * inputs.fidelity * inputs.budget))
+        count = int(round(inputs.fidelity * inputs.pool_size))
+    else:
+        count = int(round(share * inputs.fidelity * inputs.budget))
     if count >= inputs.pool_size:
         return torch.arange(inputs.pool_size)
     if count > 0:

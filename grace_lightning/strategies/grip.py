@@ -416,7 +416,8 @@ class Grip(Strategy):
     with a few optimizer steps on a snapshot of the live model (:meth:`to_probe`), shares the budget as
     ``B_k ∝ N_k^tau · softmax_k(Q_k / T) · r_k`` (``r_k = 1 + alpha · rank01(replay_sign · δL_k)`` from the
     probe's loss drops, ``Q_k`` the cluster's mean quality score), and draws ``B_k`` examples inside each
-    cluster with probability ``∝ exp(beta · l(x)) / p(x)`` (:func:`intra_cluster_probabilities`). Weights are
+    cluster with probability ``∝ exp(beta · l(x)) / p(x)`` (:func:`intra_cluster_probabilities`). That estimate is
+    made at every ``reestimate_every``-th refresh; the refreshes in between draw again from it. Weights are
     ``None``. How it works, where it departs from the paper, when to use it, suggested settings and costs:
     the ``grip`` section of ``grace_lightning/strategies/README.md``.
 
