@@ -12,6 +12,7 @@ from torch import Tensor
 from grace_lightning.probes import ProbeRequest, ProbeResults
 from grace_lightning.signals.store import SignalStore
 from grace_lightning.signals.types import ExampleSignals, signal_names
+from grace_lightning.validation import non_negative_float
 
 __all__ = ["Selection", "SelectionInput", "Strategy", "StrategyState", "register_strategy", "build_strategy", "available_strategies"]
 
@@ -241,6 +242,13 @@ def require_embeddings(store: Optional[SignalStore], strategy: str) -> None:
             f"{strategy}: no embeddings were measured; the module's signal capture must return `embedding` "
             "(the head's input). Implement `coreset_signals` returning ExampleSignals(embedding=...)."
         )
+
+
+def rescore_share_arg(owner: str, value: Optional[float]) -> Optional[float]:
+    """A strategy's validated ``rescore_share``: a share of the budget ``>= 0``, or None for the whole pool."""
+    if value is None:
+        return None
+    return non_negative_float(owner, "rescore_share", value, hint=" (e.g. 0.25 of the budget), or None for the whole pool")
 
 
 def stalest_first(inputs: SelectionInput, share: Optional[float]) -> Optional[Tensor]:

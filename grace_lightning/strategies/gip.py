@@ -39,15 +39,10 @@ from grace_lightning.strategies.base import (
     Strategy,
     register_strategy,
     require_embeddings,
+    rescore_share_arg,
     uniform_draw,
 )
-from grace_lightning.validation import (
-    non_negative_float,
-    positive_float,
-    positive_int,
-    positive_int_or_none,
-    unit_interval,
-)
+from grace_lightning.validation import positive_float, positive_int, positive_int_or_none, unit_interval
 
 __all__ = [
     "GIP", "GreedyResult", "QueryPosterior", "compress_queries", "greedy_logdet", "greedy_logdet_stochastic",
@@ -517,12 +512,9 @@ class GIP(Strategy):
             grows with the width too, so wider embeddings switch sooner). Measured at ``d = 256`` on 2 CPU cores
             (``benchmarks/gip_greedy_cost.py``): ``2e7`` of these units took 2.5 s of exact greedy and ``6e7``
             9.9 s, where the stochastic greedy took 0.7 s and 1.9 s.
-        rescore_share: examples rescored per refresh beyond what was never measured, stalest first, as a share of
-            the budget (what was trained since the last refresh is measured for free): ``0.25`` rescores a
-            quarter of the budget's worth, so the rescoring costs about the same share of training at every
-            budget; ``None`` rescores the whole pool (as the paper re-embeds). Until ``rescore_share`` replaced it,
-            ``rescore_fraction=0.25`` rescored a quarter of the *pool*: 2.5 times the examples an epoch trains at a
-            10% budget.
+        rescore_share: the stalest examples rescored per refresh, as a share of the budget (``0.25``: a quarter of the
+            budget's worth; ``None``: the whole pool, as the paper re-embeds); see
+            :func:`~grace_lightning.strategies.base.stalest_first`.
         picks_per_step: the stochastic greedy's picks per step (``batch`` of :func:`greedy_logdet_stochastic`):
             the best ``picks_per_step`` of ``picks_per_step x s`` sampled candidates join ``S`` at once (at most
             ``budget // 64``). Its cost is a Python step and a posterior update per step: on lm-mixture's MiniLM
@@ -578,9 +570,7 @@ class GIP(Strategy):
         self.greedy = greedy
         self.epsilon = unit_interval("gip", "epsilon", epsilon, low_open=True, high_open=True, hint=" (e.g. 0.01)")
         self.exact_limit = positive_float("gip", "exact_limit", exact_limit)
-        self.rescore_share = None if rescore_share is None else non_negative_float(
-            "gip", "rescore_share", rescore_share, hint=" (e.g. 0.25 of the budget), or None for the whole pool"
-        )
+        self.rescore_share = rescore_share_arg("gip", rescore_share)
         self.picks_per_step = positive_int("gip", "picks_per_step", picks_per_step, hint=" (e.g. 16; 1: one at a time)")
 
     def __repr__(self) -> str:

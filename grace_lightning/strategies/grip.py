@@ -34,6 +34,7 @@ from grace_lightning.strategies.base import (
     gumbel_top_k,
     register_strategy,
     require_embeddings,
+    rescore_share_arg,
     stalest_first,
     uniform_draw,
 )
@@ -453,12 +454,9 @@ class Grip(Strategy):
             training at a 10% budget on the bench's CNN). The default ``3`` cut GRIP's selection time 2.2-3.5x at
             the same accuracy on noisy and long Fashion-MNIST and tweets at 10% and 30% (``README.md``,
             ``benchmarks/grip_reestimate.toml``); ``1`` estimates at every refresh, as the paper does.
-        rescore_share: examples rescored per refresh beyond what was never measured, stalest first, as a share of
-            the budget (what was trained since the last refresh is measured for free): ``0.25`` rescores a
-            quarter of the budget's worth, so the rescoring costs about the same share of training at every
-            budget; ``None`` rescores the whole pool (as the paper re-embeds). Until ``rescore_share`` replaced it,
-            ``rescore_fraction=0.25`` rescored a quarter of the *pool*: 2.5 times the examples an epoch trains at a
-            10% budget.
+        rescore_share: the stalest examples rescored per refresh, as a share of the budget (``0.25``: a quarter of the
+            budget's worth; ``None``: the whole pool, as the paper re-embeds); see
+            :func:`~grace_lightning.strategies.base.stalest_first`.
 
     Raises:
         ValueError: on a parameter outside the ranges above, naming it.
@@ -523,9 +521,7 @@ class Grip(Strategy):
         if density_sample is not None:
             integer("grip", "density_sample", density_sample, minimum=2, hint=", or None (exact in every cluster)")
         real("grip", "length_clip", length_clip, low=1.0)
-        self.rescore_share = None if rescore_share is None else non_negative_float(
-            "grip", "rescore_share", rescore_share, hint=" (e.g. 0.25 of the budget), or None for the whole pool"
-        )
+        self.rescore_share = rescore_share_arg("grip", rescore_share)
         self.reestimate_every = positive_int("grip", "reestimate_every", reestimate_every, hint=" (1: every refresh)")
         self.clusters = clusters
         self.kmeans_iters = kmeans_iters

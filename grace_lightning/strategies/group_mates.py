@@ -29,6 +29,7 @@ from grace_lightning.strategies.base import (
     Strategy,
     register_strategy,
     require_embeddings,
+    rescore_share_arg,
     uniform_draw,
     uniform_sample,
 )
@@ -472,12 +473,9 @@ class GroupMates(Strategy):
             the clustered greedy, without probes, which are most of a refresh's cost (0.53 of 0.87 s at a 10%
             budget on the bench's CNN). ``1`` (the default) probes at every refresh, as the paper does; ``3`` cut the
             selection time 1.3-1.8x for 0.13 accuracy points on average in four regimes (``README.md``).
-        rescore_share: examples rescored per refresh beyond what was never measured, stalest first, as a share of
-            the budget (what was trained since the last refresh is measured for free): ``0.25`` rescores a
-            quarter of the budget's worth, so the rescoring costs about the same share of training at every
-            budget; ``None`` rescores the whole pool (as the paper re-embeds). Until ``rescore_share`` replaced it,
-            ``rescore_fraction=0.25`` rescored a quarter of the *pool*: 2.5 times the examples an epoch trains at a
-            10% budget.
+        rescore_share: the stalest examples rescored per refresh, as a share of the budget (``0.25``: a quarter of the
+            budget's worth; ``None``: the whole pool, as the paper re-embeds); see
+            :func:`~grace_lightning.strategies.base.stalest_first`.
 
     Raises:
         ValueError: on a bad parameter; at ``setup`` when the callback has no reference set; in
@@ -511,9 +509,7 @@ class GroupMates(Strategy):
     ) -> None:
         self.trajectories = positive_int("group_mates", "trajectories", trajectories)
         self.probe_every = positive_int("group_mates", "probe_every", probe_every, hint=" (1: every refresh)")
-        self.rescore_share = None if rescore_share is None else non_negative_float(
-            "group_mates", "rescore_share", rescore_share, hint=" (e.g. 0.25 of the budget), or None for the whole pool"
-        )
+        self.rescore_share = rescore_share_arg("group_mates", rescore_share)
         self.trajectory_length = integer(
             "group_mates", "trajectory_length", trajectory_length, minimum=2, hint=" (the paper uses 10)"
         )
