@@ -27,6 +27,9 @@
 #   STEPS="tests bench-auto bench-batch bench-nocapture" bash benchmarks/gpu_check.sh
 # (the new GPU tests; the defaults' cost now that probes do not wait for the device at every step, GRACE's graph
 # is on the GPU and numpy's BLAS is limited while selection overlaps; the scoring batch with and without capture).
+# Since then (no GPU in that session) the defaults also changed on the CPU side: GRACE's approximate graph is an
+# inverted file (only above gpu_exact_threshold on a GPU), GRIP, Group-MATES and GIP rescore a quarter of the
+# budget's worth, and GRIP estimates every third refresh; bench-auto measures them as they are.
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
