@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from grace_lightning.validation import non_negative_int
+from grace_lightning.validation import non_negative_int, positive_int
 
 __all__ = ["KnnGraph", "resolve_device", "set_faiss_threads"]
 
@@ -163,12 +163,6 @@ def _merge_extra(nb: np.ndarray, sims: np.ndarray, pos: np.ndarray, cand: np.nda
         nb[rows], sims[rows] = big_nb[:, :w], big_s[:, :w]
         evicted[rows] = big_s[:, w]
     return nb, sims, evicted
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"KnnGraph: `{name}` must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def _check_repair(repair: str) -> str:
@@ -350,8 +344,8 @@ class KnnGraph:
             hnsw_m=int(hnsw_m),
             ef_construction=int(ef_construction),
             ef_search=int(ef_search),
-            ivf_lists=_ivf_lists_for(n) if ivf_lists is None else _positive("ivf_lists", ivf_lists),
-            ivf_probes=_positive("ivf_probes", ivf_probes),
+            ivf_lists=_ivf_lists_for(n) if ivf_lists is None else positive_int("KnnGraph", "ivf_lists", ivf_lists),
+            ivf_probes=positive_int("KnnGraph", "ivf_probes", ivf_probes),
             overlay_limit=float(overlay_limit),
             exact_threshold=int(exact_threshold),
             repair=_check_repair(repair),

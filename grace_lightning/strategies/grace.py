@@ -123,8 +123,9 @@ class Grace(Strategy):
         graph_method: ``"auto"`` (exact up to ``exact_threshold`` examples, or ``gpu_exact_threshold`` when the
             graph searches on a GPU; an inverted file above), ``"flat"``, ``"ivf"``, ``"hnsw"``. The inverted file
             (faiss ``IndexIVFFlat``: the embeddings' k-means lists, the ``ivf_probes`` lists nearest each query
-            scanned) built Fashion-MNIST's 60k-node graph in 0.59 s against 1.31 s for HNSW (recall@10 0.995
-            against 0.996), and a million unclustered synthetic nodes in 40 s against 75 s (0.76 against 0.77);
+            scanned) built Fashion-MNIST's 60k-node graph in 0.62 s against 1.24 s for HNSW (recall@10 0.995
+            against 0.997; ``benchmarks/results/graph_build_r9.json``), and a million unclustered synthetic nodes in
+            40 s against 75 s (0.57 against 0.77; ``benchmarks/results/grace_scale_ivf.json``);
             HNSW's recall depends less on how clustered the embeddings are (tweets: 0.93 against 0.82). GRACE's
             accuracy did not move with recall between 0.52 and 0.99 (``README.md``, GRACE's ablation).
         exact_threshold: pool size up to which ``"auto"`` uses exact search on the CPU.
