@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from grace_lightning import ExampleSignals, SelectionInput, SignalStore, build_strategy
+from grace_lightning.propagation import edge_weights
 from grace_lightning.strategies.base import uniform_sample
 from grace_lightning.strategies.grace import Grace, GraceState
 
@@ -129,6 +130,8 @@ def test_by_default_the_graph_stays_as_built_and_repair_share_repairs_the_most_d
         else:
             assert later["moved"] == round(share * 100), later["moved"]
             assert not np.array_equal(state.graph.neighbors, built[share][0])
+        # The edge weights GRACE keeps between calls are those of the graph as it stands after the refresh.
+        np.testing.assert_array_equal(state.edges()[0], edge_weights(state.graph.neighbors, state.graph.similarities))
     assert Grace().repair_share == 0.0
     with pytest.raises(ValueError, match="repair_share"):
         Grace(repair_share=1.5)

@@ -274,6 +274,21 @@ def test_gumbel_top_k_never_repeats_and_follows_the_probabilities():
     assert len(set(picks.tolist())) == 4 and 4 not in picks
 
 
+@pytest.mark.parametrize("kind", ["continuous", "half zero", "all zero"])
+def test_gumbel_top_k_is_the_head_of_the_stable_descending_sort_of_its_keys(kind):
+    """It partitions instead of sorting all keys; the picks and their order must be the full sort's, ties (zero
+    probabilities, whose keys are all -inf) in index order."""
+    rng = np.random.default_rng(3)
+    pi = {"continuous": rng.random(500), "half zero": np.where(rng.random(500) < 0.5, 0.0, rng.random(500)),
+          "all zero": np.zeros(500)}[kind]
+    for count in (1, 7, 250, 499, 500):
+        noise = torch.rand(500, generator=torch.Generator().manual_seed(count), dtype=torch.float64)
+        with np.errstate(divide="ignore"):
+            keys = np.log(pi) - np.log(-np.log(noise.clamp(1e-12, 1 - 1e-12).numpy()))
+        expected = np.argsort(-keys, kind="stable")[:count]
+        np.testing.assert_array_equal(gumbel_top_k(pi, count, torch.Generator().manual_seed(count)), expected)
+
+
 # ---------------------------------------------------------------------- end to end, without the callback
 def test_to_probe_asks_one_probe_per_cluster_with_disjoint_halves_of_one_cluster():
     store, _ = _clustered_store(per_cluster=(150, 100, 50))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from grace_lightning.knn import KnnGraph
-from grace_lightning.propagation import edge_weights, neighbour_mean, propagate, propagate_drift
+from grace_lightning.propagation import Neighbourhood, edge_weights, neighbour_mean, propagate, propagate_drift
 from tests.graph_data import embeddings, one_faiss_thread, unit  # noqa: F401 (a fixture)
 
 
@@ -161,3 +161,28 @@ def test_neighbour_mean():
     np.testing.assert_array_equal(out[:5], g[:5])  # no edge: own value
     g2 = np.stack([g, 2 * g], axis=1)
     np.testing.assert_allclose(neighbour_mean(g2, nb, w)[:, 1], 2 * out, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_prepared_neighbourhood_gives_the_sparse_sums_bit_for_bit(dtype):
+    """The (N,) path sums every edge, zero weights included; it must equal the sparse path (positive edges only,
+    which the (N, d) path takes) to the bit, or GRACE's draws would change with the speed-up."""
+    nb, sims, _ = _random_graph(n=2000, k=8, seed=7)
+    w = edge_weights(nb, sims)
+    hood = Neighbourhood(nb, w)
+    g = np.random.default_rng(8).lognormal(size=2000).astype(dtype)
+    fast = hood.mean(g)
+    assert fast.dtype == dtype
+    np.testing.assert_array_equal(fast, hood.mean(g[:, None])[:, 0])
+    np.testing.assert_array_equal(fast, neighbour_mean(g, nb, w))
+    np.testing.assert_array_equal(fast[:5], g[:5])  # isolated nodes keep their value
+    # A non-finite value reached only through zero-weight edges must not leak into anyone's mean.
+    poisoned = g.copy()
+    zero_only = np.setdiff1d(np.arange(2000), nb[w > 0])
+    assert zero_only.size > 0
+    poisoned[zero_only[0]] = np.nan
+    out = hood.mean(poisoned)
+    others = np.setdiff1d(np.arange(2000), zero_only[:1])
+    np.testing.assert_array_equal(out[others], fast[others])
+    with pytest.raises(ValueError, match="one row per node"):
+        hood.mean(g[:10])

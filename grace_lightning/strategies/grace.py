@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from grace_lightning.knn import KnnGraph, resolve_device
-from grace_lightning.propagation import edge_weights, neighbour_mean, propagate, propagate_drift
+from grace_lightning.propagation import Neighbourhood, edge_weights, propagate, propagate_drift
 from grace_lightning.signals.store import SignalStore
 from grace_lightning.strategies.base import (
     Selection,
@@ -25,6 +25,7 @@ from grace_lightning.strategies.base import (
     gumbel_top_k,
     register_strategy,
     require_embeddings,
+    top_positions,
 )
 from grace_lightning.submodular import coverage_weights, select_facility_location
 from grace_lightning.validation import non_negative_float, positive_int, unit_interval
@@ -54,6 +55,19 @@ class GraceState:
         self.seen_step = np.full(pool_size, -1, dtype=np.int32)
         self.last_now = 0
         self.projection: Optional[np.ndarray] = None
+        self._edges: Optional[tuple[np.ndarray, Neighbourhood]] = None  # derived from the graph; not saved
+
+    def edges(self) -> tuple[np.ndarray, Neighbourhood]:
+        """The graph's edge weights and their :class:`Neighbourhood`, computed once while the edges stay as they are
+        (a refresh reads them three to four times: anchor priority, propagation, smoothing, damping)."""
+        if self._edges is None:
+            weights = edge_weights(self.graph.neighbors, self.graph.similarities)
+            self._edges = (weights, Neighbourhood(self.graph.neighbors, weights))
+        return self._edges
+
+    def edges_changed(self) -> None:
+        """Forget :meth:`edges` after the graph was built, repaired or loaded."""
+        self._edges = None
 
     def state_dict(self) -> dict[str, Any]:
         graph = None
@@ -76,6 +90,7 @@ class GraceState:
         self.projection = None if projection is None else projection.numpy().copy()
         self.node_embedding = None if state["node_embedding"] is None else state["node_embedding"].numpy().copy()
         self.graph = None
+        self.edges_changed()
         if state["graph"] is not None:
             graph_state = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in state["graph"].items()}
             # The faiss index is rebuilt from the vectors; the stored edges are kept exactly.
@@ -289,22 +304,19 @@ class Grace(Strategy):
         count = int(round(self.anchor_fraction * inputs.fidelity * inputs.pool_size))
         if count == 0:
             return None
-        priority = torch.from_numpy(self._priority(inputs))
-        fresh = store.last_step.numpy() != state.seen_step
-        priority[torch.from_numpy(fresh)] = -np.inf  # measured for free since the last refresh
+        priority = self._priority(inputs)
+        priority[store.last_step.numpy() != state.seen_step] = -np.inf  # measured for free since the last refresh
         # Random order first, then a stable sort: ties are broken by the seeded generator, not by index.
-        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator)
-        order = shuffled[torch.argsort(priority[shuffled], descending=True, stable=True)]
-        chosen = order[:count]
-        return chosen[torch.isfinite(priority[chosen])].sort().values
+        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator).numpy()
+        chosen = shuffled[top_positions(priority[shuffled], count)]
+        return torch.from_numpy(np.sort(chosen[np.isfinite(priority[chosen])]))
 
     def _priority(self, inputs: SelectionInput) -> np.ndarray:
         state, store = inputs.state, inputs.store
         staleness = (inputs.now_batch - store.last_step.numpy()).astype(np.float32)
         period = max(inputs.now_batch - state.last_now, 1)
         g = state.importance
-        weights = edge_weights(state.graph.neighbors, state.graph.similarities)
-        disagreement = np.abs(g - neighbour_mean(g, state.graph.neighbors, weights))
+        disagreement = np.abs(g - state.edges()[1].mean(g))
         scale = float(g.mean()) or 1.0
         return self.staleness_weight * staleness / period + self.disagreement_weight * disagreement / scale
 
@@ -359,7 +371,6 @@ class Grace(Strategy):
         require_embeddings(store, "grace")
         diagnostics: dict[str, float] = {}
         began = time.perf_counter()
-        weights: Optional[np.ndarray] = None  # the edges' weights, while the edges stay as they are
         if state.graph is None:
             state.projection = self._fit_projection(store.embedding.numpy())
             state.node_embedding = self._to_graph_space(store.embedding.numpy(), state).astype(np.float16)
@@ -367,11 +378,12 @@ class Grace(Strategy):
             diagnostics["propagation_seconds"] = 0.0
             graph_began = time.perf_counter()
             state.graph = self._build_graph(state.node_embedding.astype(np.float32))
+            state.edges_changed()
             diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
         else:
             anchors = store.last_step.numpy() != state.seen_step
             diagnostics["anchors"] = float(anchors.sum())
-            weights = edge_weights(state.graph.neighbors, state.graph.similarities)
+            weights = state.edges()[0]
             measured = self._measured_importance(inputs)
             importance = state.importance.copy()
             importance[anchors] = measured[anchors]
@@ -381,23 +393,19 @@ class Grace(Strategy):
                 diagnostics.update(propagation_seconds=time.perf_counter() - began, moved=0.0, graph_seconds=0.0)
             else:
                 self._follow_drift(store, state, anchors, weights, began, diagnostics)
-                weights = None  # the repair changed edges
         state.seen_step = store.last_step.numpy().copy()
         state.last_now = inputs.now_batch
 
         select_began = time.perf_counter()
-        if weights is None:
-            weights = edge_weights(state.graph.neighbors, state.graph.similarities)
+        weights, hood = state.edges()
         importance = state.importance
         if self.smoothing > 0:
             # A mislabeled example has a large gradient among easy neighbours of its true class; a hard region is
             # large throughout. Mixing in the neighbourhood's mean keeps the second and damps the first.
-            importance = (1 - self.smoothing) * importance + self.smoothing * neighbour_mean(
-                importance, state.graph.neighbors, weights
-            )
+            importance = (1 - self.smoothing) * importance + self.smoothing * hood.mean(importance)
         scaled = self._scaled(importance)
         if self.outlier_damping > 0:
-            scaled = scaled * self._outlier_factor(inputs, state, weights)
+            scaled = scaled * self._outlier_factor(inputs, hood)
         if self.selector == "sample":
             # A floor keeps every example drawable, so the budget is always filled.
             picked = np.sort(gumbel_top_k(np.maximum(scaled, 1e-3), inputs.budget, inputs.generator))
@@ -411,12 +419,12 @@ class Grace(Strategy):
         training_weights = torch.from_numpy(coverage.astype(np.float32)) if self.weighting == "coverage" else None
         return Selection(indices, training_weights, diagnostics)
 
-    def _outlier_factor(self, inputs: SelectionInput, state: GraceState, weights: np.ndarray) -> np.ndarray:
+    def _outlier_factor(self, inputs: SelectionInput, hood: Neighbourhood) -> np.ndarray:
         """``min(1, m_i / g_i)^outlier_damping``: ``g_i`` the example's last *measured* importance, ``m_i`` its
         neighbours' (edge-weighted). Measured, not propagated: propagation pulls an unmeasured example's value
         to its neighbourhood's within a refresh, which would hide the outlier."""
         own = self._measured_importance(inputs)
-        around = neighbour_mean(own, state.graph.neighbors, weights)
+        around = hood.mean(own)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(own > around, around / own, 1.0)
         return np.power(np.clip(ratio, 0.0, 1.0), self.outlier_damping)
@@ -460,6 +468,7 @@ class Grace(Strategy):
         graph_began = time.perf_counter()
         state.node_embedding = nodes.astype(np.float16)
         state.graph.update(nodes, moved)
+        state.edges_changed()
         diagnostics["graph_seconds"] = time.perf_counter() - graph_began
 
     @property
