@@ -71,6 +71,23 @@ def test_anchors_are_budgeted_exclude_fresh_examples_and_prefer_stale_ones():
     assert not torch.isin(to_score, fresh).any()
 
 
+def test_by_default_the_priority_anchors_are_a_tenth_of_the_budget_and_anchor_share_sets_it():
+    """A share of the budget, not of the pool: the same share of an epoch's work whatever the budget."""
+    counts = {}
+    for kwargs, budget in (({}, 30), ({}, 150), ({"anchor_share": 0.5}, 30), ({"anchor_share": 0.0}, 30),
+                           ({"anchor_fraction": 0.1}, 30), ({"anchor_fraction": 0.1}, 150)):
+        store, _ = _clustered_store()
+        grace, state = Grace(k=8, **kwargs), GraceState(store.pool_size)
+        grace.select(_inputs(store, budget, state=state, now=0))
+        chosen = grace.to_score(_inputs(store, budget, state=state, now=10))
+        counts[(tuple(kwargs.items()), budget)] = 0 if chosen is None else chosen.numel()
+    assert counts[((), 30)] == 3 and counts[((), 150)] == 15  # 0.1 of the budget
+    assert counts[((("anchor_share", 0.5),), 30)] == 15
+    assert counts[((("anchor_share", 0.0),), 30)] == 0  # none: the unmeasured are left to propagation
+    assert counts[((("anchor_fraction", 0.1),), 30)] == counts[((("anchor_fraction", 0.1),), 150)] == 30  # of the pool
+    assert "anchor_share=0.1" in repr(Grace()) and "anchor_fraction=0.05" in repr(Grace(anchor_fraction=0.05))
+
+
 def test_anchor_priority_follows_disagreement_with_neighbours():
     store, labels = _clustered_store()
     grace = Grace(k=8, anchor_fraction=0.02, staleness_weight=0.0)
@@ -175,6 +192,10 @@ def test_grace_is_registered_and_validates_parameters():
         Grace(propagation="half")
     with pytest.raises(ValueError, match="anchor_fraction"):
         Grace(anchor_fraction=1.5)
+    with pytest.raises(ValueError, match="anchor_share"):
+        Grace(anchor_share=-0.1)
+    with pytest.raises(ValueError, match="not both"):
+        Grace(anchor_share=0.1, anchor_fraction=0.05)
     with pytest.raises(ValueError, match="importance"):
         Grace(importance="entropy")
 
