@@ -121,3 +121,24 @@ def test_scoring_a_tensor_dataset_fetches_whole_batches_with_the_same_result():
         stores.append(callback.store)
     for name in ("loss", "grad_norm", "embedding", "last_step"):
         assert torch.equal(getattr(stores[0], name), getattr(stores[1], name)), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [({}, round(0.1 * 64)), ({"anchor_share": 0.5}, round(0.5 * 64)), ({"anchor_fraction": 0.05}, round(0.05 * 256)),
+     ({"anchor_share": 0.0}, 0)],
+)
+def test_grace_later_refreshes_score_a_share_of_the_budget_through_the_callback(kwargs, expected):
+    """End to end: after the first informed refresh, each refresh's scoring pass covers exactly the priority anchors
+    (a tenth of the budget by default; a pool share with anchor_fraction; none at 0), not the pool."""
+    from torch.utils.data import DataLoader
+
+    from grace_lightning import CoresetCallback, CoresetSampler
+    from tests.toy import IndexedBlobs, TinyClassifier, quiet_trainer
+
+    data = IndexedBlobs(n=256)
+    sampler = CoresetSampler(data, fraction=0.25, seed=7)  # 64 a refresh
+    callback = CoresetCallback(sampler, strategy="grace", strategy_kwargs=kwargs, seed=11)
+    quiet_trainer(max_epochs=4, callbacks=[callback]).fit(TinyClassifier(), DataLoader(data, batch_size=8, sampler=sampler))
+    assert callback.history[1]["scored"] > 100  # the first informed refresh reads the unmeasured pool
+    assert [r["scored"] for r in callback.history[2:]] == [expected] * (len(callback.history) - 2)
