@@ -374,3 +374,21 @@ def test_bad_graph_device_names_the_parameter():
             Grace(graph_device="cuda")
     with pytest.raises(ValueError, match="gpu_exact_threshold"):
         Grace(gpu_exact_threshold=0)
+
+
+def test_median_smoothing_ranks_a_hard_region_above_an_easy_one_with_a_few_huge_outliers():
+    """Cluster 0 is easy (importance 0.1) with a fifth of its examples at 5.0 (mislabeled); cluster 1 is uniformly
+    hard (1.0). The neighbours' mean lifts cluster 0 to about 1.1; their median keeps it at 0.1."""
+    store, labels = _clustered_store(per_cluster=(100, 100), important=(1,))
+    outliers = torch.arange(0, 100, 5)
+    grad = store.grad_norm.clone()
+    grad[outliers] = 5.0
+    store.update(outliers, ExampleSignals(loss=grad[outliers], grad_norm=grad[outliers], embedding=store.embedding[outliers].float()), step=0)
+    shares = {}
+    for statistic in ("mean", "median"):
+        grace = Grace(k=10, smoothing_statistic=statistic)
+        picks = torch.cat([grace.select(_inputs(store, 40, seed=s)).indices for s in range(20)])
+        shares[statistic] = float((labels[picks] == 1).float().mean())
+    assert shares["median"] > 0.75 > shares["mean"]
+    with pytest.raises(ValueError, match="smoothing_statistic"):
+        Grace(smoothing_statistic="mode")

@@ -186,3 +186,21 @@ def test_a_prepared_neighbourhood_gives_the_sparse_sums_bit_for_bit(dtype):
     np.testing.assert_array_equal(out[others], fast[others])
     with pytest.raises(ValueError, match="one row per node"):
         hood.mean(g[:10])
+
+
+def test_neighbourhood_median_ignores_a_minority_of_outliers_and_missing_edges():
+    nb, sims, _ = _random_graph(n=400, k=7, seed=9)
+    w = edge_weights(nb, sims)
+    hood = Neighbourhood(nb, w)
+    g = np.random.default_rng(10).random(400).astype(np.float32)
+    med = hood.median(g)
+    for i in range(400):
+        js = [j for j, wj in zip(nb[i], w[i]) if j >= 0 and wj > 0]
+        assert med[i] == pytest.approx(np.median(g[js]) if js else g[i], rel=1e-6)
+    # Three huge values among seven neighbours move the mean, not the median.
+    star = np.array([[1, 2, 3, 4, 5, 6, 7]] + [[0, -1, -1, -1, -1, -1, -1]] * 7)
+    star_hood = Neighbourhood(star, np.where(star >= 0, 1.0, 0.0).astype(np.float32))
+    values = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 100.0, 100.0, 100.0], dtype=np.float32)
+    assert star_hood.median(values)[0] == 1.0 and star_hood.mean(values)[0] > 40
+    with pytest.raises(ValueError, match="one value per node"):
+        hood.median(np.ones((400, 2), dtype=np.float32))
