@@ -392,3 +392,24 @@ def test_median_smoothing_ranks_a_hard_region_above_an_easy_one_with_a_few_huge_
     assert shares["median"] > 0.75 > shares["mean"]
     with pytest.raises(ValueError, match="smoothing_statistic"):
         Grace(smoothing_statistic="mode")
+
+
+def test_contradiction_weight_draws_examples_the_model_contradicts_less_and_needs_their_error_norm():
+    store, labels = _clustered_store(per_cluster=(100, 100), important=(0, 1))
+    contradicted = torch.arange(0, 200, 4)  # a quarter of the pool: error norm 1.3, the rest 0.2
+    errors = torch.full((200,), 0.2)
+    errors[contradicted] = 1.3
+    store.update(torch.arange(200), ExampleSignals(loss=store.loss.clone(), grad_norm=store.grad_norm.clone(),
+                                                   embedding=store.embedding.float(), error_norm=errors), step=0)
+    shares = {}
+    for weight in (1.0, 0.1):
+        grace = Grace(k=10, contradiction_weight=weight)
+        picks = torch.cat([grace.select(_inputs(store, 40, seed=s)).indices for s in range(20)])
+        shares[weight] = float(torch.isin(picks, contradicted).float().mean())
+    assert 0.18 < shares[1.0] < 0.32 and shares[0.1] < 0.06
+    assert "error_norm" in Grace(contradiction_weight=0.5).needs and "error_norm" not in Grace().needs
+    bare, _ = _clustered_store()
+    with pytest.raises(ValueError, match="error norm"):
+        Grace(contradiction_weight=0.1).select(_inputs(bare, 30))
+    with pytest.raises(ValueError, match="contradiction_weight"):
+        Grace(contradiction_weight=1.5)

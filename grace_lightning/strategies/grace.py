@@ -211,6 +211,12 @@ class Grace(Strategy):
             form of the small-loss rule for noisy labels. In the ablation (``README.md``, 30% of the labels
             flipped) ``3`` halved the noisy share on Fashion-MNIST and gained 0.4-0.6 points, but cost 0.8-1.0
             on clean data: pass it when the labels are known to be noisy. ``0`` (the default) turns it off.
+        contradiction_weight: the draw weight, in ``[0, 1]``, of an example the model *contradicts*: its last measured
+            error norm ``‖softmax(z) − onehot(y)‖`` (EL2N) exceeds 1, which takes the model putting most of its mass
+            on one other class than the label (``p_y`` below about 0.3). Under label noise that is a flipped label
+            the model has not memorised; on clean data a hard or ambiguous example. ``1`` (the default) draws it as
+            any other; ``0.1`` draws it a tenth as often. Not in the paper: a per-example small-loss rule with a
+            threshold that needs no noise rate. Reads ``error_norm``, which the automatic captures provide.
 
     Example::
 
@@ -247,6 +253,7 @@ class Grace(Strategy):
         smoothing_statistic: str = "mean",
         selector: str = "sample",
         outlier_damping: float = 0.0,
+        contradiction_weight: float = 1.0,
     ) -> None:
         positive_int("grace", "k", k, hint=" (e.g. 10)")
         if importance not in ("grad_norm", "loss"):
@@ -289,6 +296,7 @@ class Grace(Strategy):
         non_negative_float("grace", "lam", lam)
         unit_interval("grace", "smoothing", smoothing, hint=" (e.g. 0.5; 0 selects on each example's own importance)")
         non_negative_float("grace", "outlier_damping", outlier_damping)
+        unit_interval("grace", "contradiction_weight", contradiction_weight, hint=" (e.g. 0.1; 1 turns it off)")
         non_negative_float("grace", "staleness_weight", staleness_weight)
         non_negative_float("grace", "disagreement_weight", disagreement_weight)
         self.k = k
@@ -316,6 +324,9 @@ class Grace(Strategy):
         self.smoothing_statistic = smoothing_statistic
         self.selector = selector
         self.outlier_damping = outlier_damping
+        self.contradiction_weight = contradiction_weight
+        if contradiction_weight < 1:
+            self.needs = Grace.needs | {"error_norm"}  # an instance's needs: only this option reads it
 
     def __repr__(self) -> str:
         return (
@@ -449,6 +460,8 @@ class Grace(Strategy):
         scaled = self._scaled(importance)
         if self.outlier_damping > 0:
             scaled = scaled * self._outlier_factor(inputs, hood)
+        if self.contradiction_weight < 1:
+            scaled = scaled * self._contradiction_factor(inputs)
         if self.selector == "sample":
             # A floor keeps every example drawable, so the budget is always filled.
             picked = np.sort(gumbel_top_k(np.maximum(scaled, 1e-3), inputs.budget, inputs.generator))
@@ -471,6 +484,17 @@ class Grace(Strategy):
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(own > around, around / own, 1.0)
         return np.power(np.clip(ratio, 0.0, 1.0), self.outlier_damping)
+
+    def _contradiction_factor(self, inputs: SelectionInput) -> np.ndarray:
+        """``contradiction_weight`` where the last measured error norm exceeds 1, else 1 (unmeasured: 1)."""
+        errors = inputs.store.error_norm
+        if errors is None:
+            raise ValueError(
+                "grace: contradiction_weight < 1 reads each example's error norm, and none was measured; the automatic "
+                "signal captures provide it, a custom `coreset_signals` must return ExampleSignals(..., error_norm=...)."
+            )
+        with np.errstate(invalid="ignore"):
+            return np.where(errors.numpy() > 1.0, self.contradiction_weight, 1.0)
 
     def _fit_projection(self, embeddings: np.ndarray) -> Optional[np.ndarray]:
         """The top ``graph_dim`` right singular vectors of (a fixed sample of) the measured embeddings."""
