@@ -29,7 +29,8 @@
 # is on the GPU and numpy's BLAS is limited while selection overlaps; the scoring batch with and without capture).
 # Since then (no GPU in that session) the defaults also changed on the CPU side: GRACE's approximate graph is an
 # inverted file (only above gpu_exact_threshold on a GPU), GRIP, Group-MATES and GIP rescore a quarter of the
-# budget's worth, and GRIP estimates every third refresh; bench-auto measures them as they are.
+# budget's worth, GRIP estimates every third refresh, and GRACE rescores a tenth of the budget's worth as priority
+# anchors (anchor_share, since 35624d2); bench-auto measures them as they are.
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
