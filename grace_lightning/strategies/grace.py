@@ -216,7 +216,8 @@ class Grace(Strategy):
             on one other class than the label (``p_y`` below about 0.3). Under label noise that is a flipped label
             the model has not memorised; on clean data a hard or ambiguous example. ``1`` (the default) draws it as
             any other; ``0.1`` draws it a tenth as often. Not in the paper: a per-example small-loss rule with a
-            threshold that needs no noise rate. Reads ``error_norm``, which the automatic captures provide.
+            threshold that needs no noise rate. Reads ``error_norm``, which the automatic captures provide. Measured
+            on classification; for a causal LM (a mean of per-token error norms) the threshold is untested.
 
     Example::
 
