@@ -233,12 +233,14 @@ class Neighbourhood:
         nb = np.asarray(neighbors)
         nb, w, _ = _check_graph_args(nb.shape[0] if nb.ndim else 0, nb, weights)
         self.size = nb.shape[0]
-        self._safe, self._weights = _positive_weights(nb, w, None)
-        self._total = self._weights.sum(axis=1)
+        safe, weights = _positive_weights(nb, w, None)
+        self._total = weights.sum(axis=1)  # over the (N, k) rows, so the sums' rounding is neighbour_mean's
         self._rows = np.flatnonzero(self._total > 0)
-        # Column-major copies for the (N,) fast path: one contiguous gather of N values per column.
-        self._safe_columns = np.ascontiguousarray(self._safe.T)
-        self._weight_columns = np.ascontiguousarray(self._weights.T)
+        # Kept column-major only, for the (N,) fast path (one contiguous gather of N values a column); the row
+        # paths read the transposed views, so a 1M-node graph is not held twice.
+        self._safe_columns = np.ascontiguousarray(safe.T)
+        self._weight_columns = np.ascontiguousarray(weights.T)
+        self._safe, self._weights = self._safe_columns.T, self._weight_columns.T
 
     def mean(self, values) -> np.ndarray:
         """``m_i`` of :func:`neighbour_mean` for ``values`` of shape ``(N,)`` or ``(N, d)``; returns a new array."""

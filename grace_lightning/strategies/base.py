@@ -272,11 +272,10 @@ def stalest_first(inputs: SelectionInput, share: Optional[float]) -> Optional[Te
     if count >= inputs.pool_size:
         return torch.arange(inputs.pool_size)
     if count > 0:
-        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator)
-        last = store.last_step.long()[shuffled]
-        last[unmeasured[shuffled]] = torch.iinfo(torch.int64).max  # already chosen: rank them last
-        stalest = shuffled[torch.argsort(last, stable=True)[: min(count, int((~unmeasured).sum()))]]
-        unmeasured[stalest] = True
+        last = store.last_step.numpy().astype(np.int64)
+        last[unmeasured.numpy()] = np.iinfo(np.int64).max  # already chosen: rank them last
+        stalest = top_k_random_ties(-last, min(count, int((~unmeasured).sum())), inputs.generator)
+        unmeasured[torch.from_numpy(stalest)] = True
     chosen = unmeasured.nonzero().squeeze(1)
     return chosen if chosen.numel() else None
 
@@ -309,6 +308,13 @@ def top_positions(keys: np.ndarray, count: int) -> np.ndarray:
     above = np.flatnonzero(keys > threshold)
     chosen = np.concatenate([above, np.flatnonzero(keys == threshold)[: count - above.size]])
     return chosen[np.argsort(-keys[chosen], kind="stable")]
+
+
+def top_k_random_ties(scores: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """Positions of the ``count`` highest ``scores``, best first, ties broken by ``generator`` rather than by index
+    (a seeded random order first, then :func:`top_positions`' stable partial sort)."""
+    shuffled = torch.randperm(len(scores), generator=generator).numpy()
+    return shuffled[top_positions(np.asarray(scores)[shuffled], count)]
 
 
 def gumbel_top_k(probabilities: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from grace_lightning.strategies.base import Selection, SelectionInput, Strategy, register_strategy, uniform_sample
+from grace_lightning.strategies.base import (
+    Selection,
+    SelectionInput,
+    Strategy,
+    register_strategy,
+    top_k_random_ties,
+    uniform_sample,
+)
 from grace_lightning.validation import non_negative_int, positive_int
 
 
@@ -104,10 +112,8 @@ class EL2N(Strategy):
                 "grace_lightning.signals.classification_signals / causal_lm_signals, which compute it."
             )
         score = torch.where(store.measured, store.error_norm, torch.full_like(store.error_norm, -torch.inf))
-        # Random order first, then a stable sort: ties are broken by the seeded generator, not by index.
-        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator)
-        order = shuffled[torch.argsort(score[shuffled], descending=True, stable=True)]
-        state.selection = order[: inputs.budget].sort().values
+        top = top_k_random_ties(score.numpy(), inputs.budget, inputs.generator)
+        state.selection = torch.from_numpy(np.sort(top))
         state.waited = 0
         return Selection(state.selection.clone(), diagnostics={"rescored": 1.0})
 

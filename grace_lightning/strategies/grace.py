@@ -25,7 +25,7 @@ from grace_lightning.strategies.base import (
     gumbel_top_k,
     register_strategy,
     require_embeddings,
-    top_positions,
+    top_k_random_ties,
 )
 from grace_lightning.submodular import coverage_weights, select_facility_location
 from grace_lightning.validation import non_negative_float, positive_int, unit_interval
@@ -349,9 +349,7 @@ class Grace(Strategy):
             return None
         priority = self._priority(inputs)
         priority[store.last_step.numpy() != state.seen_step] = -np.inf  # measured for free since the last refresh
-        # Random order first, then a stable sort: ties are broken by the seeded generator, not by index.
-        shuffled = torch.randperm(inputs.pool_size, generator=inputs.generator).numpy()
-        chosen = shuffled[top_positions(priority[shuffled], count)]
+        chosen = top_k_random_ties(priority, count, inputs.generator)
         return torch.from_numpy(np.sort(chosen[np.isfinite(priority[chosen])]))
 
     def _anchor_count(self, inputs: SelectionInput) -> float:
