@@ -86,6 +86,7 @@ def check_fixed_embedding_inputs(strategy: Strategy, embeddings: Any, reference_
             "CoresetCallback: `reference_embeddings` are the reference set's embeddings, and there is no `reference`; "
             "pass CoresetCallback(..., reference=dataset, reference_embeddings=...)."
         )
+    strategy.check_embedding_source(fixed=embeddings is not None)
     if embeddings is None:
         return
     if "embedding" not in strategy.needs:

@@ -10,6 +10,8 @@ section of ``grace_lightning/strategies/README.md``):
 * :func:`propagate_drift` -- the same for embeddings: non-anchors follow their anchor neighbours' drift.
 * :func:`neighbour_mean` -- ``sum_j a_ij v_j`` with row-normalised weights, for GRACE's disagreement score;
   :class:`Neighbourhood` prepares a graph once for many of them.
+* :func:`fill_unknown` -- give nodes never measured the edge-weighted mean of their measured neighbours', hop by
+  hop (GRACE on fixed embeddings, which builds its graph before it has measured most of the pool).
 
 Conventions: a missing edge has neighbour ``-1`` (and, in :class:`~grace_lightning.knn.KnnGraph`, similarity
 ``-inf``); it gets weight 0 and never contributes.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Neighbourhood", "edge_weights", "neighbour_mean", "propagate", "propagate_drift"]
+__all__ = ["Neighbourhood", "edge_weights", "fill_unknown", "neighbour_mean", "propagate", "propagate_drift"]
 
 _GATHER_BYTES = 64 << 20  # numpy gathers (x[idx] for many idx) are chunked to about this many bytes
 _MODES = ("exact", "paper_eq21")
@@ -206,6 +208,44 @@ def neighbour_mean(values, neighbors, weights) -> np.ndarray:
         [7.0, 0.0, 8.0]
     """
     return Neighbourhood(neighbors, weights).mean(values)
+
+
+def fill_unknown(values, known, hood: "Neighbourhood", hops: int = 3) -> np.ndarray:
+    """``values`` with every unknown node set to the edge-weighted mean of its known neighbours', hop by hop.
+
+    At each of up to ``hops`` rounds, an unknown node with at least one known neighbour (positive edge) takes
+    ``sum_j w_ij v_j / sum_j w_ij`` over its known neighbours ``j`` and counts as known from the next round on, so
+    values spread ``hops`` edges out from the measured nodes (with 10% of the nodes known and ``k = 10``, two rounds
+    reach nearly all). Nodes still unknown after them take the mean of the originally known values (0 when none is
+    known). ``values`` is ``(N,)``; ``known`` a bool mask ``(N,)``. Returns a new float32 array.
+
+    Example::
+
+        >>> nb = np.array([[1], [2], [1], [-1]])  # 0 -> 1 -> 2 -> 1; node 3 has no edge
+        >>> hood = Neighbourhood(nb, np.ones((4, 1), dtype=np.float32))
+        >>> values, known = np.array([0.0, 0.0, 6.0, 2.0]), np.array([False, False, True, True])
+        >>> fill_unknown(values, known, hood).tolist()  # node 1 from node 2, then node 0 from node 1
+        [6.0, 6.0, 6.0, 2.0]
+        >>> fill_unknown(values, known, hood, hops=1).tolist()  # node 0 out of reach: the known values' mean
+        [4.0, 6.0, 6.0, 2.0]
+    """
+    out = np.array(values, dtype=np.float32, copy=True)
+    known = np.asarray(known, dtype=bool)
+    if out.shape != (hood.size,) or known.shape != out.shape:
+        raise ValueError(f"values {out.shape} and known {known.shape} must both be ({hood.size},)")
+    measured = known.copy()
+    for _ in range(hops):
+        if known.all():
+            break
+        share = hood.mean(known.astype(np.float32))  # of each node's edge weight, the part on known neighbours
+        reached = ~known & (share > 0)
+        if not reached.any():
+            break
+        total = hood.mean(np.where(known, out, 0.0).astype(np.float32))
+        out[reached] = total[reached] / share[reached]
+        known = known | reached
+    out[~known] = float(out[measured].mean()) if measured.any() else 0.0
+    return out
 
 
 class Neighbourhood:

@@ -73,16 +73,37 @@ def test_gip_with_an_encoders_embeddings_scores_nothing_and_finds_the_target():
     assert float(target[own_sampler.selection].float().mean()) < 0.6
 
 
-def test_grace_on_fixed_embeddings_builds_its_graph_once_and_never_repairs_it():
+def _grace_fit(max_epochs=4, **strategy_kwargs):
     dataset = IndexedBlobs(n=POOL)
     given = _encoder_view(POOL, 0, torch.arange(POOL) % 2 == 0)
     sampler = CoresetSampler(dataset, fraction=0.25, seed=0)
-    callback = CoresetCallback(sampler, strategy="grace", seed=0, embeddings=given)
-    quiet_trainer(max_epochs=4, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=16, sampler=sampler))
-    _, built, *repaired = callback.history  # a uniform start, the graph's build, then refreshes
-    assert built["anchors"] == POOL and repaired
-    assert all(r["moved"] == 0 and r["graph_seconds"] == 0 and r["anchors"] > 0 for r in repaired)
+    callback = CoresetCallback(sampler, strategy="grace", seed=0, embeddings=given, strategy_kwargs=strategy_kwargs)
+    quiet_trainer(max_epochs=max_epochs, callbacks=[callback]).fit(
+        TinyClassifier(), DataLoader(dataset, batch_size=16, sampler=sampler)
+    )
+    return callback, sampler, given
+
+
+def test_grace_on_fixed_embeddings_runs_no_scoring_pass_and_fills_the_unmeasured_from_the_graph():
+    callback, sampler, given = _grace_fit()
+    first, built, *later = callback.history  # a uniform start, the graph's build, then refreshes
+    trained = POOL // 4  # the first epoch's uniform subset, measured for free while it trained
+    assert first["scored"] == 0 and built["scored"] == 0, "no scoring pass: the graph is built on the given embeddings"
+    assert built["anchors"] == trained and later
+    anchors = round(0.1 * POOL // 4)  # priority anchors: a tenth of the budget, the never-measured first
+    assert all(r["scored"] == anchors and r["moved"] == 0 and r["graph_seconds"] == 0 for r in later)
     assert torch.allclose(callback.store.embedding.float(), callback.store.to_store_space(given), atol=1e-3)
+    measured = callback.store.measured
+    assert not bool(measured.all()), "examples never drawn nor anchored stay unmeasured"
+    importance = callback._strategy_state.importance
+    assert (importance[~measured.numpy()] > 0).all(), "the unmeasured carry their neighbours' importance, not 0"
+
+
+def test_grace_on_fixed_embeddings_scores_the_pool_on_request_and_never_repairs_its_graph():
+    callback, _, _ = _grace_fit(score_unmeasured=True)
+    _, built, *repaired = callback.history
+    assert built["anchors"] == POOL and built["scored"] == POOL - POOL // 4 and repaired
+    assert all(r["moved"] == 0 and r["graph_seconds"] == 0 and r["anchors"] > 0 for r in repaired)
     assert bool(callback.store.measured.all()), "loss and gradient norm still come from the live model"
 
 
@@ -167,8 +188,13 @@ def _callback(**kwargs):
             },
             r"width 5 and `embeddings` 4",
         ),
+        ({"strategy_kwargs": {"score_unmeasured": False}}, r"score_unmeasured=False .*CoresetCallback\(embeddings=\.\.\.\)"),
+        ({"strategy_kwargs": {"score_unmeasured": "no"}}, r"`score_unmeasured` must be None, True or False"),
     ],
-    ids=["rows", "nan", "zero-rows", "not-numbers", "no-pool", "no-reference", "gip-needs-reference", "ref-rows", "width"],
+    ids=[
+        "rows", "nan", "zero-rows", "not-numbers", "no-pool", "no-reference", "gip-needs-reference", "ref-rows", "width",
+        "grace-unscored-needs-embeddings", "grace-unscored-not-bool",
+    ],
 )
 def test_bad_embeddings_are_refused_at_construction_naming_the_parameter(kwargs, match):
     kwargs = {"strategy": "grace", **kwargs}

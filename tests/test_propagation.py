@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from grace_lightning.knn import KnnGraph
-from grace_lightning.propagation import Neighbourhood, edge_weights, neighbour_mean, propagate, propagate_drift
+from grace_lightning.propagation import (
+    Neighbourhood, edge_weights, fill_unknown, neighbour_mean, propagate, propagate_drift,
+)
 from tests.graph_data import embeddings, one_faiss_thread, unit  # noqa: F401 (a fixture)
 
 
@@ -204,3 +206,40 @@ def test_neighbourhood_median_ignores_a_minority_of_outliers_and_missing_edges()
     assert star_hood.median(values)[0] == 1.0 and star_hood.mean(values)[0] > 40
     with pytest.raises(ValueError, match="one value per node"):
         hood.median(np.ones((400, 2), dtype=np.float32))
+
+
+def test_fill_unknown_matches_the_hop_by_hop_formula_and_keeps_known_values():
+    nb, sims, known = _random_graph(n=300, k=6, seed=4)
+    w = edge_weights(nb, sims)
+    hood = Neighbourhood(nb, w)
+    values = np.where(known, np.random.default_rng(5).random(300), 0.0).astype(np.float32)
+    out = fill_unknown(values, known, hood, hops=2)
+    assert np.array_equal(out[known], values[known]), "a measured value moved"
+    # Reference: the same rounds written node by node.
+    expect, have = values.astype(np.float64), known.copy()
+    for _ in range(2):
+        nxt, reached = expect.copy(), have.copy()
+        for i in np.flatnonzero(~have):
+            js = [(j, wj) for j, wj in zip(nb[i], w[i]) if j >= 0 and wj > 0 and have[j]]
+            if js:
+                nxt[i] = sum(wj * expect[j] for j, wj in js) / sum(wj for _, wj in js)
+                reached[i] = True
+        expect, have = nxt, reached
+    expect[~have] = values[known].mean()
+    assert (~have).any() and np.allclose(out, expect, rtol=1e-5), "some nodes out of reach, all as the formula says"
+    assert np.array_equal(fill_unknown(values, np.zeros(300, bool), hood), np.zeros(300, np.float32))
+    with pytest.raises(ValueError, match=r"must both be \(300,\)"):
+        fill_unknown(values[:10], known[:10], hood)
+
+
+def test_fill_unknown_gives_an_unmeasured_example_its_own_cluster_s_importance():
+    """GRACE on fixed embeddings: a tenth of the pool measured, a hard cluster's unmeasured examples come out hard."""
+    x = embeddings(3000, clusters=20, seed=2)
+    graph = KnnGraph.build(x, k=10, method="flat")
+    cluster = np.argmax(x @ x[np.random.default_rng(0).choice(3000, 20, replace=False)].T, axis=1)
+    hard = np.isin(cluster, [0, 1, 2])
+    importance = np.where(hard, 5.0, 1.0).astype(np.float32)
+    known = np.random.default_rng(1).random(3000) < 0.1
+    hood = Neighbourhood(graph.neighbors, edge_weights(graph.neighbors, graph.similarities))
+    out = fill_unknown(np.where(known, importance, 0.0), known, hood)
+    assert out[~known & hard].mean() > 3.5 and out[~known & ~hard].mean() < 1.5

@@ -151,6 +151,13 @@ class Strategy:
                 "training batch format, e.g. 64-256 held-out examples of the target task)."
             )
 
+    def check_embedding_source(self, fixed: bool) -> None:
+        """Raise ``ValueError`` (saying how to fix it) if a setting needs embeddings from elsewhere than they come.
+
+        Called by the callback at construction; ``fixed`` is whether the pool's embeddings are given up front
+        (``CoresetCallback(embeddings=...)``) rather than measured on the live model. The default accepts both.
+        """
+
     def to_probe(self, inputs: SelectionInput) -> Optional[ProbeRequest]:
         """Probes (optimizer steps on a restored snapshot) to run before :meth:`select`; None (default) for none."""
         return None

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from grace_lightning.knn import KnnGraph, resolve_device
-from grace_lightning.propagation import Neighbourhood, edge_weights, propagate, propagate_drift
+from grace_lightning.propagation import Neighbourhood, edge_weights, fill_unknown, propagate, propagate_drift
 from grace_lightning.signals.store import SignalStore
 from grace_lightning.strategies.base import (
     Selection,
@@ -218,6 +218,13 @@ class Grace(Strategy):
             any other; ``0.1`` draws it a tenth as often. Not in the paper: a per-example small-loss rule with a
             threshold that needs no noise rate. Reads ``error_norm``, which the automatic captures provide. Measured
             on classification; for a causal LM (a mean of per-token error norms) the threshold is untested.
+        score_unmeasured: whether the first informed refresh runs a scoring pass over every example not yet measured.
+            ``None`` (the default): yes on the model's own embeddings, which the graph needs for every node; no on
+            fixed embeddings (``CoresetCallback(embeddings=...)``), where the graph is built on them and an example
+            never measured takes the edge-weighted mean importance of its measured graph neighbours (up to three
+            hops out; beyond, the measured mean) until training or a priority anchor measures it. The scoring pass
+            is most of GRACE's selection time (a forward pass over the pool, a third to a fifth of an epoch on the
+            full pool); ``False`` on the model's own embeddings is an error.
 
     Example::
 
@@ -255,6 +262,7 @@ class Grace(Strategy):
         selector: str = "sample",
         outlier_damping: float = 0.0,
         contradiction_weight: float = 1.0,
+        score_unmeasured: Optional[bool] = None,
     ) -> None:
         positive_int("grace", "k", k, hint=" (e.g. 10)")
         if importance not in ("grad_norm", "loss"):
@@ -298,6 +306,8 @@ class Grace(Strategy):
         unit_interval("grace", "smoothing", smoothing, hint=" (e.g. 0.5; 0 selects on each example's own importance)")
         non_negative_float("grace", "outlier_damping", outlier_damping)
         unit_interval("grace", "contradiction_weight", contradiction_weight, hint=" (e.g. 0.1; 1 turns it off)")
+        if score_unmeasured not in (None, True, False):
+            raise ValueError(f"grace: `score_unmeasured` must be None, True or False, got {score_unmeasured!r}.")
         non_negative_float("grace", "staleness_weight", staleness_weight)
         non_negative_float("grace", "disagreement_weight", disagreement_weight)
         self.k = k
@@ -326,6 +336,7 @@ class Grace(Strategy):
         self.selector = selector
         self.outlier_damping = outlier_damping
         self.contradiction_weight = contradiction_weight
+        self.score_unmeasured = score_unmeasured
         if contradiction_weight < 1:
             self.needs = Grace.needs | {"error_norm"}  # an instance's needs: only this option reads it
 
@@ -338,12 +349,30 @@ class Grace(Strategy):
     def create_state(self, pool_size: int) -> GraceState:
         return GraceState(pool_size)
 
+    def check_embedding_source(self, fixed: bool) -> None:
+        if self.score_unmeasured is False and not fixed:
+            raise ValueError(
+                "grace: score_unmeasured=False leaves the first informed refresh without embeddings for the examples "
+                "not yet trained on, and the graph needs one per example: pass the pool's embeddings from an encoder "
+                "(CoresetCallback(embeddings=...)) or leave score_unmeasured=None."
+            )
+
+    def _scores_unmeasured(self, store: SignalStore) -> bool:
+        """Whether the first informed refresh measures every example (``score_unmeasured``; ``None``: unless the
+        embeddings are fixed)."""
+        if self.score_unmeasured is not None:
+            return self.score_unmeasured
+        return "embedding" not in store.fixed
+
     # ------------------------------------------------------------------ what to measure
     def to_score(self, inputs: SelectionInput) -> Optional[Tensor]:
         store, state = inputs.store, inputs.state
-        unmeasured = (~store.measured).nonzero().squeeze(1)
-        if state.graph is None or unmeasured.numel() > 0:
-            return unmeasured if unmeasured.numel() else None
+        if self._scores_unmeasured(store):
+            unmeasured = (~store.measured).nonzero().squeeze(1)
+            if state.graph is None or unmeasured.numel() > 0:
+                return unmeasured if unmeasured.numel() else None
+        elif state.graph is None:
+            return None  # the graph is built on the fixed embeddings; the unmeasured take their neighbours' importance
         count = int(round(self._anchor_count(inputs) * inputs.fidelity))
         if count == 0:
             return None
@@ -432,6 +461,10 @@ class Grace(Strategy):
             state.graph = self._build_graph(state.node_embedding.astype(np.float32))
             state.edges_changed()
             diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
+            if not self._scores_unmeasured(store):  # fixed embeddings, no scoring pass: most of the pool unmeasured
+                known = store.measured.numpy()
+                diagnostics["anchors"] = float(known.sum())
+                state.importance = fill_unknown(state.importance, known, state.edges()[1])
         else:
             anchors = store.last_step.numpy() != state.seen_step
             diagnostics["anchors"] = float(anchors.sum())

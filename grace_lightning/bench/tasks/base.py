@@ -91,6 +91,22 @@ class TaskOption:
     check: Callable[[Any], Any]
 
 
+EMBEDDING_SOURCES = ("model", "minilm")
+
+
+def embedding_option(own: str) -> TaskOption:
+    """The option ``embedding`` of a text task: which embeddings the strategies read, the trained model's own
+    (``model``, described by ``own``) or a pretrained sentence encoder's (``minilm``: all-MiniLM-L6-v2, handed over
+    as ``TaskData.embeddings``, i.e. ``CoresetCallback(embeddings=...)``)."""
+
+    def check(value: Any) -> str:
+        if value not in EMBEDDING_SOURCES:
+            raise ValueError(f"embedding must be one of {', '.join(EMBEDDING_SOURCES)}, got {value!r}")
+        return str(value)
+
+    return TaskOption("model", f"embeddings the strategies read: model ({own}) or minilm (a pretrained encoder's)", check)
+
+
 def fraction_option(name: str, *, low_open: bool = False) -> Callable[[Any], float]:
     """A check for an option that is a share in ``[0, 1)`` (``(0, 1)`` with ``low_open``)."""
 

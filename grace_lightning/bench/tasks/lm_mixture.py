@@ -66,6 +66,7 @@ from grace_lightning.bench.tasks.base import (
     TaskOption,
     TaskSize,
     TaskUnavailable,
+    embedding_option,
     fraction_option,
     seeded_init,
 )
@@ -81,12 +82,11 @@ from grace_lightning.bench.tasks.shakespeare import (
 )
 
 __all__ = [
-    "EMBEDDINGS", "LICENSE_DIR", "SOURCES", "LMMixtureTask", "chunk_embeddings", "code_chunks", "largest_remainder",
+    "LICENSE_DIR", "SOURCES", "LMMixtureTask", "chunk_embeddings", "code_chunks", "largest_remainder",
     "license_chunks",
 ]
 
 SOURCES = ("shakespeare", "code", "license", "shuffled", "random")
-EMBEDDINGS = ("model", "minilm")
 LICENSE_DIR = Path("/usr/share/common-licenses")
 DATA_SEED = 20_240_504  # fixed: byte permutations, random bytes and the pool order never depend on the run seed
 _EXCLUDED_DIRS = frozenset({"test", "tests", "site-packages"})
@@ -160,12 +160,6 @@ def _empty() -> Tensor:
     return torch.zeros(0, CHUNK, dtype=torch.int64)
 
 
-def _check_embedding(value: Any) -> str:
-    if value not in EMBEDDINGS:
-        raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {value!r}")
-    return str(value)
-
-
 _ENCODED: dict[str, Tensor] = {}  # sha1 of the chunks' bytes -> their embeddings: a suite encodes each pool once
 
 
@@ -224,10 +218,7 @@ class LMMixtureTask(BenchTask):
             0.2, "share of Shakespeare chunks with their bytes permuted, in [0, 1)", fraction_option("shuffled")
         ),
         "random": TaskOption(0.2, "share of uniformly random byte chunks, in [0, 1)", fraction_option("random")),
-        "embedding": TaskOption(
-            "model", "embeddings the strategies read: model (the byte GPT's own) or minilm (a pretrained encoder's)",
-            _check_embedding,
-        ),
+        "embedding": embedding_option("the byte GPT's own"),
     }
 
     def __init__(self, **options: Any) -> None:

