@@ -84,8 +84,8 @@ def _grace_fit(max_epochs=4, **strategy_kwargs):
     return callback, sampler, given
 
 
-def test_grace_on_fixed_embeddings_runs_no_scoring_pass_and_fills_the_unmeasured_from_the_graph():
-    callback, sampler, given = _grace_fit()
+def test_grace_on_fixed_embeddings_can_skip_the_scoring_pass_and_fill_the_unmeasured_from_the_graph():
+    callback, sampler, given = _grace_fit(score_unmeasured=False)
     first, built, *later = callback.history  # a uniform start, the graph's build, then refreshes
     trained = POOL // 4  # the first epoch's uniform subset, measured for free while it trained
     assert first["scored"] == 0 and built["scored"] == 0, "no scoring pass: the graph is built on the given embeddings"
@@ -99,8 +99,8 @@ def test_grace_on_fixed_embeddings_runs_no_scoring_pass_and_fills_the_unmeasured
     assert (importance[~measured.numpy()] > 0).all(), "the unmeasured carry their neighbours' importance, not 0"
 
 
-def test_grace_on_fixed_embeddings_scores_the_pool_on_request_and_never_repairs_its_graph():
-    callback, _, _ = _grace_fit(score_unmeasured=True)
+def test_grace_on_fixed_embeddings_scores_the_pool_by_default_and_never_repairs_its_graph():
+    callback, _, _ = _grace_fit()
     _, built, *repaired = callback.history
     assert built["anchors"] == POOL and built["scored"] == POOL - POOL // 4 and repaired
     assert all(r["moved"] == 0 and r["graph_seconds"] == 0 and r["anchors"] > 0 for r in repaired)
@@ -128,6 +128,8 @@ def test_group_mates_on_an_encoders_embeddings_runs_no_scoring_pass_but_still_pr
 
 def _fixed_kwargs(strategy):
     kwargs = {"embeddings": _encoder_view(POOL, 0, torch.arange(POOL) % 2 == 0)}
+    if strategy == "grace-unscored":
+        kwargs["strategy_kwargs"] = {"score_unmeasured": False}
     if strategy == "gip":
         kwargs["reference"] = IndexedBlobs(n=32, seed=1)
         kwargs["reference_embeddings"] = _encoder_view(32, 1, torch.ones(32, dtype=torch.bool))
@@ -135,9 +137,9 @@ def _fixed_kwargs(strategy):
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-@pytest.mark.parametrize("strategy", ["grace", "gip"])
+@pytest.mark.parametrize("strategy", ["grace", "grace-unscored", "gip"])
 def test_resume_with_fixed_embeddings_is_bit_exact(tmp_path, devices, strategy):
-    kwargs = dict(devices=devices, schedule="step", strategy=strategy, **_fixed_kwargs(strategy))
+    kwargs = dict(devices=devices, schedule="step", strategy=strategy.split("-")[0], **_fixed_kwargs(strategy))
     fit(tmp_path, "full", save_checkpoints=True, **kwargs)
     nb = int(POOL * 0.25) // devices // 8
     ckpt = tmp_path / "steps" / f"step={nb + nb // 2 + 1}.ckpt"
@@ -189,7 +191,7 @@ def _callback(**kwargs):
             r"width 5 and `embeddings` 4",
         ),
         ({"strategy_kwargs": {"score_unmeasured": False}}, r"score_unmeasured=False .*CoresetCallback\(embeddings=\.\.\.\)"),
-        ({"strategy_kwargs": {"score_unmeasured": "no"}}, r"`score_unmeasured` must be None, True or False"),
+        ({"strategy_kwargs": {"score_unmeasured": "no"}}, r"`score_unmeasured` must be True or False"),
     ],
     ids=[
         "rows", "nan", "zero-rows", "not-numbers", "no-pool", "no-reference", "gip-needs-reference", "ref-rows", "width",
