@@ -8,6 +8,11 @@ its graph neighbours' edge-weighted mean (what ``outlier_damping`` damps), and i
 quantiles among the flipped and the clean examples, and the share of each that a threshold flags; for the clean
 pools, the share of all examples it flags (the hard examples a filter would wrongly take for noise).
 
+Last, among the examples the model contradicts (error norm above 1), the share of their graph neighbours' edge
+weight on contradicted neighbours: if a flipped label were an isolated contradiction and a hard clean example sat
+among other contradicted ones, a low share would tell noise from hardness, and ``contradiction_weight`` could act
+only there (and so be on by default). Reported as quantiles and as the share of each group below a threshold.
+
     python benchmarks/noise_signals.py
 
 Writes ``benchmarks/results/noise_signals.json``.
@@ -35,6 +40,7 @@ POOLS = [
 QUANTILES = [0.5, 0.75, 0.9, 0.95, 0.99]
 RATIO_THRESHOLDS = [1.5, 2.0, 3.0, 4.0]
 ERROR_THRESHOLDS = [0.9, 1.0, 1.1, 1.2]
+SHARE_THRESHOLDS = [0.2, 0.3, 0.4, 0.5]
 
 
 def signals(task: str, options: dict) -> dict[str, np.ndarray]:
@@ -45,14 +51,18 @@ def signals(task: str, options: dict) -> dict[str, np.ndarray]:
     grad = store.grad_norm.numpy().astype(np.float32)
     around = state.edges()[1].mean(grad)
     marked = built.data.marked
+    errors = store.error_norm.numpy().astype(np.float32)
     return {
         "gradient ratio": grad / np.maximum(around, 1e-12),
-        "error norm": store.error_norm.numpy().astype(np.float32),
+        "error norm": errors,
+        "neighbours contradicted": state.edges()[1].mean((errors > 1).astype(np.float32)),
         "flipped": np.zeros(store.pool_size, bool) if marked is None else marked.numpy().astype(bool),
     }
 
 
-def flagged(values: np.ndarray, thresholds: list[float]) -> dict[str, float]:
+def flagged(values: np.ndarray, thresholds: list[float], below: bool = False) -> dict[str, float]:
+    if below:
+        return {f"< {t:g}": float(np.mean(values < t)) for t in thresholds}
     return {f"> {t:g}": float(np.mean(values > t)) for t in thresholds}
 
 
@@ -64,13 +74,18 @@ def main() -> None:
     for task, options in POOLS:
         found = signals(task, options)
         flipped = found.pop("flipped")
+        contradicted = found["error norm"] > 1
+        masks = {"flipped": flipped, "clean": ~flipped} if flipped.any() else {"all": np.ones_like(flipped)}
         entry = {}
         for name, values in found.items():
-            thresholds = RATIO_THRESHOLDS if name == "gradient ratio" else ERROR_THRESHOLDS
-            groups = {"flipped": values[flipped], "clean": values[~flipped]} if flipped.any() else {"all": values}
+            thresholds = {"gradient ratio": RATIO_THRESHOLDS, "error norm": ERROR_THRESHOLDS}.get(name, SHARE_THRESHOLDS)
+            if name == "neighbours contradicted":  # among the contradicted examples only
+                groups = {f"contradicted {g}": values[m & contradicted] for g, m in masks.items()}
+            else:
+                groups = {g: values[m] for g, m in masks.items()}
             entry[name] = {
                 group: {"quantiles": dict(zip(map(str, QUANTILES), np.quantile(v, QUANTILES).round(3).tolist())),
-                        "flagged": flagged(v, thresholds)}
+                        "flagged": flagged(v, thresholds, below=name == "neighbours contradicted")}
                 for group, v in groups.items()
             }
             for group, stats in entry[name].items():
