@@ -397,7 +397,7 @@ class CoresetCallback(Callback):
 
     # ------------------------------------------------------------------ the schedule
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log.fit_started_at = time.perf_counter()
+        self._log.start_fit()
         if self._budget is not None:
             self._budget.start()
         self._fit_started = True
@@ -467,6 +467,9 @@ class CoresetCallback(Callback):
         self._drop_pending()
         if not self._standing_aside:
             self._measure.flush(trainer)  # leave a complete store for whoever inspects it after fit
+        summary = self._log.fit_summary() if trainer.is_global_zero else None
+        if summary is not None:
+            rank_zero_info(summary)  # what selection cost, in the terms a comparison with random needs
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_fit(trainer)

@@ -71,6 +71,42 @@ class RefreshLog:
         self.records: list[dict[str, float]] = []
         self.selection_seconds = 0.0  # all refreshes so far (restored from checkpoints)
         self.fit_started_at = 0.0
+        self._first_of_fit = 0  # records before this index came from an earlier fit (a resumed run's checkpoint)
+
+    def start_fit(self) -> None:
+        """Mark the start of a fit: its wall clock and its first record."""
+        self.fit_started_at = time.perf_counter()
+        self._first_of_fit = len(self.records)
+
+    def fit_summary(self, owner: str = "CoresetCallback") -> str | None:
+        """One line on what this fit's refreshes cost against its wall clock so far, or ``None`` if it ran none.
+
+        Example:
+            >>> log = RefreshLog("coreset/")
+            >>> log.start_fit()
+            >>> log.records.append({"selection_seconds": 0.5, "scoring_seconds": 0.25, "strategy_seconds": 0.2})
+            >>> log.fit_summary().split(",")[0]
+            'CoresetCallback: 1 refresh took 0.50 s of selection'
+        """
+        records = self.records[self._first_of_fit :]
+        if not records:
+            return None
+        wall = max(time.perf_counter() - self.fit_started_at, 1e-9)
+        seconds = sum(r["selection_seconds"] for r in records)
+
+        def total(key: str) -> float:
+            return sum(r.get(key, 0.0) for r in records)
+
+        parts = [f"scoring {total('scoring_seconds'):.2f} s", f"strategy {total('strategy_seconds'):.2f} s"]
+        if total("probe_seconds"):
+            parts.insert(1, f"probes {total('probe_seconds'):.2f} s")
+        line = (
+            f"{owner}: {len(records)} refresh{'es' if len(records) > 1 else ''} took {seconds:.2f} s of selection, "
+            f"{seconds / wall:.1%} of this fit's {wall:.1f} s wall clock ({', '.join(parts)})"
+        )
+        if total("capture_seconds"):
+            line += f"; capturing the trained batches' signals took {total('capture_seconds'):.2f} s more, inside the steps"
+        return line + "."
 
     def add(self, trainer: Any, seconds: float, numbers: dict[str, float], phases: dict[str, float]) -> dict[str, float]:
         """Record one refresh that took ``seconds`` (max over ranks); log it through the Trainer's loggers.

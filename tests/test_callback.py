@@ -247,3 +247,31 @@ def test_each_refresh_records_what_the_free_capture_cost_outside_selection(captu
         assert phase_seconds(records)["capture_seconds"] == pytest.approx(sum(r["capture_seconds"] for r in records))
     else:
         assert all("capture_seconds" not in r for r in records)
+
+
+def test_a_fit_ends_with_one_line_on_what_selection_cost_against_its_wall_clock(caplog):
+    """The numbers a comparison with random needs, without a logger: refreshes, selection seconds and their share of
+    the fit's wall clock, by phase, and the capture's seconds inside the steps; they add up to ``history``'s."""
+    import logging
+    import re
+
+    dataset = IndexedBlobs(n=256)
+    sampler = CoresetSampler(dataset, fraction=0.25, seed=7)
+    callback = CoresetCallback(sampler, strategy="grace", seed=11)
+    with caplog.at_level(logging.INFO):
+        _trainer(max_epochs=3, callbacks=[callback]).fit(TinyClassifier(), DataLoader(dataset, batch_size=8, sampler=sampler))
+    lines = [m for m in caplog.messages if m.startswith("CoresetCallback:") and "of selection" in m]
+    assert len(lines) == 1, lines
+    found = re.fullmatch(
+        r"CoresetCallback: (\d+) refreshes took ([\d.]+) s of selection, ([\d.]+)% of this fit's ([\d.]+) s wall clock "
+        r"\(scoring ([\d.]+) s, strategy ([\d.]+) s\); capturing the trained batches' signals took ([\d.]+) s more, "
+        r"inside the steps\.",
+        lines[0],
+    )
+    assert found, lines[0]
+    history = callback.history
+    assert int(found[1]) == len(history) == 3
+    assert float(found[2]) == pytest.approx(sum(r["selection_seconds"] for r in history), abs=0.006)
+    assert float(found[5]) == pytest.approx(sum(r["scoring_seconds"] for r in history), abs=0.006)
+    assert 0 < float(found[3]) < 100 and float(found[4]) > 0
+    assert float(found[7]) == pytest.approx(sum(r.get("capture_seconds", 0.0) for r in history), abs=0.006)
