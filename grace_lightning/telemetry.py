@@ -102,7 +102,7 @@ class RefreshLog:
             parts.insert(1, f"probes {total('probe_seconds'):.2f} s")
         line = (
             f"{owner}: {len(records)} refresh{'es' if len(records) > 1 else ''} took {seconds:.2f} s of selection, "
-            f"{seconds / wall:.1%} of this fit's {wall:.1f} s wall clock ({', '.join(parts)})"
+            f"{seconds / wall:.1%} of this fit's {wall:.2f} s wall clock ({', '.join(parts)})"
         )
         if total("capture_seconds"):
             line += f"; capturing the trained batches' signals took {total('capture_seconds'):.2f} s more, inside the steps"
