@@ -211,6 +211,35 @@ def test_lm_mixture_embedding_option_hands_strategies_an_encoders_embeddings(mix
     assert torch.allclose(alone[0], batched[3], atol=1e-4)
 
 
+@pytest.mark.parametrize("name, options", [("tweets", {}), ("tweets-noisy", {"noise": 0.3})])
+def test_tweets_embedding_option_encodes_each_pool_text_once_beside_an_unchanged_pool(name, options, tiny_encoder, monkeypatch):
+    size = TaskSize(300, 100, 1)
+    own = get_task(name, **options).make_data(size, seed=0)
+    assert own.embeddings is None and get_task(name).settings["embedding"] == "model"
+    with pytest.raises(ValueError, match=r"embedding must be one of model, minilm, got 'bert'"):
+        get_task(name, embedding="bert")
+    monkeypatch.setattr(tweets, "_ENCODED", {})
+
+    def seeded(path):  # the same encoder weights at every build, so a text encoded alone can be compared
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return tiny_encoder(path)
+
+    monkeypatch.setattr(minilm_tweets, "build_encoder", seeded)
+    task = get_task(name, embedding="minilm", **options)
+    task.check_available()
+    data = task.make_data(size, seed=0)
+    for a, b in zip(data.train.tensors, own.train.tensors):
+        assert torch.equal(a, b), "the option changes the embeddings, not the pool (nor its flipped labels)"
+    assert data.embeddings.shape == (300, 32) and data.reference_embeddings.shape == (256, 32)  # the tiny encoder
+    assert len(tiny_encoder.calls) == 2 and task.make_data(size, seed=1).embeddings is data.embeddings
+    # row i is the pool's i-th text: encoding that text alone gives the same vector
+    texts, _ = tweets.load_tweets(str(tweets.corpus_path()))
+    row = int(data.info["source_ids"]["train"][7])
+    alone = minilm_tweets.embed_texts([texts[row]])
+    assert torch.allclose(alone[0], data.embeddings[7], atol=1e-4)
+
+
 def test_bench_runner_gives_the_encoders_embeddings_only_to_strategies_that_read_them(monkeypatch, tiny_encoder):
     import grace_lightning
     from grace_lightning.bench.config import BenchConfig
