@@ -20,7 +20,7 @@ Model: ``nn.EmbeddingBag`` (mean over the non-padding tokens) -> Linear -> ReLU 
 Option ``embedding`` (``model``, the default, or ``minilm``): with ``minilm`` the strategies that read embeddings
 read all-MiniLM-L6-v2's sentence embeddings of the texts (``CoresetCallback(embeddings=...)``; the encoder as the
 ``minilm-tweets`` task finds it) instead of the bag model's; training is unchanged. Encoding the 32k-text pool
-takes a minute or two on 2 cores, once per process.
+takes a few minutes on 2 CPU cores, once per process.
 """
 
 from __future__ import annotations
