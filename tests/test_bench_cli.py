@@ -457,6 +457,9 @@ def test_a_suite_runs_each_comparison_into_its_folder_and_validates_all_first(tm
     assert "| strategy | budget | seeds |" in report and "| random | 0.3 | 1 |" in report  # Markdown tables
     assert main(["bench", "--suite", str(suite), "--only", "mix-constant"]) == 0
     assert "0 runs to do" in capsys.readouterr().out
+    again = (tmp_path / "out" / "suite.md").read_text()
+    assert again.index("## mixture-quick") < again.index("## mix-constant"), "--only keeps the other tables, in order"
+    assert again.count("## mixture-quick") == 1 and again.split("## mixture-quick")[1] == report.split("## mixture-quick")[1]
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[[comparison]]\ntask = "mixture"\n[[comparison]]\ntask = "mixture"\nfractions = [2]\n')

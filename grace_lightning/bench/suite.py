@@ -86,10 +86,28 @@ def run_suite(suite: list[tuple[str, BenchConfig]], root: Optional[str] = None) 
         run_bench(config, progress=progress, tables=tables, title=name)
     root = root or os.path.dirname(suite[0][1].out.rstrip(os.sep))
     path = os.path.join(root, "suite.md")
+    report = _report(commit, tables)
+    if os.path.exists(path):  # a run of some comparisons (--only) keeps the other comparisons' tables
+        with open(path) as f:
+            report = _merged(f.read(), report)
     with open(path, "w") as f:
-        f.write(_report(commit, tables))
+        f.write(report)
     print(f"\nwrote {path}")
     return 0
+
+
+def _sections(report: str) -> tuple[str, dict[str, str]]:
+    """A suite report's header and its ``## <comparison>`` sections, by name, in order."""
+    head, *parts = report.split("\n## ")
+    return head, {part.split("\n", 1)[0]: "## " + part for part in parts}
+
+
+def _merged(old: str, new: str) -> str:
+    """``new``'s header and sections, with ``old``'s sections for the comparisons ``new`` does not hold, in place."""
+    _, kept = _sections(old)
+    head, fresh = _sections(new)
+    names = list(kept) + [name for name in fresh if name not in kept]
+    return "\n".join([head, *(fresh.get(name, kept.get(name, "")).rstrip("\n") + "\n" for name in names)])
 
 
 def code_version(where: Optional[str] = None) -> str:
