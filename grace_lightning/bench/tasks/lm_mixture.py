@@ -41,7 +41,7 @@ the head's input over a chunk); ``minilm`` hands them, through ``TaskData.embedd
 of the pretrained all-MiniLM-L6-v2 encoder (the ``minilm-tweets`` task's package) of each chunk's bytes decoded
 as UTF-8 (undecodable bytes become U+FFFD), for the pool and the reference set: an encoder of the user's own,
 as the GRIP, Group-MATES and GIP papers embed documents with a separate model. Encoding the default pool takes
-one to two minutes on 2 CPU cores, once per process.
+a few minutes on 2 CPU cores, once per process.
 
 Model: the ``shakespeare`` task's :class:`~grace_lightning.bench.tasks.shakespeare.ByteGPT` (2-layer byte GPT-2,
 no dropout, random init from the run seed). Metric: Shakespeare validation perplexity (lower is better).
