@@ -71,7 +71,7 @@ class RefreshLog:
         self.records: list[dict[str, float]] = []
         self.selection_seconds = 0.0  # all refreshes so far (restored from checkpoints)
         self.fit_started_at = 0.0
-        self._first_of_fit = 0  # records before this index came from an earlier fit (a resumed run's checkpoint)
+        self._first_of_fit = 0  # records before this index came from an earlier fit of the same callback
 
     def start_fit(self) -> None:
         """Mark the start of a fit: its wall clock and its first record."""
