@@ -325,9 +325,10 @@ class Neighbourhood:
         if not rows.size:
             return out
         # Missing and non-positive edges sort last as +inf; the count of real ones picks the middle.
-        gathered = np.where(self._weights[rows] > 0, z[self._safe[rows]], np.inf)
+        positive = self._weights[rows] > 0
+        gathered = np.where(positive, z[self._safe[rows]], np.inf)
         gathered.sort(axis=1)
-        count = (self._weights[rows] > 0).sum(axis=1)
+        count = positive.sum(axis=1)
         line = np.arange(rows.size)
         low = gathered[line, (count - 1) // 2]
         high = gathered[line, count // 2]

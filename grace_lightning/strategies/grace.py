@@ -459,11 +459,15 @@ class Grace(Strategy):
             graph_began = time.perf_counter()
             state.graph = self._build_graph(state.node_embedding.astype(np.float32))
             state.edges_changed()
-            diagnostics.update(graph_seconds=time.perf_counter() - graph_began, anchors=float(inputs.pool_size), moved=0.0)
-            if not self._scores_unmeasured(store):  # fixed embeddings, no scoring pass: most of the pool unmeasured
-                known = store.measured.numpy()
-                diagnostics["anchors"] = float(known.sum())
-                state.importance = fill_unknown(state.importance, known, state.edges()[1])
+            measured = store.measured.numpy()
+            scored_all = self._scores_unmeasured(store)
+            diagnostics.update(
+                graph_seconds=time.perf_counter() - graph_began,
+                anchors=float(inputs.pool_size if scored_all else measured.sum()),
+                moved=0.0,
+            )
+            if not scored_all:  # fixed embeddings, no scoring pass: most of the pool unmeasured
+                state.importance = fill_unknown(state.importance, measured, state.edges()[1])
         else:
             anchors = store.last_step.numpy() != state.seen_step
             diagnostics["anchors"] = float(anchors.sum())
