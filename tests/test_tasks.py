@@ -63,6 +63,34 @@ def test_fashion_mnist_shapes_classes_and_normalisation():
     assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1.0) < 0.1  # the usual mean/std constants
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-mnist-noisy"])
+def test_fashion_mnist_pixels_option_hands_strategies_the_pools_principal_components(name, monkeypatch):
+    size = TaskSize(2000, 100, 1)
+    own = get_task(name).make_data(size, seed=0)
+    assert own.embeddings is None and get_task(name).settings["embedding"] == "model"
+    with pytest.raises(ValueError, match=r"embedding must be one of model, pixels, got 'minilm'"):
+        get_task(name, embedding="minilm")
+    monkeypatch.setattr(fashion_mnist, "_PROJECTED", {})
+    data = get_task(name, embedding="pixels").make_data(size, seed=0)
+    for a, b in zip(data.train.tensors, own.train.tensors):
+        assert torch.equal(a, b), "the option changes the embeddings, not the pool (nor its flipped labels)"
+    dims = fashion_mnist.PIXEL_DIMS
+    assert data.embeddings.shape == (2000, dims) and data.embeddings.dtype == torch.float32
+    assert data.reference_embeddings.shape == (len(data.reference), dims)
+    assert get_task(name, embedding="pixels").make_data(size, seed=1).embeddings is data.embeddings  # once a process
+    # the principal components, written out with torch: centred pool pixels on their top right-singular vectors
+    flat = data.train.tensors[0].reshape(2000, -1).double()
+    mean = flat.mean(0)
+    _, s, v = torch.linalg.svd(flat - mean, full_matrices=False)
+    direct = (flat - mean) @ v[:dims].T
+    # each component is defined up to its sign; the weakest kept ones are where the two solvers differ most
+    signs = torch.sign((direct * data.embeddings.double()).sum(0))
+    assert torch.allclose(direct[:, :8] * signs[:8], data.embeddings.double()[:, :8], atol=1e-2)
+    ref = data.reference.tensors[0].reshape(len(data.reference), -1).double()
+    assert torch.allclose(((ref - mean) @ v[:8].T) * signs[:8], data.reference_embeddings.double()[:, :8], atol=1e-2)
+    # the first components carry most of the variance: the geometry a graph needs, in a tenth of the dimensions
+    assert float((s[:dims] ** 2).sum() / (s**2).sum()) > 0.8
+
 def test_fashion_mnist_reads_a_folder_named_by_the_environment(tmp_path, monkeypatch):
     def idx(path, dims, values):
         header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)

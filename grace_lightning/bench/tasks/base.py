@@ -91,20 +91,19 @@ class TaskOption:
     check: Callable[[Any], Any]
 
 
-EMBEDDING_SOURCES = ("model", "minilm")
-
-
-def embedding_option(own: str) -> TaskOption:
-    """The option ``embedding`` of a text task: which embeddings the strategies read, the trained model's own
-    (``model``, described by ``own``) or a pretrained sentence encoder's (``minilm``: all-MiniLM-L6-v2, handed over
-    as ``TaskData.embeddings``, i.e. ``CoresetCallback(embeddings=...)``)."""
+def embedding_option(own: str, other: str = "minilm", other_help: str = "a pretrained encoder's") -> TaskOption:
+    """The option ``embedding`` of a task: which embeddings the strategies read, the trained model's own
+    (``model``, described by ``own``) or fixed ones computed before training (``other``, described by
+    ``other_help``; the text tasks' ``minilm`` is all-MiniLM-L6-v2's sentence embeddings), handed over as
+    ``TaskData.embeddings``, i.e. ``CoresetCallback(embeddings=...)``."""
+    sources = ("model", other)
 
     def check(value: Any) -> str:
-        if value not in EMBEDDING_SOURCES:
-            raise ValueError(f"embedding must be one of {', '.join(EMBEDDING_SOURCES)}, got {value!r}")
+        if value not in sources:
+            raise ValueError(f"embedding must be one of {', '.join(sources)}, got {value!r}")
         return str(value)
 
-    return TaskOption("model", f"embeddings the strategies read: model ({own}) or minilm (a pretrained encoder's)", check)
+    return TaskOption("model", f"embeddings the strategies read: model ({own}) or {other} ({other_help})", check)
 
 
 def fraction_option(name: str, *, low_open: bool = False) -> Callable[[Any], float]:
