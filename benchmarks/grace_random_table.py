@@ -8,6 +8,10 @@ accuracy, final accuracy and seconds are read from ``benchmarks/results/grace_ra
 ``grace_random-3b98cd0``).
 
     python benchmarks/grace_random_table.py benchmarks/results/grace_random-ivf
+    python benchmarks/grace_random_table.py benchmarks/results/grace_pixels --variant -pixels
+
+``--variant`` reads the comparisons named ``<regime><variant>`` instead (a GRACE variant with random beside it
+in its own comparison, as ``benchmarks/grace_pixels.toml`` writes them); regimes without one are left out.
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ def time_to_target(evals: list[dict], fraction: str, target: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sitting", help="the sitting's folder, e.g. benchmarks/results/grace_random-ivf")
+    parser.add_argument("--variant", default="", help="suffix of the comparisons to read, e.g. -pixels")
     args = parser.parse_args()
     print("| regime | budget | random | GRACE | GRACE sel. share | GRACE train s (random's) | GRACE vs random @ equal s "
           "| time to full's target |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for regime, name in REGIMES.items():
-        folder = Path(args.sitting) / regime
+        folder = Path(args.sitting) / f"{regime}{args.variant}"
         if not (folder / "summary.csv").exists():
             continue
         full = summary(RESULTS / "grace_random" / regime)[("full", "1.0")]

@@ -139,7 +139,7 @@ def test_lightning_cli_configures_the_one_line_form_from_yaml(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
     assert result == {"batches": 8, "budget": 64, "strategy": "grace", "refreshes": 3}  # the first selection and two epoch ends
 
 

@@ -248,7 +248,9 @@ def test_coverage_by_hand(lazy):
     neighbors, weights, importance = hand_graph()
     res = select_facility_location(neighbors, weights, importance, 2, lam=0.0, lazy=lazy)
     assert res.selected.tolist() == [0, 3]
-    f32 = lambda x: float(np.float32(x))
+    def f32(x: float) -> float:
+        return float(np.float32(x))
+
     assert res.gains.tolist() == [1.0 + f32(0.9) + f32(0.5), 1.0 + f32(0.8)]
     # Node 1 -> 0 (only pick in N(1)); node 2 -> 0 (w=.5 ties with pick 3: smallest id); node 4 -> 3;
     # node 7 -> 0 (a zero-weight edge still names its pick); nodes 5 (N = {6}) and 6 (no edges) are
