@@ -12,6 +12,8 @@ section of ``grace_lightning/strategies/README.md``):
   :class:`Neighbourhood` prepares a graph once for many of them.
 * :func:`fill_unknown` -- give nodes never measured the edge-weighted mean of their measured neighbours', hop by
   hop (GRACE on fixed embeddings, which builds its graph before it has measured most of the pool).
+* :func:`outvoted_labels` -- the nodes whose class label their neighbours' labels outvote (GRACE's
+  ``outvoted_weight``, for noisy labels).
 
 Conventions: a missing edge has neighbour ``-1`` (and, in :class:`~grace_lightning.knn.KnnGraph`, similarity
 ``-inf``); it gets weight 0 and never contributes.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Neighbourhood", "edge_weights", "fill_unknown", "neighbour_mean", "propagate", "propagate_drift"]
+__all__ = [
+    "Neighbourhood", "edge_weights", "fill_unknown", "neighbour_mean", "outvoted_labels", "propagate", "propagate_drift",
+]
 
 _GATHER_BYTES = 64 << 20  # numpy gathers (x[idx] for many idx) are chunked to about this many bytes
 _MODES = ("exact", "paper_eq21")
@@ -245,6 +249,36 @@ def fill_unknown(values, known, hood: "Neighbourhood", hops: int = 3) -> np.ndar
         out[reached] = total[reached] / share[reached]
         known = known | reached
     out[~known] = float(out[measured].mean()) if measured.any() else 0.0
+    return out
+
+
+def outvoted_labels(labels, neighbors, weights) -> np.ndarray:
+    """Bool ``(N,)``: node ``i`` has a label, and some other label gets more edge weight among its neighbours than
+    its own, ``max_{c != y_i} sum_j w_ij [y_j = c] > sum_j w_ij [y_j = y_i]``.
+
+    ``labels`` is an int ``(N,)`` array with ``-1`` where a node's label is unknown; such a node is never outvoted
+    and does not vote. A tie keeps the node's label (not outvoted).
+
+    Example:
+        >>> nb = np.array([[1, 2], [0, 2], [0, 1]]); w = np.ones((3, 2), np.float32)
+        >>> outvoted_labels(np.array([5, 7, 7]), nb, w).tolist()  # node 0's neighbours both say 7
+        [True, False, False]
+    """
+    y = np.asarray(labels).astype(np.int64, copy=False)
+    nb, w, _ = _check_graph_args(len(y), neighbors, weights)
+    out = np.zeros(len(y), dtype=bool)
+    step = _chunk_rows(8 * nb.shape[1] ** 2)  # the (k, k) comparison below is the largest array a row makes
+    for lo in range(0, len(y), step):
+        hi = min(len(y), lo + step)
+        rows = nb[lo:hi]
+        voter = np.where(rows >= 0, y[np.maximum(rows, 0)], -1)  # (n, k) each neighbour's label, -1: no vote
+        weight = np.where((voter >= 0) & (rows >= 0), w[lo:hi], 0.0)
+        own = y[lo:hi, None]
+        own_votes = (weight * (voter == own)).sum(1)
+        # The votes of the label each neighbour holds: a (k, k) comparison per row, so no (n, classes) array.
+        votes = (weight[:, None, :] * (voter[:, :, None] == voter[:, None, :])).sum(2)
+        other = np.where((voter != own) & (voter >= 0), votes, 0.0).max(1)
+        out[lo:hi] = (own[:, 0] >= 0) & (other > own_votes)
     return out
 
 

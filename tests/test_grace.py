@@ -413,3 +413,38 @@ def test_contradiction_weight_draws_examples_the_model_contradicts_less_and_need
         Grace(contradiction_weight=0.1).select(_inputs(bare, 30))
     with pytest.raises(ValueError, match="contradiction_weight"):
         Grace(contradiction_weight=1.5)
+
+
+def test_outvoted_weight_draws_labels_their_neighbours_outvote_less_and_needs_labels():
+    store, clusters = _clustered_store(per_cluster=(100, 100), important=(0, 1))
+    labels = clusters.clone()
+    flipped = torch.arange(0, 200, 5)  # a fifth of each cluster carries the other cluster's label
+    labels[flipped] = 1 - labels[flipped]
+    store.update(torch.arange(200), ExampleSignals(loss=store.loss.clone(), grad_norm=store.grad_norm.clone(),
+                                                   embedding=store.embedding.float(), label=labels), step=0)
+    shares, outvoted = {}, {}
+    for weight in (1.0, 0.1):
+        grace = Grace(k=10, outvoted_weight=weight)
+        selections = [grace.select(_inputs(store, 40, seed=s)) for s in range(20)]
+        picks = torch.cat([sel.indices for sel in selections])
+        shares[weight] = float(torch.isin(picks, flipped).float().mean())
+        outvoted[weight] = selections[0].diagnostics.get("outvoted")
+    assert 0.12 < shares[1.0] < 0.28 and shares[0.1] < 0.05
+    assert outvoted[1.0] is None and outvoted[0.1] == pytest.approx(0.2, abs=0.03)  # the flipped fifth, logged
+    # An example never measured neither is outvoted nor votes: with only cluster 0 measured, nothing in cluster 1
+    # is held back, and cluster 0's flipped examples still are.
+    half = SignalStore(200)
+    half.update(torch.arange(100), ExampleSignals(loss=store.loss[:100].clone(), grad_norm=store.grad_norm[:100].clone(),
+                                                  embedding=store.embedding[:100].float(), label=labels[:100]), step=0)
+    half.fix_embedding(store.embedding.float())
+    picks = torch.cat([Grace(k=10, outvoted_weight=0.0, score_unmeasured=False).select(_inputs(half, 60, seed=s)).indices
+                       for s in range(10)])
+    held, free = torch.isin(picks, flipped[flipped < 100]).sum(), torch.isin(picks, flipped[flipped >= 100]).sum()
+    assert held <= 10 and free >= 40, (held, free)  # weight 0 leaves them only the draw's floor (1e-3)
+    assert "label" in Grace(outvoted_weight=0.5).needs and "label" not in Grace().needs
+    assert Grace(outvoted_weight=0.5, contradiction_weight=0.5).needs >= {"label", "error_norm"}
+    bare, _ = _clustered_store()
+    with pytest.raises(ValueError, match=r"label=targets"):
+        Grace(outvoted_weight=0.1).select(_inputs(bare, 30))
+    with pytest.raises(ValueError, match="outvoted_weight"):
+        Grace(outvoted_weight=-0.1)

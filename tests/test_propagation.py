@@ -5,7 +5,7 @@ import pytest
 
 from grace_lightning.knn import KnnGraph
 from grace_lightning.propagation import (
-    Neighbourhood, edge_weights, fill_unknown, neighbour_mean, propagate, propagate_drift,
+    Neighbourhood, edge_weights, fill_unknown, neighbour_mean, outvoted_labels, propagate, propagate_drift,
 )
 from tests.graph_data import embeddings, one_faiss_thread, unit  # noqa: F401 (a fixture)
 
@@ -230,6 +230,32 @@ def test_fill_unknown_matches_the_hop_by_hop_formula_and_keeps_known_values():
     assert np.array_equal(fill_unknown(values, np.zeros(300, bool), hood), np.zeros(300, np.float32))
     with pytest.raises(ValueError, match=r"must both be \(300,\)"):
         fill_unknown(values[:10], known[:10], hood)
+
+
+def test_outvoted_labels_match_a_node_by_node_vote_in_chunks_and_with_unknown_labels(monkeypatch):
+    nb, sims, _ = _random_graph(n=300, k=6, seed=6)
+    w = edge_weights(nb, sims)
+    labels = np.random.default_rng(7).integers(-1, 4, 300)  # a fifth unknown (-1)
+    expect = np.zeros(300, bool)
+    for i in range(300):
+        if labels[i] < 0:
+            continue
+        votes: dict[int, float] = {}
+        for j, wj in zip(nb[i], w[i]):
+            if j >= 0 and labels[j] >= 0:
+                votes[int(labels[j])] = votes.get(int(labels[j]), 0.0) + float(wj)
+        own = votes.pop(int(labels[i]), 0.0)
+        expect[i] = max(votes.values(), default=0.0) > own + 1e-6
+    assert 0.2 < expect.mean() < 0.8, "a test graph with both outcomes"
+    assert np.array_equal(outvoted_labels(labels, nb, w), expect)
+    import grace_lightning.propagation as propagation
+
+    monkeypatch.setattr(propagation, "_GATHER_BYTES", 1000)  # a few rows a chunk: the same answer
+    assert np.array_equal(outvoted_labels(labels, nb, w), expect)
+    # a tie keeps the label; a node with no labelled neighbour keeps it too
+    tie = outvoted_labels(np.array([0, 0, 1]), np.array([[1, 2], [0, -1], [0, -1]]), np.ones((3, 2), np.float32))
+    assert tie.tolist() == [False, False, True]
+    assert not outvoted_labels(np.array([3, -1, -1]), np.array([[1, 2], [0, 2], [0, 1]]), np.ones((3, 2), np.float32)).any()
 
 
 def test_fill_unknown_gives_an_unmeasured_example_its_own_cluster_s_importance():

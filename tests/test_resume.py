@@ -73,11 +73,11 @@ def test_resume_is_bit_exact(tmp_path, devices, num_workers, schedule):
 # el2n scores the pool in epoch 1 and again every second refresh, so every checkpoint holds a frozen selection.
 # grace_repair repairs its graph between refreshes (off by default), so the repaired rows must survive too.
 # grip estimates every third refresh and redraws from the estimate in between; grip_every_refresh estimates at each.
-# grace_contradiction reads the error norms (an extra signal only that option needs) gathered across ranks.
+# grace_noise reads the error norms and the labels (extra signals only its two options need) gathered across ranks.
 STRATEGY_KWARGS = {
     "el2n": {"score_epoch": 1, "rescore_every_n_refreshes": 2},
     "grace_repair": {"repair_share": 0.5},
-    "grace_contradiction": {"contradiction_weight": 0.1},
+    "grace_noise": {"contradiction_weight": 0.1, "outvoted_weight": 0.1},
     "grip_every_refresh": {"reestimate_every": 1},
 }
 # Strategies that measure influence on (or build queries from) a reference set get one: 32 held-out examples.
@@ -88,13 +88,13 @@ NEEDS_REFERENCE = {"group_mates", "gip"}
 @pytest.mark.parametrize(
     "strategy",
     [
-        "top_loss", "grace", "grace_repair", "grace_contradiction", "infobatch", "el2n", "grip", "grip_every_refresh",
+        "top_loss", "grace", "grace_repair", "grace_noise", "infobatch", "el2n", "grip", "grip_every_refresh",
         "group_mates", "gip",
     ],
 )
 def test_resume_is_bit_exact_with_a_signal_strategy(tmp_path, devices, strategy):
     """Free training signals, the scoring pass, probes, the cross-rank gather and strategy state all survive a resume."""
-    built = {"top_loss": TopLoss(), "grace_repair": "grace", "grace_contradiction": "grace", "grip_every_refresh": "grip"}.get(
+    built = {"top_loss": TopLoss(), "grace_repair": "grace", "grace_noise": "grace", "grip_every_refresh": "grip"}.get(
         strategy, strategy
     )
     kwargs = dict(

@@ -114,6 +114,7 @@ def test_classification_grad_norm_matches_autograd(bias: bool) -> None:
     assert s.length.tolist() == [1] * 9
     el2n = (torch.softmax(head(h), -1) - F.one_hot(y, 4)).norm(dim=-1).detach()
     assert torch.allclose(s.error_norm, el2n, atol=1e-6)
+    assert s.label.dtype == torch.int64 and torch.equal(s.label, y)
 
 
 def test_classification_low_precision_inputs_give_float32() -> None:
@@ -125,6 +126,7 @@ def test_classification_low_precision_inputs_give_float32() -> None:
     assert torch.isfinite(s.grad_norm[:2]).all() and math.isnan(s.grad_norm[2]) and math.isnan(s.loss[2])
     assert s.error_norm.dtype == torch.float32 and math.isnan(s.error_norm[2]) and torch.isfinite(s.error_norm[:2]).all()
     assert s.length.tolist() == [1, 1, 0]
+    assert s.label.tolist() == [0, 3, -1]  # an ignored target has no label
 
 
 def _lm_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
@@ -199,6 +201,7 @@ def test_causal_lm_sequence_without_supervision_is_nan() -> None:
     assert math.isnan(s.loss[1]) and math.isnan(s.grad_norm[1]) and torch.isnan(s.embedding[1]).all()
     assert torch.isfinite(s.error_norm[0]) and math.isnan(s.error_norm[1])
     assert s.length.tolist() == [4, 0]
+    assert s.label is None  # a sequence has no one class label
 
 
 # ---------------------------------------------------------------------- mode detection

@@ -34,7 +34,8 @@ The ``coreset_signals`` contract
 - ``batch`` is exactly what ``training_step`` receives (same structure, already on the model's device);
 - it must be forward-only and per-example: return one row per example in the batch (``loss`` and
   ``grad_norm`` of shape ``(B,)``, optionally ``embedding`` ``(B, d)``, ``length`` ``(B,)`` and
-  ``error_norm`` ``(B,)``, which the ``el2n`` strategy needs);
+  ``error_norm`` ``(B,)``, which the ``el2n`` strategy needs, and ``label`` ``(B,)``, which GRACE's
+  ``outvoted_weight`` needs);
 - scoring passes call it under ``torch.no_grad()`` with the module in eval mode, so it must not call
   ``backward``, step optimizers, log, or rely on dropout/BatchNorm batch statistics;
 - rows that cannot be scored should be NaN (callers exclude and count non-finite rows).

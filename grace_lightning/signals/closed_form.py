@@ -70,7 +70,7 @@ def classification_signals(
 
     Returns:
         float32 ``ExampleSignals`` on the inputs' device with ``embedding = head_input``, ``length = 1``
-        (0 for ignored targets) and ``error_norm = ‖e‖`` (EL2N).
+        (0 for ignored targets), ``error_norm = ‖e‖`` (EL2N) and ``label = targets`` (-1 for ignored ones).
 
     Example:
         >>> h = torch.randn(4, 8); head = torch.nn.Linear(8, 3)
@@ -98,6 +98,7 @@ def classification_signals(
         embedding=h,
         length=valid.long(),
         error_norm=torch.where(valid, error_norm, nan),
+        label=torch.where(valid, y, torch.full_like(y, -1)),
     )
 
 

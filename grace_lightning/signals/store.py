@@ -17,11 +17,12 @@ __all__ = ["SignalStore"]
 
 
 class SignalStore:
-    """Dense per-example arrays over the pool: loss, gradient norm, EL2N, unit embedding (fp16), length, last step.
+    """Dense per-example arrays over the pool: loss, gradient norm, EL2N, class label, unit embedding (fp16), length,
+    last step.
 
-    Memory is about ``N * (2*d + 20)`` bytes (``d`` = stored embedding dimension; 4 bytes less per example
-    when no ``error_norm`` is ever measured, as the embedding and error-norm arrays are allocated on first
-    use). Non-finite measurements (NaN/Inf loss, gradient norm, error norm or embedding) are never written:
+    Memory is about ``N * (2*d + 24)`` bytes (``d`` = stored embedding dimension; 4 bytes less per example for
+    each of ``error_norm`` and ``label`` never measured, as the embedding, error-norm and label arrays are
+    allocated on first use). Non-finite measurements (NaN/Inf loss, gradient norm, error norm or embedding) are never written:
     the example keeps its previous value and the rejection is counted in :attr:`invalid_count`, so
     strategies only ever see finite numbers.
 
@@ -60,6 +61,7 @@ class SignalStore:
     embedding: Optional[Tensor]
     length: Tensor
     error_norm: Optional[Tensor]
+    label: Optional[Tensor]
     last_step: Tensor
 
     def __init__(
@@ -80,7 +82,7 @@ class SignalStore:
         if self.memmap_dir is not None:
             self.memmap_dir.mkdir(parents=True, exist_ok=True)
         # One array per declared signal (signals/types.py): the ones every batch carries now, the others
-        # (embedding: (N, d) float16 unit rows; error_norm) when the first measurement arrives.
+        # (embedding: (N, d) float16 unit rows; error_norm; label) when the first measurement arrives.
         for spec in SIGNALS:
             eager = spec.always_present
             setattr(self, spec.name, self._array(spec.name, (pool_size,), spec.store_dtype, spec.fill) if eager else None)

@@ -69,6 +69,9 @@ class ExampleSignals:
         error_norm: ``(B,)`` float32 EL2N score ``‖softmax(z) − onehot(y)‖₂`` (Paul et al. 2021; mean over
             supervised tokens of the per-token norm for sequences). ``None`` when the capture cannot provide
             it (a custom ``coreset_signals`` may leave it out; only strategies that read it need it).
+        label: ``(B,)`` int64 class label of a classification example (-1 where the target is ignored). ``None``
+            for sequences, and when a custom ``coreset_signals`` leaves it out; GRACE's ``outvoted_weight`` reads
+            it, to compare an example's label with its graph neighbours'.
 
     Example:
         >>> s = ExampleSignals(loss=torch.tensor([0.5, 2.0]), grad_norm=torch.tensor([0.1, 0.9]))
@@ -83,6 +86,7 @@ class ExampleSignals:
         "supervised tokens", dtype=torch.int64, store_dtype=np.int32, fill=1, default=1, checked=False
     )
     error_norm: Optional[Tensor] = _signal("EL2N", dtype=torch.float32, store_dtype=np.float32, fill=0)
+    label: Optional[Tensor] = _signal("class label", dtype=torch.int64, store_dtype=np.int32, fill=-1, checked=False)
 
     def __post_init__(self) -> None:
         n = self.loss.shape[0] if isinstance(self.loss, Tensor) and self.loss.ndim == 1 else None

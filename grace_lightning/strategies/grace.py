@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from grace_lightning.knn import KnnGraph, resolve_device
-from grace_lightning.propagation import Neighbourhood, edge_weights, fill_unknown, propagate, propagate_drift
+from grace_lightning.propagation import (
+    Neighbourhood,
+    edge_weights,
+    fill_unknown,
+    outvoted_labels,
+    propagate,
+    propagate_drift,
+)
 from grace_lightning.signals.store import SignalStore
 from grace_lightning.strategies.base import (
     Selection,
@@ -218,6 +225,17 @@ class Grace(Strategy):
             any other; ``0.1`` draws it a tenth as often. Not in the paper: a per-example small-loss rule with a
             threshold that needs no noise rate. Reads ``error_norm``, which the automatic captures provide. Measured
             on classification; for a causal LM (a mean of per-token error norms) the threshold is untested.
+        outvoted_weight: the draw weight, in ``[0, 1]``, of an example whose label its graph neighbours *outvote*:
+            some other class gets more edge weight among its neighbours of known label than its own. Under label
+            noise that is a flipped label among examples of its true class; on clean data an example on a class
+            boundary, or wherever the embeddings do not separate the classes. ``1`` (the default) draws it as any
+            other; ``0.1`` a tenth as often. Not in the paper: the k-NN label filter for noisy labels (Bahri et al.,
+            "Deep k-NN for Noisy Labels", ICML 2020) as a draw weight, which needs no noise rate and, unlike
+            ``contradiction_weight``, no measurement of the example itself, only its neighbours' labels. Reads
+            ``label``, which the automatic captures of a classifier provide; an example or neighbour whose label
+            was never measured does not vote. Offline on Fashion-MNIST with 30% of the labels flipped, in the
+            pixels' principal components alone, 98% of the flipped examples and 13% of the clean ones were
+            outvoted (12% of a clean pool).
         score_unmeasured: whether the first informed refresh runs a scoring pass over every example not yet measured
             (``True``, the default). ``False`` needs fixed embeddings (``CoresetCallback(embeddings=...)``; on the
             model's own the graph needs the pass, and it is an error): the graph is built on them and an example
@@ -265,6 +283,7 @@ class Grace(Strategy):
         outlier_damping: float = 0.0,
         contradiction_weight: float = 1.0,
         score_unmeasured: bool = True,
+        outvoted_weight: float = 1.0,
     ) -> None:
         positive_int("grace", "k", k, hint=" (e.g. 10)")
         if importance not in ("grad_norm", "loss"):
@@ -308,6 +327,7 @@ class Grace(Strategy):
         unit_interval("grace", "smoothing", smoothing, hint=" (e.g. 0.5; 0 selects on each example's own importance)")
         non_negative_float("grace", "outlier_damping", outlier_damping)
         unit_interval("grace", "contradiction_weight", contradiction_weight, hint=" (e.g. 0.1; 1 turns it off)")
+        unit_interval("grace", "outvoted_weight", outvoted_weight, hint=" (e.g. 0.1; 1 turns it off)")
         if not isinstance(score_unmeasured, bool):
             raise ValueError(f"grace: `score_unmeasured` must be True or False, got {score_unmeasured!r}.")
         non_negative_float("grace", "staleness_weight", staleness_weight)
@@ -339,8 +359,11 @@ class Grace(Strategy):
         self.outlier_damping = outlier_damping
         self.contradiction_weight = contradiction_weight
         self.score_unmeasured = score_unmeasured
-        if contradiction_weight < 1:
-            self.needs = Grace.needs | {"error_norm"}  # an instance's needs: only this option reads it
+        self.outvoted_weight = outvoted_weight
+        # An instance's needs: only these options read the error norm and the label.
+        self.needs = Grace.needs | ({"error_norm"} if contradiction_weight < 1 else set()) | (
+            {"label"} if outvoted_weight < 1 else set()
+        )
 
     def __repr__(self) -> str:
         return (
@@ -497,6 +520,10 @@ class Grace(Strategy):
             scaled = scaled * self._outlier_factor(inputs, hood)
         if self.contradiction_weight < 1:
             scaled = scaled * self._contradiction_factor(inputs)
+        if self.outvoted_weight < 1:
+            outvoted = outvoted_labels(self._labels(inputs), state.graph.neighbors, weights)
+            diagnostics["outvoted"] = float(outvoted.mean())
+            scaled = scaled * np.where(outvoted, self.outvoted_weight, 1.0)
         if self.selector == "sample":
             # A floor keeps every example drawable, so the budget is always filled.
             picked = np.sort(gumbel_top_k(np.maximum(scaled, 1e-3), inputs.budget, inputs.generator))
@@ -519,6 +546,17 @@ class Grace(Strategy):
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(own > around, around / own, 1.0)
         return np.power(np.clip(ratio, 0.0, 1.0), self.outlier_damping)
+
+    def _labels(self, inputs: SelectionInput) -> np.ndarray:
+        """Each example's last measured class label, ``-1`` where none was measured."""
+        labels = inputs.store.label
+        if labels is None:
+            raise ValueError(
+                "grace: outvoted_weight < 1 compares each example's label with its graph neighbours', and no label "
+                "was measured; the automatic signal captures of a classifier provide it, a custom `coreset_signals` "
+                "must return ExampleSignals(..., label=targets)."
+            )
+        return np.where(inputs.store.measured.numpy(), labels.numpy(), -1)
 
     def _contradiction_factor(self, inputs: SelectionInput) -> np.ndarray:
         """``contradiction_weight`` where the last measured error norm exceeds 1, else 1 (unmeasured: 1)."""
