@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grace_lightning import ExampleSignals, SelectionInput, SignalStore, build_strategy
-from grace_lightning.propagation import edge_weights
+from grace_lightning.propagation import edge_weights, outvoted_labels
 from grace_lightning.strategies.base import uniform_sample
 from grace_lightning.strategies.grace import Grace, GraceState
 
@@ -415,7 +415,7 @@ def test_contradiction_weight_draws_examples_the_model_contradicts_less_and_need
         Grace(contradiction_weight=1.5)
 
 
-def test_outvoted_weight_draws_labels_their_neighbours_outvote_less_and_needs_labels():
+def test_outvoted_weight_draws_labels_their_neighbours_outvote_less_and_needs_labels(monkeypatch):
     store, clusters = _clustered_store(per_cluster=(100, 100), important=(0, 1))
     labels = clusters.clone()
     flipped = torch.arange(0, 200, 5)  # a fifth of each cluster carries the other cluster's label
@@ -442,6 +442,19 @@ def test_outvoted_weight_draws_labels_their_neighbours_outvote_less_and_needs_la
     held, free = torch.isin(picks, flipped[flipped < 100]).sum(), torch.isin(picks, flipped[flipped >= 100]).sum()
     assert held <= 10 and free >= 40, (held, free)  # weight 0 leaves them only the draw's floor (1e-3)
     assert "label" in Grace(outvoted_weight=0.5).needs and "label" not in Grace().needs
+    # The vote is taken again only when more examples have a label: refreshes on a fully labelled pool reuse it.
+    import grace_lightning.strategies.grace as grace_module
+
+    votes = []
+    monkeypatch.setattr(grace_module, "outvoted_labels", lambda *a: votes.append(1) or outvoted_labels(*a))
+    state, grace = GraceState(200), Grace(k=10, outvoted_weight=0.1, score_unmeasured=False)
+    for now in (1, 2):
+        grace.select(_inputs(half, 40, state=state, now=now))
+    assert len(votes) == 1
+    half.update(torch.arange(100, 110), ExampleSignals(loss=store.loss[100:110].clone(), grad_norm=store.grad_norm[100:110].clone(),
+                                                       embedding=store.embedding[100:110].float(), label=labels[100:110]), step=2)
+    grace.select(_inputs(half, 40, state=state, now=3))
+    assert len(votes) == 2
     assert Grace(outvoted_weight=0.5, contradiction_weight=0.5).needs >= {"label", "error_norm"}
     bare, _ = _clustered_store()
     with pytest.raises(ValueError, match=r"label=targets"):

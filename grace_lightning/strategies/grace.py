@@ -67,6 +67,7 @@ class GraceState:
         self.last_now = 0
         self.projection: Optional[np.ndarray] = None
         self._edges: Optional[tuple[np.ndarray, Neighbourhood]] = None  # derived from the graph; not saved
+        self._outvoted: Optional[tuple[int, np.ndarray]] = None  # (labelled examples, the vote): likewise
 
     def edges(self) -> tuple[np.ndarray, Neighbourhood]:
         """The graph's edge weights and their :class:`Neighbourhood`, computed once while the edges stay as they are
@@ -76,9 +77,18 @@ class GraceState:
             self._edges = (weights, Neighbourhood(self.graph.neighbors, weights))
         return self._edges
 
+    def outvoted(self, labels: np.ndarray) -> np.ndarray:
+        """:func:`~grace_lightning.propagation.outvoted_labels` on the graph, computed again only when more examples
+        have a label (an example's label never changes, so their count says whether the vote can have)."""
+        labelled = int((labels >= 0).sum())
+        if self._outvoted is None or self._outvoted[0] != labelled:
+            self._outvoted = (labelled, outvoted_labels(labels, self.graph.neighbors, self.edges()[0]))
+        return self._outvoted[1]
+
     def edges_changed(self) -> None:
-        """Forget :meth:`edges` after the graph was built, repaired or loaded."""
+        """Forget :meth:`edges` and :meth:`outvoted` after the graph was built, repaired or loaded."""
         self._edges = None
+        self._outvoted = None
 
     def state_dict(self) -> dict[str, Any]:
         graph = None
@@ -521,7 +531,7 @@ class Grace(Strategy):
         if self.contradiction_weight < 1:
             scaled = scaled * self._contradiction_factor(inputs)
         if self.outvoted_weight < 1:
-            outvoted = outvoted_labels(self._labels(inputs), state.graph.neighbors, weights)
+            outvoted = state.outvoted(self._labels(inputs))
             diagnostics["outvoted"] = float(outvoted.mean())
             scaled = scaled * np.where(outvoted, self.outvoted_weight, 1.0)
         if self.selector == "sample":
