@@ -560,27 +560,31 @@ class Grace(Strategy):
             ratio = np.where(own > around, around / own, 1.0)
         return np.power(np.clip(ratio, 0.0, 1.0), self.outlier_damping)
 
+    @staticmethod
+    def _measured_signal(inputs: SelectionInput, name: str, option: str, reads: str, returns: str) -> np.ndarray:
+        """The store's ``name`` array, or the error that ``option`` needs it and how a module provides it."""
+        column = getattr(inputs.store, name)
+        if column is None:
+            raise ValueError(
+                f"grace: {option} < 1 {reads}, and none was measured; the automatic signal captures provide it, a "
+                f"custom `coreset_signals` must return ExampleSignals(..., {returns})."
+            )
+        return column.numpy()
+
     def _labels(self, inputs: SelectionInput) -> np.ndarray:
         """Each example's last measured class label, ``-1`` where none was measured."""
-        labels = inputs.store.label
-        if labels is None:
-            raise ValueError(
-                "grace: outvoted_weight < 1 compares each example's label with its graph neighbours', and no label "
-                "was measured; the automatic signal captures of a classifier provide it, a custom `coreset_signals` "
-                "must return ExampleSignals(..., label=targets)."
-            )
-        return np.where(inputs.store.measured.numpy(), labels.numpy(), -1)
+        labels = self._measured_signal(
+            inputs, "label", "outvoted_weight", "compares each example's label with its graph neighbours'", "label=targets"
+        )
+        return np.where(inputs.store.measured.numpy(), labels, -1)
 
     def _contradiction_factor(self, inputs: SelectionInput) -> np.ndarray:
         """``contradiction_weight`` where the last measured error norm exceeds 1, else 1 (unmeasured: 1)."""
-        errors = inputs.store.error_norm
-        if errors is None:
-            raise ValueError(
-                "grace: contradiction_weight < 1 reads each example's error norm, and none was measured; the automatic "
-                "signal captures provide it, a custom `coreset_signals` must return ExampleSignals(..., error_norm=...)."
-            )
+        errors = self._measured_signal(
+            inputs, "error_norm", "contradiction_weight", "reads each example's error norm", "error_norm=..."
+        )
         with np.errstate(invalid="ignore"):
-            return np.where(errors.numpy() > 1.0, self.contradiction_weight, 1.0)
+            return np.where(errors > 1.0, self.contradiction_weight, 1.0)
 
     def _fit_projection(self, embeddings: np.ndarray) -> Optional[np.ndarray]:
         """The top ``graph_dim`` right singular vectors of (a fixed sample of) the measured embeddings."""
