@@ -156,6 +156,27 @@ def test_a_gain_read_against_random_runs_of_another_sitting_is_marked():
     assert summarize(rows, task)[1]["gain_other_sitting"] is True
 
 
+def test_a_gain_read_past_random_s_longest_run_is_marked_as_an_upper_bound():
+    """Past random's longest run its frontier is that run's final metric: a strategy that trains longer than every
+    random run of its seed is compared with what a larger random budget might have beaten, and its gain is marked."""
+    from grace_lightning.bench.report import format_table
+
+    task = get_task("mixture")
+    rows = [_run("random", 0.3, 0, 0.70, [0.60, 0.70]), _run("grace", 0.3, 0, 0.75, [0.55, 0.62, 0.75])]
+    for row in rows:
+        row["sitting"] = "2026-12-05T08:00:00Z"
+    summary = summarize(rows, task)
+    assert summary[1]["gain_past_random"] is True and summary[0]["gain_past_random"] is False
+    grace_line = next(line for line in format_table(summary, task).splitlines() if line.startswith("grace"))
+    assert grace_line.endswith(" 0.0500 ± n/a ^")  # 0.75 against random's final 0.70: the bound, marked
+    # A larger random budget that outlasts GRACE brackets its seconds: the gain is read on that run's curve.
+    rows.append(_run("random", 0.5, 0, 0.80, [0.60, 0.72, 0.78, 0.80]) | {"sitting": "2026-12-05T08:00:00Z"})
+    summary = summarize(rows, task)
+    grace = next(s for s in summary if s["strategy"] == "grace")
+    assert grace["gain_past_random"] is False and grace["gain_vs_random_mean"] == pytest.approx(0.75 - 0.78)
+    assert "^" not in format_table(summary, task)
+
+
 def test_time_to_target_is_the_first_evaluation_within_tolerance_of_full_data_best():
     task = get_task("mixture")  # tolerance 0.005, higher is better
     rows = [

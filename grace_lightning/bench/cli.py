@@ -19,7 +19,15 @@ from typing import Optional, Sequence
 
 from grace_lightning.bench.config import BenchConfig, add_arguments, resolve
 from grace_lightning.bench.report import (
-    EVAL_COLUMNS, OTHER_SITTING, RUN_COLUMNS, SUMMARY_COLUMNS, format_markdown, format_table, summarize, write_results,
+    EVAL_COLUMNS,
+    OTHER_SITTING,
+    PAST_RANDOM,
+    RUN_COLUMNS,
+    SUMMARY_COLUMNS,
+    format_markdown,
+    format_table,
+    summarize,
+    write_results,
 )
 from grace_lightning.bench.runner import plan, quiet_and_restored, run_one
 
@@ -102,6 +110,8 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, tables: 
     table = format_table(summary, task)
     print()
     print(table)
+    if any(s.get("gain_past_random") for s in summary):
+        print(PAST_RANDOM)
     if any(s.get("gain_other_sitting") for s in summary):
         print(OTHER_SITTING)
     if tables is not None:

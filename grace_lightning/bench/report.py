@@ -42,7 +42,10 @@ from typing import Optional
 from grace_lightning.bench.config import BenchConfig
 from grace_lightning.bench.tasks import BenchTask
 
-__all__ = ["EVAL_COLUMNS", "OTHER_SITTING", "RUN_COLUMNS", "SUMMARY_COLUMNS", "format_markdown", "format_table", "summarize", "write_results"]
+__all__ = [
+    "EVAL_COLUMNS", "OTHER_SITTING", "PAST_RANDOM", "RUN_COLUMNS", "SUMMARY_COLUMNS", "format_markdown", "format_table",
+    "summarize", "write_results",
+]
 
 RUN_COLUMNS = [
     "task",
@@ -78,13 +81,20 @@ SUMMARY_COLUMNS = [
     "train_seconds_mean", "train_seconds_std", "wall_seconds_mean",
     "selection_seconds_mean", "selection_share_mean", "examples_seen_mean",
     "target", "target_reached", "time_to_target_mean",
-    "gain_vs_random_mean", "gain_vs_random_std", "gain_within_noise", "gain_other_sitting", "full_at_equal_seconds_mean",
+    "gain_vs_random_mean", "gain_vs_random_std", "gain_within_noise", "gain_other_sitting", "gain_past_random",
+    "full_at_equal_seconds_mean",
     "examples_to_random_final_mean", "random_final_reached", "marked_share_mean",
 ]
 
 OTHER_SITTING = (
     "†: paired with random runs from another sitting (another bench invocation or commit); the machine's speed may "
     "have differed, so those seconds compare loosely"
+)
+
+PAST_RANDOM = (
+    "^: some run of the row trained longer than every random run of its seed; past random's longest run its frontier "
+    "is that run's final metric, which a larger random budget could have beaten, so the gain is an upper bound "
+    "(give the comparison a random budget that outlasts the strategy's)"
 )
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1-10); 1.96 beyond.
@@ -156,6 +166,8 @@ def _pair_with_references(rows: list[dict], task: BenchTask) -> None:
         row["random_at_equal_seconds"] = at
         row["gain_vs_random"] = None if at is None else sign * (row["final_metric"] - at)
         row["random_other_sitting"] = any(_sitting(r) != _sitting(row) for r in randoms.get(row["seed"], []))
+        longest = max((r["train_seconds"] for r in randoms.get(row["seed"], [])), default=None)
+        row["past_random_frontier"] = longest is not None and row["strategy"] != "random" and seconds > longest
         same_budget = next((r for r in randoms.get(row["seed"], []) if r["fraction"] == row["fraction"]), None)
         row["examples_to_random_final"] = None if same_budget is None else first_reaching(
             row["evals"], same_budget["final_metric"], task.higher_is_better, "examples_seen"
@@ -213,6 +225,7 @@ def summarize(rows: list[dict], task: BenchTask) -> list[dict]:
                 "gain_vs_random_std": _std(gains),
                 "gain_within_noise": within_noise(gains),
                 "gain_other_sitting": any(r["random_other_sitting"] for r in runs if r["gain_vs_random"] is not None),
+                "gain_past_random": any(r["past_random_frontier"] for r in runs if r["gain_vs_random"] is not None),
                 "full_at_equal_seconds_mean": statistics.fmean(full_at) if full_at else None,
                 "examples_to_random_final_mean": statistics.fmean(to_random) if to_random else None,
                 "random_final_reached": len(to_random),
@@ -230,15 +243,18 @@ def _gain(s: dict, digits: int) -> str:
     if s["strategy"] == "random" or s["gain_vs_random_mean"] is None:
         return "-"
     text = _pm(s["gain_vs_random_mean"], s["gain_vs_random_std"], digits)
-    return text + (" ~" if s["gain_within_noise"] else "") + (" †" if s["gain_other_sitting"] else "")
+    return (
+        text + (" ^" if s.get("gain_past_random") else "") + (" ~" if s["gain_within_noise"] else "")
+        + (" †" if s["gain_other_sitting"] else "")
+    )
 
 
 def format_table(summary: list[dict], task: BenchTask) -> str:
     """The printed comparison: one line per (strategy, fraction), means ± sample std over seeds.
 
     "vs random @ equal s" is the paired gain over random (its best at any budget) at equal training seconds
-    (positive is better); a trailing ``~`` marks a gain within noise, ``†`` one read against random runs of another
-    sitting (:data:`OTHER_SITTING`). "marked" is the share of trained examples the task
+    (positive is better); ``^`` marks an upper bound, read past random's longest run (:data:`PAST_RANDOM`), a
+    trailing ``~`` a gain within noise, ``†`` one read against random runs of another sitting (:data:`OTHER_SITTING`). "marked" is the share of trained examples the task
     marks (noisy labels, off-target text), shown only for tasks that mark some.
     """
     digits = 4 if task.higher_is_better and task.metric == "accuracy" else 3

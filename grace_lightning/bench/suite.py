@@ -138,10 +138,11 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         + (f"; GPU: {env['gpu']}" if env.get("gpu") else ""),
         "",
     ]
-    if any("†" in table for _, _, table in tables):
-        from grace_lightning.bench.report import OTHER_SITTING
+    from grace_lightning.bench.report import OTHER_SITTING, PAST_RANDOM
 
-        lines[-1:-1] = [f"- {OTHER_SITTING}"]
+    for mark, legend in (("^", PAST_RANDOM), ("†", OTHER_SITTING)):
+        if any(f" {mark}" in table for _, _, table in tables):
+            lines[-1:-1] = [f"- {legend}"]
     for name, config, table in tables:
         options: dict[str, Any] = {
             "task": config.task, "preset": config.preset, "epochs": config.epochs, "lr_schedule": config.lr_schedule,
