@@ -272,12 +272,12 @@ def outvoted_labels(labels, neighbors, weights) -> np.ndarray:
         hi = min(len(y), lo + step)
         rows = nb[lo:hi]
         voter = np.where(rows >= 0, y[np.maximum(rows, 0)], -1)  # (n, k) each neighbour's label, -1: no vote
-        weight = np.where((voter >= 0) & (rows >= 0), w[lo:hi], 0.0)
+        weight = np.where(voter >= 0, w[lo:hi], 0.0)  # a missing edge has voter -1 too
         own = y[lo:hi, None]
         own_votes = (weight * (voter == own)).sum(1)
         # The votes of the label each neighbour holds: a (k, k) comparison per row, so no (n, classes) array.
         votes = (weight[:, None, :] * (voter[:, :, None] == voter[:, None, :])).sum(2)
-        other = np.where((voter != own) & (voter >= 0), votes, 0.0).max(1)
+        other = np.where(voter != own, votes, 0.0).max(1)  # a non-voter's position holds 0 votes
         out[lo:hi] = (own[:, 0] >= 0) & (other > own_votes)
     return out
 

@@ -244,7 +244,7 @@ def _gain(s: dict, digits: int) -> str:
         return "-"
     text = _pm(s["gain_vs_random_mean"], s["gain_vs_random_std"], digits)
     return (
-        text + (" ^" if s.get("gain_past_random") else "") + (" ~" if s["gain_within_noise"] else "")
+        text + (" ^" if s["gain_past_random"] else "") + (" ~" if s["gain_within_noise"] else "")
         + (" †" if s["gain_other_sitting"] else "")
     )
 

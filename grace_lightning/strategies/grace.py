@@ -572,11 +572,10 @@ class Grace(Strategy):
         return column.numpy()
 
     def _labels(self, inputs: SelectionInput) -> np.ndarray:
-        """Each example's last measured class label, ``-1`` where none was measured."""
-        labels = self._measured_signal(
+        """Each example's last measured class label, ``-1`` (the store's fill) where none was measured."""
+        return self._measured_signal(
             inputs, "label", "outvoted_weight", "compares each example's label with its graph neighbours'", "label=targets"
         )
-        return np.where(inputs.store.measured.numpy(), labels, -1)
 
     def _contradiction_factor(self, inputs: SelectionInput) -> np.ndarray:
         """``contradiction_weight`` where the last measured error norm exceeds 1, else 1 (unmeasured: 1)."""
