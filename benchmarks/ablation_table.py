@@ -8,7 +8,9 @@ An ablation suite writes one journal per comparison under ``benchmarks/results/<
 data and random come from the suite's own journals (benchmarks/suite.toml: the comparison each prefix names in
 ``REGIMES``) at the ablation's seeds, so every variant is paired by seed with the same references, and
 "vs random @ equal s" compares it with random's frontier (the best any random run of the seed had reached in the
-same training seconds). Writes ``benchmarks/results/<name>/ablation.md``.
+same training seconds). Where the ablation ran random itself, in a comparison named ``<regime>-random`` (as
+``benchmarks/grace_finetune.toml`` does, so that random's frontier is of the same sitting), random comes from
+there instead and that comparison is not a variant. Writes ``benchmarks/results/<name>/ablation.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ REGIMES = {
     "tweets-long": ("tweets-long", "tweets"),
     "lm-minilm": ("lm-mixture-minilm", "lm-mixture"),
     "lm-mixture": ("lm-mixture", "lm-mixture"),
+    "finetune": ("minilm-tweets", "minilm-tweets"),
 }
 
 
@@ -43,7 +46,8 @@ def main() -> None:
     name = parser.parse_args().name
     out = [f"# {name}", ""]
     for prefix, (suite_name, task_name) in REGIMES.items():
-        variants = sorted((ROOT / name).glob(f"{prefix}-*/runs.jsonl"))
+        own_random = ROOT / name / f"{prefix}-random" / "runs.jsonl"
+        variants = sorted(p for p in (ROOT / name).glob(f"{prefix}-*/runs.jsonl") if p != own_random)
         if not variants:
             continue
         rows = [
@@ -52,10 +56,12 @@ def main() -> None:
             for row in _rows(path)
         ]
         seeds = {r["seed"] for r in rows}
+        kept = ("full",) if own_random.exists() else ("full", "random")
         references = [
-            r for r in _rows(ROOT / "suite" / suite_name / "runs.jsonl")
-            if r["strategy"] in ("full", "random") and r["seed"] in seeds
+            r for r in _rows(ROOT / "suite" / suite_name / "runs.jsonl") if r["strategy"] in kept and r["seed"] in seeds
         ]
+        if own_random.exists():
+            references += [r for r in _rows(own_random) if r["seed"] in seeds]
         summary = summarize(references + rows, get_task(task_name))
         out += [f"## {suite_name} (seeds {sorted(seeds)})", "", format_markdown(summary, get_task(task_name)), ""]
     path = ROOT / name / "ablation.md"

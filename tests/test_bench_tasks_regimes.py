@@ -211,8 +211,10 @@ def test_lm_mixture_embedding_option_hands_strategies_an_encoders_embeddings(mix
     assert torch.allclose(alone[0], batched[3], atol=1e-4)
 
 
-@pytest.mark.parametrize("name, options", [("tweets", {}), ("tweets-noisy", {"noise": 0.3})])
-def test_tweets_embedding_option_encodes_each_pool_text_once_beside_an_unchanged_pool(name, options, tiny_encoder, monkeypatch):
+@pytest.mark.parametrize(
+    "name, options", [("tweets", {}), ("tweets-noisy", {"noise": 0.3}), ("minilm-tweets", {"max_length": 24})]
+)
+def test_tweet_tasks_embedding_option_encodes_each_pool_text_once_beside_an_unchanged_pool(name, options, tiny_encoder, monkeypatch):
     size = TaskSize(300, 100, 1)
     own = get_task(name, **options).make_data(size, seed=0)
     assert own.embeddings is None and get_task(name).settings["embedding"] == "model"
