@@ -219,8 +219,9 @@ class Grace(Strategy):
             (``README.md``; 4 regimes, 30% budget) sampling had the better mean and worst case against random
             and cost a third to a half of the greedy's selection time; the greedy was 0.5 points better under
             30% label noise on Fashion-MNIST, the one regime of those four where it won, and in the suite 1.7
-            points better fine-tuning MiniLM on 2,000 tweets: choose it on a pretrained encoder's embeddings and
-            on small pools, where it costs little.
+            points better fine-tuning MiniLM on 2,000 tweets, at equal budget; at equal wall clock it was not
+            ahead of random there once random also ran at a larger budget. Choose it on an encoder's embeddings
+            where examples, not seconds, are scarce.
         outlier_damping: exponent ``γ`` of a factor ``min(1, m_i / g_i)^γ`` on each example's selection weight
             (``g_i``: its last measured importance; ``m_i``: its graph neighbours' edge-weighted mean of the same):
             an example whose importance stands far above its neighbourhood's (a mislabeled example among
