@@ -10,7 +10,8 @@ data and random come from the suite's own journals (benchmarks/suite.toml: the c
 "vs random @ equal s" compares it with random's frontier (the best any random run of the seed had reached in the
 same training seconds). Where the ablation ran random itself, in a comparison named ``<regime>-random`` (as
 ``benchmarks/grace_finetune.toml`` does, so that random's frontier is of the same sitting), random comes from
-there instead and that comparison is not a variant. Writes ``benchmarks/results/<name>/ablation.md``.
+there instead and that comparison is not a variant; a regime with no suite comparison (``None``: a schedule the
+suite does not run) has no full-data row. Writes ``benchmarks/results/<name>/ablation.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from grace_lightning.bench.report import format_markdown, summarize
 from grace_lightning.bench.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent / "results"
-# ablation prefix -> (the suite comparison holding full and random, the task)
+# ablation prefix -> (the suite comparison holding full and random, or None, the task)
 REGIMES = {
     "noisy": ("fashion-mnist-noisy", "fashion-mnist-noisy"),
     "long": ("fashion-mnist-long", "fashion-mnist"),
@@ -32,6 +33,7 @@ REGIMES = {
     "lm-minilm": ("lm-mixture-minilm", "lm-mixture"),
     "lm-mixture": ("lm-mixture", "lm-mixture"),
     "finetune": ("minilm-tweets", "minilm-tweets"),
+    "longer": (None, "minilm-tweets"),  # fine-tuning over 6 epochs (grace_finetune.toml): the suite runs 3
 }
 
 
@@ -57,13 +59,13 @@ def main() -> None:
         ]
         seeds = {r["seed"] for r in rows}
         kept = ("full",) if own_random.exists() else ("full", "random")
-        references = [
-            r for r in _rows(ROOT / "suite" / suite_name / "runs.jsonl") if r["strategy"] in kept and r["seed"] in seeds
-        ]
+        suite_rows = [] if suite_name is None else _rows(ROOT / "suite" / suite_name / "runs.jsonl")
+        references = [r for r in suite_rows if r["strategy"] in kept and r["seed"] in seeds]
         if own_random.exists():
             references += [r for r in _rows(own_random) if r["seed"] in seeds]
         summary = summarize(references + rows, get_task(task_name))
-        out += [f"## {suite_name} (seeds {sorted(seeds)})", "", format_markdown(summary, get_task(task_name)), ""]
+        title = suite_name or f"{task_name}, {prefix}"
+        out += [f"## {title} (seeds {sorted(seeds)})", "", format_markdown(summary, get_task(task_name)), ""]
     path = ROOT / name / "ablation.md"
     path.write_text("\n".join(out))
     print("\n".join(out))
