@@ -29,8 +29,8 @@ read the *pretrained* encoder's sentence embeddings of the texts (``CoresetCallb
 once before training, as the ``tweets`` task's ``minilm`` option computes them: up to 64 word pieces) instead of
 the fine-tuned model's own as it trains; training is unchanged. They are what a user who fine-tunes an encoder
 has before the first step (or already keeps beside the data), so the strategies need no forward pass to place an
-example. Encoding the 2,000-text default pool took 18.5 s on 2 CPU cores (more than GRACE's scoring pass in one
-fit), once per process, outside the fits' training seconds: it pays where the embeddings exist anyway.
+example. Encoding the 2,000-text default pool and the reference set took 20.5 s on 2 CPU cores
+(``python benchmarks/encode_cost.py``; more than GRACE's scoring pass in one fit), once per process, outside the fits' training seconds: it pays where the embeddings exist anyway.
 
 Tokens: the median tweet is 33 word pieces long with ``[CLS]``/``[SEP]`` (95% have at most 54), so the
 default ``max_length`` 32 truncates about half of them; ``--task-option max_length=64`` keeps 99% whole at
