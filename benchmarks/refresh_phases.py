@@ -29,10 +29,13 @@ from grace_lightning.bench.runner import build_single_run, quiet_and_restored  #
 COUNTS = ("refresh", "scored", "anchors", "moved", "clusters", "probe_examples")
 
 
-def run(task_name: str, options: dict, strategy: str, kwargs: dict, epochs: int, fraction: float, seed: int) -> list[dict]:
+def run(
+    task_name: str, options: dict, strategy: str, kwargs: dict, epochs: int, fraction: float, seed: int, warmup: int
+) -> list[dict]:
     with quiet_and_restored():  # Trainer(deterministic=True) sets global flags when it is built
         built = build_single_run(
-            task_name, strategy, fraction, seed, epochs, task_options=options, strategy_kwargs=kwargs
+            task_name, strategy, fraction, seed, epochs, task_options=options, strategy_kwargs=kwargs,
+            warmup_epochs=warmup,
         )
         built.trainer.fit(built.model, built.train_loader, built.val_loader)
     return [
@@ -51,15 +54,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--fraction", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-epochs", type=int, default=0, help="epochs streamed over the whole pool first")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     records = run(args.task, json.loads(args.options), args.strategy, json.loads(args.kwargs), args.epochs,
-                  args.fraction, args.seed)
+                  args.fraction, args.seed, args.warmup_epochs)
     name = "-".join(part for part in (args.strategy, args.label, args.task) if part)
     out = args.out or str(Path(__file__).parent / "results" / "refresh_phases" / f"{name}.json")
     command = (
         f"python benchmarks/refresh_phases.py --task {args.task} --options '{args.options}' --strategy {args.strategy} "
         f"--kwargs '{args.kwargs}' --epochs {args.epochs} --fraction {args.fraction} --seed {args.seed}"
+        + (f" --warmup-epochs {args.warmup_epochs}" if args.warmup_epochs else "")
     )
     write_report(out, command, {"records": records})
     for record in records:

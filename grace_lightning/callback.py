@@ -274,7 +274,10 @@ class CoresetCallback(Callback):
         self._loader = TrainingLoader(sampler)
         self._batch = TrainingBatchView(sampler, self.strategy.name)
         if self.strategy.needs:
-            self.store = self._measure.store = SignalStore(sampler.pool_size, **self._store_args)
+            # Only what the strategy reads: InfoBatch's losses need no copy of every trained example's embedding.
+            self.store = self._measure.store = SignalStore(
+                sampler.pool_size, signals=self.strategy.needs, **self._store_args
+            )
             if self._embeddings_input is not None and "embedding" in self.strategy.needs:
                 self._fix_embeddings(sampler.pool_size)
 

@@ -15,7 +15,7 @@ Every measurement runs on every rank over its shard and is gathered, so every ra
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -115,6 +115,8 @@ class Measurements:
             events[0].record()
         signals = self.extractor.training_batch_signals(batch)
         if signals is not None and len(signals) == indices.numel():
+            if self.store is not None:  # no copy of what the strategy never reads (an embedding, for InfoBatch)
+                signals = self.store.keeping(signals)
             # Without waiting for the GPU: a blocking copy here would stall every training step until the device
             # drains its queue. `flush` synchronises before it reads the copies.
             on_gpu = signals.loss.device.type == "cuda"  # other devices (MPS, XLA) copy as before: blocking
@@ -184,7 +186,7 @@ class Measurements:
         """Forward-only pass over this rank's shard of pool ``indices``; gather; write every rank's store."""
         shard = indices[trainer.global_rank :: trainer.world_size]
         loader = self.loader(rows_of(like.dataset, shard, like.collate_fn), like)
-        rows = self._forward(trainer, pl_module, loader, shard)
+        rows = self._forward(trainer, pl_module, loader, shard, keep=self.store.keeping)
         self.store.update(rows["index"], ExampleSignals.from_rows(rows), step=now_batch)
         return int(rows["index"].numel())
 
@@ -236,9 +238,15 @@ class Measurements:
         return reference if isinstance(reference, DataLoader) else self.loader(reference, like)
 
     def _forward(
-        self, trainer: Trainer, pl_module: LightningModule, loader: DataLoader, shard: Tensor
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        loader: DataLoader,
+        shard: Tensor,
+        keep: Callable[[ExampleSignals], ExampleSignals] = lambda signals: signals,
     ) -> dict[str, Optional[Tensor]]:
-        """Forward-only signals of this rank's ``loader`` (whose items are ``shard``), gathered over ranks."""
+        """Forward-only signals of this rank's ``loader`` (whose items are ``shard``), gathered over ranks; ``keep``
+        drops, batch by batch before the copy to the CPU, what is not wanted."""
         collected: list[ExampleSignals] = []
         bar = ScoringProgressBar(trainer, total=len(loader))
         on_gpu = pl_module.device.type == "cuda"
@@ -250,7 +258,7 @@ class Measurements:
             with inference_forward(pl_module, trainer.precision_plugin.forward_context):
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    signals = self.extractor_for(pl_module, batch).score_batch(batch)
+                    signals = keep(self.extractor_for(pl_module, batch).score_batch(batch))
                     collected.append(signals.to(torch.device("cpu"), non_blocking=on_gpu))  # waited for below
                     bar.update(1)
             if on_gpu:

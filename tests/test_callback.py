@@ -36,6 +36,28 @@ def test_telemetry_reaches_the_users_logger(tmp_path):
     assert callback.history[-1]["selection_seconds_total"] >= callback.history[-1]["selection_seconds"] > 0
 
 
+def test_the_store_keeps_only_the_signals_the_strategy_reads_and_selects_the_same():
+    """TopLoss reads losses: the embeddings, EL2N and labels that capture and scoring measure are not kept, and
+    its losses and last subset equal those of a run whose strategy also asks for them (and reads the same)."""
+
+    def fit(strategy):
+        data = IndexedBlobs(n=128)
+        sampler = CoresetSampler(data, fraction=0.5)
+        callback = CoresetCallback(sampler, strategy=strategy, seed=3)
+        _trainer(max_epochs=3, callbacks=[callback]).fit(TinyClassifier(), DataLoader(data, batch_size=16, sampler=sampler))
+        return callback
+
+    class _TopLossReadingEverything(TopLoss):
+        needs = frozenset({"loss", "embedding", "error_norm", "label"})
+
+    lean, full = fit(TopLoss()), fit(_TopLossReadingEverything())
+    assert lean.store.embedding is None and lean.store.error_norm is None and lean.store.label is None
+    assert full.store.embedding is not None and full.store.error_norm is not None and full.store.label is not None
+    assert bool(lean.store.measured.all()) and torch.equal(lean.store.last_step, full.store.last_step)
+    assert torch.equal(lean.store.loss, full.store.loss)
+    assert torch.equal(lean.sampler.selection, full.sampler.selection)
+
+
 class _TokenSequences(Dataset):
     def __init__(self, n=48, length=12, vocab=32):
         g = torch.Generator().manual_seed(0)
@@ -69,11 +91,15 @@ class _TinyGPT(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
+class _TopLossKeepingEmbeddings(TopLoss):
+    needs = frozenset({"loss", "embedding"})  # the store keeps only what a strategy reads
+
+
 def test_causal_lm_signals_flow_with_no_change_to_the_module():
     pytest.importorskip("transformers")
     data = _TokenSequences()
     sampler = CoresetSampler(data, fraction=0.5)
-    callback = CoresetCallback(sampler, strategy=TopLoss())
+    callback = CoresetCallback(sampler, strategy=_TopLossKeepingEmbeddings())
     _trainer(max_epochs=2, callbacks=[callback]).fit(_TinyGPT(), DataLoader(data, batch_size=8, sampler=sampler))
     store = callback.store
     assert bool(store.measured.all())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from grace_lightning import ExampleSignals, SignalStore
@@ -83,3 +84,21 @@ def test_error_norm_is_absent_until_measured_and_round_trips_as_absent(tmp_path)
     assert restored.error_norm is None  # the checkpoint's state wins, including "never measured"
     store.update(torch.tensor([6, 1]), ExampleSignals(torch.ones(2), torch.ones(2), error_norm=torch.tensor([0.5, 0.25])), step=1)
     assert store.error_norm.tolist() == [0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0]
+
+
+def test_a_store_keeping_some_signals_drops_the_others_on_arrival_and_their_bad_values_reject_nothing():
+    store = SignalStore(6, signals={"error_norm"})
+    signals = _signals(6, 4)
+    signals.embedding[2, 0] = float("nan")  # not kept: it must not reject example 2
+    assert store.update(torch.arange(6), signals, step=1) == 0
+    assert store.embedding is None and store.label is None
+    assert torch.equal(store.error_norm, signals.error_norm) and torch.equal(store.loss, signals.loss)
+    assert store.keeping(signals).embedding is None and store.keeping(signals).error_norm is not None
+    everything = SignalStore(6)
+    assert everything.update(torch.arange(6), signals, step=1) == 1  # keeping all: the NaN row is rejected
+    assert everything.keeping(signals) is signals
+
+
+def test_a_store_refuses_an_unknown_signal_name_and_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"\['embeddings'\].*'embedding'"):
+        SignalStore(4, signals={"loss", "embeddings"})

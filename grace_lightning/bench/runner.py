@@ -183,9 +183,11 @@ def build_single_run(
     *,
     task_options: Optional[dict[str, Any]] = None,
     strategy_kwargs: Optional[dict[str, Any]] = None,
+    warmup_epochs: int = 0,
 ) -> BenchRun:
     """One run of a bench task for a measurement script: the bench's data, model and schedule at the task's default
-    size, the selection synchronous (``overlap="off"``), nothing written. Build and fit inside
+    size (``warmup_epochs`` streamed over the whole pool first), the selection synchronous (``overlap="off"``),
+    nothing written. Build and fit inside
     :func:`quiet_and_restored`.
 
     Example::
@@ -202,6 +204,7 @@ def build_single_run(
         task=task_name, strategies=[strategy], fractions=[fraction], seeds=[seed], epochs=epochs, out="",
         preset="default", train_examples=None, val_examples=None,
         strategy_kwargs={strategy: dict(strategy_kwargs or {})}, task_options=options, overlap="off",
+        warmup_epochs=warmup_epochs,
     )
     return build_run(get_task(task_name, **options), strategy, fraction, seed, config)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,10 @@ class SignalStore:
         max_embedding_dim: store embeddings with at most this many dimensions (``None``: as given).
         seed: seed of the projection matrix.
         memmap_dir: directory for memory-mapped arrays (created if missing); ``None`` keeps them in RAM.
+        signals: the optional signals (``embedding``, ``error_norm``, ``label``) to keep, e.g. a strategy's
+            ``needs``; the others are dropped on arrival (:meth:`keeping`), so a measurement that carries them costs
+            no copy, check or write for them. ``None`` (the default) keeps every signal. ``loss``, ``grad_norm`` and
+            ``length`` come with every measurement and are always kept.
 
     Example::
 
@@ -70,12 +74,20 @@ class SignalStore:
         max_embedding_dim: Optional[int] = 256,
         seed: int = 0,
         memmap_dir: Optional[Union[str, os.PathLike]] = None,
+        signals: Optional[Iterable[str]] = None,
     ) -> None:
         if pool_size < 1:
             raise ValueError(f"SignalStore: `pool_size` must be >= 1, got {pool_size}.")
         if max_embedding_dim is not None and max_embedding_dim < 1:
             raise ValueError(f"SignalStore: `max_embedding_dim` must be >= 1 or None, got {max_embedding_dim}.")
         self.pool_size = int(pool_size)
+        self.signals: Optional[frozenset[str]] = None if signals is None else frozenset(signals)
+        unknown = sorted((self.signals or frozenset()) - {spec.name for spec in SIGNALS})
+        if unknown:
+            raise ValueError(
+                f"SignalStore: `signals` lists {unknown}, which are not signals; pick from "
+                f"{sorted(spec.name for spec in SIGNALS)}, or pass None to keep every one."
+            )
         self.max_embedding_dim = max_embedding_dim
         self.seed = int(seed)
         self.memmap_dir = None if memmap_dir is None else Path(memmap_dir)
@@ -108,6 +120,10 @@ class SignalStore:
             generator = torch.Generator().manual_seed(self.seed)
             self.projection = torch.randn(width, self.max_embedding_dim, generator=generator) / self.max_embedding_dim**0.5
         return embedding @ self.projection
+
+    def keeping(self, signals: ExampleSignals) -> ExampleSignals:
+        """``signals`` without the optional signals this store does not keep (all of them with ``signals=None``)."""
+        return signals if self.signals is None else signals.keeping(self.signals)
 
     @property
     def measured(self) -> Tensor:
@@ -149,7 +165,7 @@ class SignalStore:
         if indices.numel() != len(signals):
             raise ValueError(f"SignalStore.update: {indices.numel()} indices for {len(signals)} signals.")
         steps = torch.as_tensor(step, dtype=torch.int32).reshape(-1).expand(indices.numel())
-        s = signals.detach_cpu()
+        s = self.keeping(signals).detach_cpu()  # a dropped signal's non-finite value rejects nothing
         finite = torch.ones(indices.numel(), dtype=torch.bool)
         for spec in SIGNALS:
             value = getattr(s, spec.name)

@@ -126,6 +126,21 @@ class ExampleSignals:
             }
         )
 
+    def keeping(self, names: frozenset[str]) -> "ExampleSignals":
+        """The same signals with the optional ones not in ``names`` left out (every batch carries the others).
+
+        Example:
+            >>> s = ExampleSignals(loss=torch.ones(2), grad_norm=torch.ones(2), embedding=torch.ones(2, 3))
+            >>> s.keeping(frozenset({"loss"})).embedding is None
+            True
+        """
+        return ExampleSignals(
+            **{
+                s.name: getattr(self, s.name) if s.always_present or s.name in names else None
+                for s in SIGNALS
+            }
+        )
+
     def select(self, rows: Tensor) -> "ExampleSignals":
         """The signals of ``rows`` (an index tensor or a bool mask), in that order."""
         return ExampleSignals(**{s.name: None if getattr(self, s.name) is None else getattr(self, s.name)[rows] for s in SIGNALS})

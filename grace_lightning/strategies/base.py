@@ -91,7 +91,7 @@ class Strategy:
     """Base class of selection strategies: a pure function from :class:`SelectionInput` to :class:`Selection`.
 
     Subclasses set ``name``, list the signals they read in ``needs`` (``"loss"``, ``"grad_norm"``,
-    ``"embedding"``), say whether they read a reference set in ``reference`` (``"unused"``, ``"optional"``
+    ``"embedding"``, ...; the store keeps no other optional signal), say whether they read a reference set in ``reference`` (``"unused"``, ``"optional"``
     or ``"required"``) and quality scores in ``uses_quality``, and implement :meth:`select`. A strategy never
     touches the trainer, the sampler or any global state; the callback validates and applies what it returns.
     Per refresh the callback calls :meth:`to_score`, runs that scoring pass, asks :meth:`is_cold`; if so it takes
