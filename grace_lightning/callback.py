@@ -641,7 +641,7 @@ class CoresetCallback(Callback):
             "refresh": self._refreshes,
             "start_batch": start_batch,
             "subset_size": current.numel(),
-            "overlap": float("nan") if previous is None else float(torch.isin(current, previous).float().mean()),
+            "overlap": float("nan") if previous is None else _overlap(current, previous, self.sampler.pool_size),
             **numbers,
             "invalid_signals": self.store.invalid_count if self.store is not None else 0,
             "padding": self.sampler.padding,
@@ -727,3 +727,14 @@ class CoresetCallback(Callback):
         share = self._log.records[-1]["selection_share"]
         if share > 0:
             self._fidelity = min(1.0, max(0.05, self._fidelity * self.max_selection_share / share))
+
+
+def _overlap(current: Tensor, previous: Tensor, pool_size: int) -> float:
+    """The share of ``current``'s indices that are in ``previous`` (a pool mask: ``torch.isin`` sorts, and took
+    1.6 ms a refresh on a 32k pool, most of what a refresh of InfoBatch costs)."""
+    if current.numel() == 0:
+        return float("nan")
+    was = torch.zeros(pool_size, dtype=torch.bool)
+    was[previous] = True
+    return float(was[current].float().mean())
+
