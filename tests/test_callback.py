@@ -301,3 +301,14 @@ def test_a_fit_ends_with_one_line_on_what_selection_cost_against_its_wall_clock(
     assert float(found[5]) == pytest.approx(sum(r["scoring_seconds"] for r in history), abs=0.006)
     assert 0 < float(found[3]) < 100 and float(found[4]) > 0
     assert float(found[7]) == pytest.approx(sum(r.get("capture_seconds", 0.0) for r in history), abs=0.006)
+
+
+def test_the_logged_overlap_is_the_share_of_the_subset_kept_from_the_previous_one():
+    from grace_lightning.callback import _overlap
+
+    g = torch.Generator().manual_seed(0)
+    for size in (0, 1, 50, 400):
+        current, previous = torch.randperm(1000, generator=g)[:size], torch.randperm(1000, generator=g)[:300]
+        expected = torch.isin(current, previous).float().mean()
+        assert _overlap(current, previous, 1000) == pytest.approx(float(expected), nan_ok=True)
+    assert _overlap(torch.tensor([3, 4]), torch.tensor([4, 9]), 10) == 0.5
