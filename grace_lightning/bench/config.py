@@ -16,6 +16,7 @@ A comparison is described by the options below, on the command line or in a JSON
     precision = "bf16-mixed"     # the Trainer's precision (default "32-true"); bf16 needs a GPU or a recent CPU
     scoring_batch_size = 1024    # the callback's scoring batch (default: the callback's, twice the training batch)
     capture = false              # no free capture of signals on training batches (default true)
+    evals_per_epoch = 4          # validate about 4 times an epoch (default 1: at each epoch's end)
     task_options = { noise = 0.3 }
 
     [strategy_kwargs.el2n]
@@ -52,7 +53,7 @@ _GPU_ONLY_PRECISIONS = ("16-mixed", "16-true")
 _FILE_KEYS = {
     "task", "strategies", "fractions", "seeds", "epochs", "out", "quick", "preset", "strategy_kwargs", "task_options",
     "lr_schedule", "refresh_every", "warmup_epochs", "anneal_epochs", "max_selection_share",
-    "overlap", "precision", "scoring_batch_size", "capture",
+    "overlap", "precision", "scoring_batch_size", "capture", "evals_per_epoch",
 }
 
 
@@ -82,6 +83,9 @@ class BenchConfig:
     precision: str = "32-true"  # the Trainer's `precision`, the same for every run (the scoring pass follows it)
     scoring_batch_size: Optional[int] = None  # the callback's `scoring_batch_size`; None: the callback's default
     capture: bool = True  # the callback's `capture_training_signals`
+    # Validations an epoch (about; see `evaluation_interval`): more points put random's frontier nearer each run's
+    # seconds, so a gain at equal wall clock depends less on where random's evaluations happened to fall.
+    evals_per_epoch: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scoring-batch-size", default=None, help="the callback's batch size for the scoring pass, probe evaluations "
         "and reference scoring, the same for every run (default: the callback's, twice the training batch)",
+    )
+    parser.add_argument(
+        "--evals-per-epoch", default=None, help="validate about this many times an epoch, the last at the fit's end "
+        "(default 1: at every epoch's end); more points make 'at equal wall clock' read random's frontier nearer "
+        "each run's seconds, and cost validation time, which the training seconds leave out",
     )
     parser.add_argument(
         "--capture", default=None, help="on (the default) or off: the callback's free capture of signals on training "
@@ -338,6 +347,14 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
             parser.error(
                 f"argument --scoring-batch-size: must be a positive integer (e.g. 1024), got {pick('scoring_batch_size')!r}"
             )
+    evals_per_epoch = pick("evals_per_epoch")
+    evals_per_epoch = 1 if evals_per_epoch is None else evals_per_epoch
+    try:
+        evals_per_epoch = int(str(evals_per_epoch).strip())
+    except ValueError:
+        evals_per_epoch = 0
+    if evals_per_epoch < 1:
+        parser.error(f"argument --evals-per-epoch: must be a positive integer (e.g. 4), got {pick('evals_per_epoch')!r}")
     capture = pick("capture")
     capture = True if capture is None else capture
     if not isinstance(capture, bool):
@@ -378,6 +395,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, file: Opt
         precision=precision,
         scoring_batch_size=scoring_batch_size,
         capture=capture,
+        evals_per_epoch=evals_per_epoch,
         **schedule,
     )
 

@@ -35,6 +35,8 @@ def fingerprint(config: BenchConfig) -> str:
         options.pop("scoring_batch_size")  # likewise: the callback's default, what every run had before the option
     if options["capture"]:
         options.pop("capture")  # likewise
+    if options["evals_per_epoch"] == 1:
+        options.pop("evals_per_epoch")  # likewise
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

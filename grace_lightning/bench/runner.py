@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -29,6 +30,7 @@ class EvalClock(L.Callback):
 
     def __init__(self, coreset_callback, marked=None) -> None:
         self.coreset_callback = coreset_callback
+        self._batches = 0  # training batches so far, for the epochs (a fraction between epochs' ends) of a point
         self.fit_began = 0.0
         self.validation_seconds = 0.0
         self._validation_began = 0.0
@@ -36,6 +38,9 @@ class EvalClock(L.Callback):
         # Pool examples the task marks (noisy labels, off-target text): how many of the trained ones were marked.
         self.marked = marked
         self._marked_trained = self._trained = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.marked is not None:
@@ -55,9 +60,11 @@ class EvalClock(L.Callback):
         if trainer.sanity_checking or not pl_module.metric_history:
             return
         history = self.coreset_callback.history
+        per_epoch = int(trainer.num_training_batches)
+        whole, part = divmod(self._batches, per_epoch)
         self.points.append(
             {
-                "epoch": int(trainer.current_epoch) + 1,
+                "epoch": whole if part == 0 else round(self._batches / per_epoch, 4),  # epochs trained so far
                 "step": int(trainer.global_step),
                 "examples_seen": int(pl_module.examples_seen),
                 "wall_seconds": now - self.fit_began,
@@ -101,6 +108,23 @@ def quiet_and_restored() -> Iterator[None]:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
+def evaluation_interval(batches_per_epoch: int, epochs: int, evals_per_epoch: int) -> int:
+    """Training batches between two validations for about ``evals_per_epoch`` of them an epoch: the divisor of the
+    fit's batches whose count of validations is nearest ``epochs * evals_per_epoch`` (the larger count on a tie),
+    so that the last validation falls on the fit's last batch, where the final metric is read.
+
+    Example:
+        >>> evaluation_interval(117, 40, 4)  # 4680 batches: every 30th, 156 validations (3.9 an epoch)
+        30
+        >>> evaluation_interval(100, 3, 1)
+        100
+    """
+    total = batches_per_epoch * epochs
+    wanted = epochs * evals_per_epoch
+    divisors = {d for i in range(1, math.isqrt(total) + 1) if total % i == 0 for d in (i, total // i)}
+    return min(divisors, key=lambda d: (abs(total // d - wanted), d))
+
+
 @dataclass
 class BenchRun:
     """One run, built and not yet fitted: ``trainer.fit(model, train_loader, val_loader)`` trains it."""
@@ -113,6 +137,7 @@ class BenchRun:
     trainer: L.Trainer
     train_loader: Any
     val_loader: Any
+    evaluations: int  # validations the fit makes (one per epoch, or as `evals_per_epoch` asks)
 
 
 def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config: BenchConfig) -> BenchRun:
@@ -157,6 +182,14 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
         **encoder,
     )
     clock = EvalClock(callback, data.marked)
+    validation: dict[str, Any] = {}
+    evaluations = config.epochs
+    if config.evals_per_epoch > 1:
+        # Counted over the whole fit (check_val_every_n_epoch=None): a divisor of one epoch's batches would often
+        # be the epoch itself, while one of the fit's lands the last validation on its last batch all the same.
+        every = evaluation_interval(len(train_loader), config.epochs, config.evals_per_epoch)
+        validation = {"val_check_interval": every, "check_val_every_n_epoch": None}
+        evaluations = len(train_loader) * config.epochs // every
     trainer = L.Trainer(
         accelerator="auto",  # a GPU where there is one (the tasks' `gpu` presets), else the CPU
         devices=1,
@@ -170,8 +203,9 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
         benchmark=False,
         num_sanity_val_steps=0,
         callbacks=[callback, clock],
+        **validation,
     )
-    return BenchRun(data, model, sampler, callback, clock, trainer, train_loader, val_loader)
+    return BenchRun(data, model, sampler, callback, clock, trainer, train_loader, val_loader, evaluations)
 
 
 def build_single_run(
@@ -220,8 +254,10 @@ def run_one(task: BenchTask, strategy: str, fraction: float, seed: int, config: 
     wall = time.perf_counter() - began
     if not callback.history:
         raise RuntimeError(f"bench: the CoresetCallback recorded no selection in the {strategy!r} run.")
-    if len(clock.points) != config.epochs:
-        raise RuntimeError(f"bench: expected {config.epochs} evaluations in the {strategy!r} run, got {len(clock.points)}.")
+    if len(clock.points) != built.evaluations:
+        raise RuntimeError(
+            f"bench: expected {built.evaluations} evaluations in the {strategy!r} run, got {len(clock.points)}."
+        )
     selection = float(callback.history[-1]["selection_seconds_total"])
     train = wall - clock.validation_seconds
     metrics = [p["metric"] for p in clock.points]

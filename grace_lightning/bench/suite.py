@@ -157,6 +157,8 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
             options["scoring_batch_size"] = config.scoring_batch_size
         if not config.capture:
             options["capture"] = False
+        if config.evals_per_epoch != 1:
+            options["evals_per_epoch"] = config.evals_per_epoch
         from grace_lightning.bench.journal import Journal
 
         ran_at = sorted({str(row.get("commit", "not recorded")) for row in Journal(config).rows.values()})
