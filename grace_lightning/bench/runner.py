@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 import warnings
@@ -28,9 +27,11 @@ __all__ = ["BenchRun", "EvalClock", "build_run", "plan", "quiet_and_restored", "
 class EvalClock(L.Callback):
     """Records, after every validation epoch, the clock and the cost so far (the run's evaluation points)."""
 
-    def __init__(self, coreset_callback, marked=None) -> None:
+    def __init__(self, coreset_callback, marked=None, last_batch: Optional[int] = None) -> None:
         self.coreset_callback = coreset_callback
         self._batches = 0  # training batches so far, for the epochs (a fraction between epochs' ends) of a point
+        # The fit's last batch when the validation interval does not land on it: it is made to validate there.
+        self.last_batch = last_batch
         self.fit_began = 0.0
         self.validation_seconds = 0.0
         self._validation_began = 0.0
@@ -41,6 +42,9 @@ class EvalClock(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batches += 1
+        if self._batches == self.last_batch:
+            # Lightning validates after a batch at which training is asked to stop; this is the fit's last one.
+            trainer.should_stop = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.marked is not None:
@@ -108,21 +112,18 @@ def quiet_and_restored() -> Iterator[None]:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
-def evaluation_interval(batches_per_epoch: int, epochs: int, evals_per_epoch: int) -> int:
-    """Training batches between two validations for about ``evals_per_epoch`` of them an epoch: the divisor of the
-    fit's batches whose count of validations is nearest ``epochs * evals_per_epoch`` (the larger count on a tie),
-    so that the last validation falls on the fit's last batch, where the final metric is read.
+def evaluation_interval(batches_per_epoch: int, evals_per_epoch: int) -> int:
+    """Training batches between two validations for about ``evals_per_epoch`` of them an epoch (at least 1).
+
+    Counted over the whole fit, not within each epoch, since a batch count need not divide by it (a prime one
+    divides by nothing); :class:`EvalClock` adds a validation at the fit's last batch when the count does not
+    land there, so that the final metric is read where training ends.
 
     Example:
-        >>> evaluation_interval(117, 40, 4)  # 4680 batches: every 30th, 156 validations (3.9 an epoch)
-        30
-        >>> evaluation_interval(100, 3, 1)
-        100
+        >>> evaluation_interval(157, 4), evaluation_interval(3, 4)
+        (39, 1)
     """
-    total = batches_per_epoch * epochs
-    wanted = epochs * evals_per_epoch
-    divisors = {d for i in range(1, math.isqrt(total) + 1) if total % i == 0 for d in (i, total // i)}
-    return min(divisors, key=lambda d: (abs(total // d - wanted), d))
+    return max(1, round(batches_per_epoch / evals_per_epoch))
 
 
 @dataclass
@@ -181,15 +182,15 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
         **settings,
         **encoder,
     )
-    clock = EvalClock(callback, data.marked)
     validation: dict[str, Any] = {}
-    evaluations = config.epochs
+    evaluations, last_batch = config.epochs, None
     if config.evals_per_epoch > 1:
-        # Counted over the whole fit (check_val_every_n_epoch=None): a divisor of one epoch's batches would often
-        # be the epoch itself, while one of the fit's lands the last validation on its last batch all the same.
-        every = evaluation_interval(len(train_loader), config.epochs, config.evals_per_epoch)
+        every = evaluation_interval(len(train_loader), config.evals_per_epoch)
+        total = len(train_loader) * config.epochs
         validation = {"val_check_interval": every, "check_val_every_n_epoch": None}
-        evaluations = len(train_loader) * config.epochs // every
+        evaluations = total // every + (total % every > 0)
+        last_batch = total if total % every else None
+    clock = EvalClock(callback, data.marked, last_batch)
     trainer = L.Trainer(
         accelerator="auto",  # a GPU where there is one (the tasks' `gpu` presets), else the CPU
         devices=1,
