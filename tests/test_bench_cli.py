@@ -91,6 +91,11 @@ def test_runs_json_matches_the_csv(tiny_run):
     data = json.loads((out / "runs.json").read_text())
     assert {"config", "task", "environment", "runs", "summary"} <= set(data)
     assert data["task"]["name"] == "mixture" and data["config"]["seeds"] == list(SEEDS)
+    from importlib import metadata
+
+    # The versions that move the numbers are recorded, the LM tasks' transformers among them.
+    assert data["environment"]["transformers"] == metadata.version("transformers")
+    assert data["environment"]["numpy"] == metadata.version("numpy")
     runs = data["runs"]
     assert {(r["strategy"], r["fraction"], r["seed"]) for r in runs} == expected_keys() and len(runs) == len(expected_keys())
     assert len({r["sitting"] for r in runs}) == 1  # one invocation, one sitting: no gain is marked †

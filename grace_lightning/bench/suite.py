@@ -134,7 +134,8 @@ def _report(commit: str, tables: list[tuple[str, BenchConfig, str]]) -> str:
         "# Benchmark suite", "",
         f"- tables written at commit {commit}; each comparison names the commits its runs ran at",
         f"- machine: {env['cpu_count']} CPUs ({env['processor']}), {env['platform']}; Python {env['python']}, "
-        f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}"
+        f"torch {env['torch']} with {env['torch_threads']} threads, Lightning {env['lightning']}, transformers "
+        f"{env['transformers']}, numpy {env['numpy']}, faiss-cpu {env['faiss-cpu']}"
         + (f"; GPU: {env['gpu']}" if env.get("gpu") else ""),
         "",
     ]
