@@ -737,4 +737,3 @@ def _overlap(current: Tensor, previous: Tensor, pool_size: int) -> float:
     was = torch.zeros(pool_size, dtype=torch.bool)
     was[previous] = True
     return float(was[current].float().mean())
-
