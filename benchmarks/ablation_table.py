@@ -58,11 +58,12 @@ def main() -> None:
             for row in _rows(path)
         ]
         seeds = {r["seed"] for r in rows}
-        kept = ("full",) if own_random.exists() else ("full", "random")
+        own = _rows(own_random) if own_random.exists() else None  # random of the ablation's own sitting
+        kept = ("full", "random") if own is None else ("full",)
         suite_rows = [] if suite_name is None else _rows(ROOT / "suite" / suite_name / "runs.jsonl")
         references = [r for r in suite_rows if r["strategy"] in kept and r["seed"] in seeds]
-        if own_random.exists():
-            references += [r for r in _rows(own_random) if r["seed"] in seeds]
+        if own is not None:
+            references += [r for r in own if r["seed"] in seeds]
         summary = summarize(references + rows, get_task(task_name))
         title = suite_name or f"{task_name}, {prefix}"
         out += [f"## {title} (seeds {sorted(seeds)})", "", format_markdown(summary, get_task(task_name)), ""]

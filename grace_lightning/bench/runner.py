@@ -185,8 +185,9 @@ def build_run(task: BenchTask, strategy: str, fraction: float, seed: int, config
     validation: dict[str, Any] = {}
     evaluations, last_batch = config.epochs, None
     if config.evals_per_epoch > 1:
-        every = evaluation_interval(len(train_loader), config.evals_per_epoch)
-        total = len(train_loader) * config.epochs
+        batches_per_epoch = len(train_loader)
+        every = evaluation_interval(batches_per_epoch, config.evals_per_epoch)
+        total = batches_per_epoch * config.epochs
         validation = {"val_check_interval": every, "check_val_every_n_epoch": None}
         evaluations = total // every + (total % every > 0)
         last_batch = total if total % every else None
